@@ -1,0 +1,10 @@
+"""Errors that the CLI turns into one clear line and exit code 2."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config value, path, data): shown without a traceback.
+
+    The message must name the bad value and what is allowed.
+    """
+
+    exit_code = 2

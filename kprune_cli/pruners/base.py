@@ -1,0 +1,65 @@
+"""The contract between the pipeline and a pruner (DESIGN.md §2).
+
+The pipeline hands a pruner a :class:`PruneProblem` (plain objects: model, sample, FLOPs
+model, budget) and gets back the keep-masks it chose; a pruner may also adjust the
+model's weights in place (weight-tuning). Pruners never read files or configs.
+Physical slicing, evaluation and saving happen afterwards, in the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from kprune_cli.calibration import CalibrationSample
+from kprune_cli.flops import FlopsModel
+from kprune_cli.models.adapters import ModelAdapter
+from kprune_cli.models.masks import Masks
+from kprune_cli.tasks.spec import TaskSpec
+
+
+@dataclass
+class PruneProblem:
+    """Everything a pruner may use.
+
+    ``model`` is the fine-tuned model in eval mode on ``device``; it is also the teacher,
+    so a pruner that needs the original outputs computes them before changing weights.
+    The budget is ``(1 - rate) * flops.total(adapter.structure())``.
+    """
+
+    model: PreTrainedModel
+    adapter: ModelAdapter
+    task: TaskSpec
+    sample: CalibrationSample
+    flops: FlopsModel
+    rate: float
+    device: torch.device
+    seed: int = 0
+
+    @property
+    def budget(self) -> float:
+        return (1.0 - self.rate) * self.flops.total(self.adapter.structure())
+
+
+@dataclass
+class PruneResult:
+    """The chosen masks, plus what the report should say about how they were found.
+
+    ``notes`` holds human-readable remarks the report must show (e.g. a least-squares
+    solve that fell back to a larger ridge); ``timing`` seconds per stage.
+    """
+
+    masks: Masks
+    notes: list[str] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+class Pruner(Protocol):
+    """A pruning method: a schedule over measure / search / tune stages."""
+
+    name: str
+
+    def prune(self, problem: PruneProblem) -> PruneResult: ...
