@@ -1,0 +1,3 @@
+from kprune_cli.cli import main
+
+main()

