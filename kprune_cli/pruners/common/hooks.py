@@ -1,0 +1,102 @@
+"""Scoped hooks: every hook lives inside a context manager and is removed on exit, also on errors.
+
+- :func:`capture_inputs` records what a module receives (e.g. the ``(batch, seq, heads * d_h)``
+  input of an output projection, or the pre-LN residual sum entering a LayerNorm);
+- :func:`scale_inputs` multiplies a module's input by a tensor (gradient probes on unit masks);
+- :func:`forward_until` runs a model only up to a module (truncated forward pass);
+- :func:`frozen` switches a model's parameters to ``requires_grad=False`` for a while.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Hashable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by :func:`forward_until`'s hook to end a forward pass early."""
+
+
+@contextmanager
+def capture_inputs(modules: Mapping[Hashable, nn.Module]) -> Iterator[dict[Hashable, torch.Tensor]]:
+    """Record the first positional input of each module as ``store[key]`` (the latest call wins).
+
+    The stored tensors are those the module receives, after any pre-hook registered earlier
+    (e.g. masks); they are not detached, so gradients may still flow through them.
+    """
+    store: dict[Hashable, torch.Tensor] = {}
+
+    def recorder(key: Hashable):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            store[key] = args[0]
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(recorder(key)) for key, module in modules.items()]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def scale_inputs(scales: Mapping[nn.Module, torch.Tensor]) -> Iterator[None]:
+    """Multiply the first positional input of each module by its tensor (broadcast) while open.
+
+    A scale of shape ``(batch, 1, width)`` that requires grad gives per-sample gradients of a
+    summed loss with respect to every input column.
+    """
+
+    def scaler(scale: torch.Tensor):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return (args[0] * scale.to(args[0].dtype),) + tuple(args[1:])
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(scaler(scale)) for module, scale in scales.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_until(model: nn.Module, inputs: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+    """Run ``model(**inputs)`` until ``module`` is about to run, then stop.
+
+    Pre-hooks on ``module`` registered before this call (e.g. by :func:`capture_inputs`) still
+    fire, so its input can be recorded. Raises ``RuntimeError`` if the model never reaches it.
+    """
+
+    def stop(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        model(**inputs)
+    except StopForward:
+        return
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the forward pass never reached {module.__class__.__name__}")
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Set ``requires_grad=False`` on all parameters while open; restore the flags on exit.
+
+    Backward passes then stop at the earliest tensor that requires grad (a gradient probe),
+    instead of running down to the embeddings.
+    """
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)

@@ -1,0 +1,153 @@
+"""Teacher signals: what the original (unpruned) model says about the calibration sample.
+
+A pruner that distils from the original model builds a :class:`Teacher` before it changes any
+weight. It holds
+
+- the sample as device micro-batches (:class:`DistillBatch`), each with the teacher's soft
+  target: log-probabilities at temperature ``T`` (classification; QA start/end positions,
+  padding excluded) or raw outputs (regression);
+- optionally a frozen copy of the original model, from which :meth:`Teacher.residual_sums`
+  computes the pre-LayerNorm residual sums ``X + out_proj(A) + b`` of one layer's sub-layers
+  on demand (a forward pass truncated after that layer). Only one layer's sums are kept at a
+  time, so memory is bounded by ``2 · tokens · d`` instead of ``2L · tokens · d``; the price is
+  one truncated teacher pass per layer.
+
+No gold labels are read anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from kprune_cli.calibration import CalibrationSample
+from kprune_cli.errors import UserError
+from kprune_cli.models.adapters import get_adapter
+from kprune_cli.pruners.common import sublayer_kind
+from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
+
+TASK_KINDS = ("classification", "regression", "qa")
+
+
+@dataclass
+class DistillBatch:
+    """One micro-batch of the sample with the teacher's soft target.
+
+    ``inputs``: model inputs on the device, ``(batch, seq)``; ``token_mask``: ``(batch, seq)``
+    bool, True on real tokens; ``target``: ``(batch, labels)`` log-probabilities
+    (classification) or outputs (regression), or ``(batch, 2, seq)`` start/end log-probabilities (QA).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    token_mask: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.token_mask.shape[0])
+
+
+def micro_batches(sample: CalibrationSample, batch_size: int | None,
+                  device: torch.device | str) -> list[dict[str, torch.Tensor]]:
+    """The sample's model inputs on ``device``, split into at most ``batch_size`` sequences each.
+
+    Columns that are padding in every sequence of a micro-batch are dropped (sorted batches
+    mostly lose their padding); this does not change any real token's output.
+    """
+    parts = []
+    for batch in sample.batches:
+        inputs = sample.model_inputs(batch, device)
+        size = int(inputs["input_ids"].shape[0])
+        step = size if batch_size is None else batch_size
+        for start in range(0, size, step):
+            part = {key: value[start:start + step] for key, value in inputs.items()}
+            used = part["attention_mask"].bool().any(dim=0).nonzero()
+            length = int(used.max()) + 1 if used.numel() else 1
+            parts.append({key: value[:, :length] for key, value in part.items()})
+    return parts
+
+
+def _log_probs(outputs: ModelOutput, kind: str, temperature: float, token_mask: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of the prediction at temperature ``T``: ``(batch, labels)`` or QA ``(batch, 2, seq)``."""
+    if kind == "qa":
+        logits = torch.stack((outputs.start_logits, outputs.end_logits), dim=1) / temperature  # (batch, 2, seq)
+        logits = logits.masked_fill(~token_mask[:, None, :], torch.finfo(logits.dtype).min)
+    else:
+        logits = outputs.logits / temperature  # (batch, labels)
+    return F.log_softmax(logits, dim=-1)
+
+
+def soft_target(outputs: ModelOutput, kind: str, temperature: float, token_mask: torch.Tensor) -> torch.Tensor:
+    """The teacher's soft target of one batch (see :class:`DistillBatch`), detached."""
+    if kind == "regression":
+        return outputs.logits.detach()
+    return _log_probs(outputs, kind, temperature, token_mask).detach()
+
+
+def distillation_loss(outputs: ModelOutput, target: torch.Tensor, kind: str, temperature: float,
+                      token_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample distillation loss ``(batch,)`` of the student's ``outputs`` against ``target``.
+
+    Classification: ``T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))``; QA: the mean of the start- and
+    end-position KLs over real tokens; regression: squared error (mean over outputs).
+    """
+    if kind == "regression":
+        return (outputs.logits - target).pow(2).mean(dim=-1)
+    student = _log_probs(outputs, kind, temperature, token_mask)
+    terms = target.exp() * (target - student)
+    if kind == "qa":
+        terms = torch.where(token_mask[:, None, :], terms, torch.zeros_like(terms))  # (batch, 2, seq)
+        return temperature ** 2 * terms.sum(dim=-1).mean(dim=-1)
+    return temperature ** 2 * terms.sum(dim=-1)
+
+
+class Teacher:
+    """The original model's soft targets on the sample, and its pre-LN residual sums on demand.
+
+    Build it before changing any weight of ``model``. With ``keep_model=False`` no copy is
+    made and :meth:`residual_sums` is unavailable (enough for methods that do not tune).
+    """
+
+    def __init__(self, model: PreTrainedModel, kind: str, sample: CalibrationSample, temperature: float,
+                 batch_size: int | None, device: torch.device | str, keep_model: bool = True) -> None:
+        if kind not in TASK_KINDS:
+            raise UserError(f"unsupported task kind {kind!r}: choose one of {', '.join(TASK_KINDS)}")
+        self.kind = kind
+        self.temperature = temperature
+        self.batches: list[DistillBatch] = []
+        with torch.no_grad():
+            for inputs in micro_batches(sample, batch_size, device):
+                token_mask = inputs["attention_mask"].bool()
+                target = soft_target(model(**inputs), kind, temperature, token_mask)
+                self.batches.append(DistillBatch(inputs, token_mask, target))
+        self._model = copy.deepcopy(model).eval() if keep_model else None
+        self._sums: tuple[int, dict[str, list[torch.Tensor]]] | None = None  # (layer, sums by kind)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(batch.size for batch in self.batches)
+
+    def residual_sums(self, sublayer: int) -> list[torch.Tensor]:
+        """Per micro-batch, the teacher's pre-LN residual sum of ``sublayer`` on real tokens: ``(tokens_b, d)``."""
+        if self._model is None:
+            raise RuntimeError("this Teacher was built with keep_model=False")
+        layer = sublayer // 2
+        if self._sums is None or self._sums[0] != layer:
+            self._sums = (layer, self._layer_sums(layer))
+        return self._sums[1][sublayer_kind(sublayer)]
+
+    @torch.no_grad()
+    def _layer_sums(self, layer: int) -> dict[str, list[torch.Tensor]]:
+        parts = get_adapter(self._model).layers()[layer]
+        sums: dict[str, list[torch.Tensor]] = {"mha": [], "ffn": []}
+        for batch in self.batches:
+            with capture_inputs({"mha": parts.attn_norm, "ffn": parts.ffn_norm}) as store:
+                forward_until(self._model, batch.inputs, parts.ffn_norm)
+            for kind, values in sums.items():
+                values.append(store[kind][batch.token_mask])  # (tokens_b, d)
+        return sums

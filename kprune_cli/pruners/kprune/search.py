@@ -1,0 +1,45 @@
+"""Knowledge-preserving mask search, KPMS (K-prune step 2; DESIGN.md §3).
+
+Keep the highest-scoring units, across all candidate sub-layers at once, as long as their
+FLOPs fit the budget: sort the per-FLOP scores in descending order, take cumulative costs and
+cut where the budget is exhausted. The kept set is always a *prefix* of the score order (a
+threshold on the score), exactly as in the paper and the official code; it is not a knapsack
+that skips an expensive unit to fit cheaper, lower-scoring ones. O(n log n).
+
+Ties are broken by position (stable sort: earlier sub-layer, lower index first); the official
+code keeps or drops tied units together.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from kprune_cli.flops import FlopsModel
+from kprune_cli.pruners.common import sublayer_kind
+
+BUDGET_TOLERANCE = 1e-9
+"""Relative slack on the budget, so that float rounding of the cumulative sum never drops a unit
+at rate 0."""
+
+
+def kpms(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -> dict[int, torch.Tensor]:
+    """Keep-masks ``(units,)`` bool for every sub-layer in ``scores`` within ``budget`` FLOPs.
+
+    Units scored ``-inf`` (already pruned) are never kept and cost nothing.
+    """
+    sublayers = sorted(scores)
+    values = torch.cat([scores[s].double() for s in sublayers])  # (n,)
+    if torch.isnan(values).any():
+        raise ValueError("KPMS got NaN importance scores (the model produced non-finite outputs)")
+    costs = torch.cat([
+        torch.full_like(scores[s], flops.cost(sublayer_kind(s)), dtype=torch.float64) for s in sublayers
+    ])  # (n,)
+    order = torch.argsort(values, descending=True, stable=True)
+    alive = torch.isfinite(values[order])  # a prefix of ``order``
+    spent = torch.cumsum(costs[order] * alive, dim=0)
+    fits = alive & (spent <= budget + BUDGET_TOLERANCE * abs(budget))  # a prefix as well
+    keep = torch.zeros_like(values, dtype=torch.bool)
+    keep[order[: int(fits.sum())]] = True
+    return dict(zip(sublayers, keep.split([scores[s].numel() for s in sublayers])))
