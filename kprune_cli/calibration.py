@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from datasets import Dataset, concatenate_datasets
+from transformers import PreTrainedTokenizerBase
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+from kprune_cli.errors import UserError
+from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
+from kprune_cli.tasks.spec import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+# Rows tokenised first, to estimate the tokens per row before topping up.
+FIRST_CHUNK_ROWS = 256
 
 
 @dataclass
@@ -33,3 +45,54 @@ class CalibrationSample:
     def model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
         """The model's inputs of ``batch`` (no targets), on ``device``."""
         return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+
+
+def draw_calibration_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBase, num_tokens: int,
+                            seed: int, batch_size: int = 32) -> CalibrationSample:
+    """Training examples drawn in a seeded random order until their tokens reach ``num_tokens``.
+
+    Examples are drawn *without* replacement (the official K-prune code draws with
+    replacement; here no example counts twice): the sample is the shortest prefix of a
+    seeded permutation of ``train`` whose non-padding tokens (all features of a SQuAD
+    question) reach ``num_tokens``. If the whole split has fewer tokens, all of it is used
+    and a warning is logged. Only the drawn rows are tokenised: a first chunk estimates
+    the tokens per row, later chunks top up. Features are tokenised with their gold
+    targets, sorted by length (longest first) and padded per batch of ``batch_size``.
+    """
+    if num_tokens <= 0 or batch_size <= 0:
+        raise UserError(f"num_tokens={num_tokens}, batch_size={batch_size}: both must be positive")
+    if len(train) == 0:
+        raise UserError(f"the train split of task {task.name} is empty: no calibration sample can be drawn")
+    order = np.random.default_rng(seed).permutation(len(train))
+    chunks, example_of, example_tokens = [], [], []  # per chunk: features, (features,), (rows,)
+    drawn = total = 0
+    while total < num_tokens and drawn < len(order):
+        rows = FIRST_CHUNK_ROWS if drawn == 0 else math.ceil(1.1 * (num_tokens - total) * drawn / total) + 1
+        features = tokenize_split(task, train.select(order[drawn:drawn + rows]), tokenizer, for_training=True)
+        index = _example_index(features)
+        counts = np.bincount(index, weights=feature_lengths(features)).astype(np.int64)
+        chunks.append(features)
+        example_of.append(index + drawn)
+        example_tokens.append(counts)
+        drawn += len(counts)
+        total += int(counts.sum())
+    if total < num_tokens:
+        logger.warning("the train split has %d tokens in %d examples, fewer than the %d asked for: "
+                       "the calibration sample uses all of it", total, len(train), num_tokens)
+    cumulative = np.cumsum(np.concatenate(example_tokens))
+    kept_examples = min(int(np.searchsorted(cumulative, num_tokens)) + 1, len(cumulative))
+    features = concatenate_datasets(chunks).select(np.flatnonzero(np.concatenate(example_of) < kept_examples))
+    by_length = np.argsort(-feature_lengths(features), kind="stable")
+    return CalibrationSample([
+        collate(features.select(by_length[begin:begin + batch_size]).to_list(), tokenizer)
+        for begin in range(0, len(by_length), batch_size)
+    ])
+
+
+def _example_index(features: Dataset) -> np.ndarray:
+    """``(features,)``: which row of the tokenised rows each feature comes from (SQuAD
+    windows of one question are consecutive and share its ``example_id``)."""
+    if "example_id" not in features.column_names:
+        return np.arange(len(features))
+    ids = features["example_id"]
+    return np.cumsum([0] + [current != previous for previous, current in zip(ids, ids[1:])])
