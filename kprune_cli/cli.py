@@ -57,7 +57,7 @@ def _finetune(cfg: DictConfig) -> None:
 
 
 def _eval(cfg: DictConfig) -> None:
-    from kprune_cli.evaluation import run_eval
+    from kprune_cli.evaluate_checkpoint import run_eval
 
     run_eval(cfg)
 
@@ -86,6 +86,16 @@ def _job(command: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
     return job
 
 
+def _quiet_third_party_progress() -> None:
+    """Our rich progress bars stand for the long loops; the libraries' own tqdm bars would interleave."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main() -> None:
     """Entry point of the ``kprune`` console script."""
     args = sys.argv[1:]
@@ -97,6 +107,7 @@ def main() -> None:
         print(f"error: unknown command {command!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
 
+    _quiet_third_party_progress()
     sys.argv = [f"kprune {command}", *overrides]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(_job(COMMANDS[command]))
     try:

@@ -29,7 +29,7 @@ from kprune_cli.models.slicing import prune_physically
 from kprune_cli.outputs import OutputDir
 from kprune_cli.pruners.base import PruneProblem
 from kprune_cli.report import Report, build_report, peak_memory_mb, print_summary, write_reports
-from kprune_cli.resolve import resolve_model_and_data
+from kprune_cli.resolve import resolve_data_dir, resolve_model_path
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import get_task
 
@@ -76,8 +76,8 @@ def run_pruning(cfg: DictConfig) -> Report:
     try:
         torch.manual_seed(int(cfg.seed))
         with timer.stage("load"):
-            model_path, data_dir, notes = resolve_model_and_data(cfg.model, task, cfg.data_dir, device)
-            data = load_task_data(task, data_dir)
+            model_path, notes = resolve_model_path(str(cfg.model.path), task, device)
+            data = load_task_data(task, resolve_data_dir(task, cfg.data_dir))
             model, tokenizer = load_model(model_path, task, device)
             adapter = get_adapter(model)
             pruner = instantiate(cfg.pruner)
@@ -115,7 +115,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             params=(dense_params, count_parameters(model)),
             checkpoint=(checkpoint_dir, checkpoint_bytes),
             sample=sample, timing={**timer.seconds, **{f"prune.{k}": v for k, v in result.timing.items()}},
-            notes=[*notes, *result.notes], peak_memory=peak_memory_mb(device),
+            notes=[*notes, *data.notes, *result.notes], peak_memory=peak_memory_mb(device),
         )
         write_reports(report, output.path)
         output.release()

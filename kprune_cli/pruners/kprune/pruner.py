@@ -13,16 +13,15 @@ ranks units by representational knowledge only (as would the official code's fir
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator
+from contextlib import nullcontext
+from typing import Callable
 
 from rich.progress import Progress
 
 from kprune_cli.errors import UserError
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
-from kprune_cli.pruners.common import sublayer_kind
+from kprune_cli.pruners.common import sublayer_kind, timed
 from kprune_cli.pruners.common.teacher import Teacher
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.search import kpms
@@ -71,7 +70,7 @@ class KPrunePruner:
         ``on_step(s, masks)``: called after sub-layer ``s`` has been pruned (and tuned).
         """
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}
-        with _timed(timing, "teacher"):
+        with timed(timing, "teacher"):
             teacher = Teacher(problem.model, problem.task.kind, problem.sample, self.temperature,
                               self.batch_size, problem.device, keep_model=self.tune)
         masks = Masks.ones(problem.adapter, problem.device)
@@ -91,9 +90,9 @@ class KPrunePruner:
                     self._search(problem, teacher, masks, s, budget, timing)
                     budget -= float(masks.of(kind)[s // 2].count_nonzero()) * problem.flops.cost(kind)
                 if self.tune:
-                    with _timed(timing, "teacher"):
+                    with timed(timing, "teacher"):
                         teacher_sums = teacher.residual_sums(s)
-                    with _timed(timing, "tune"):
+                    with timed(timing, "tune"):
                         notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, teacher_sums, s)
                 if on_step is not None:
                     on_step(s, masks)
@@ -104,21 +103,12 @@ class KPrunePruner:
                 budget: float, timing: dict[str, float]) -> None:
         """Measure sub-layers ``≥ from_sublayer``, search, and write the masks of the sub-layers it decides:
         only ``from_sublayer`` when iterative, all of them when one-shot."""
-        with _timed(timing, "measure"):
+        with timed(timing, "measure"):
             knowledge = measure(problem.model, problem.adapter, masks, teacher, from_sublayer)
-        with _timed(timing, "search"):
+        with timed(timing, "search"):
             scores = score(knowledge, masks, problem.flops, self.lambda_pred, self.lambda_rep, self.mu)
             keep = kpms(scores, problem.flops, budget)
         decided = [from_sublayer] if self.iterative else list(keep)
         for s in decided:
             masks.of(sublayer_kind(s))[s // 2] = keep[s].to(masks.heads[0].dtype)
 
-
-@contextmanager
-def _timed(timing: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the seconds spent in the block to ``timing[stage]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timing[stage] += time.perf_counter() - start

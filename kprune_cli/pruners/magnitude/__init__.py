@@ -1,0 +1,1 @@
+"""Weight-magnitude pruning: a data-free floor for comparison tables."""

@@ -1,0 +1,38 @@
+"""``kprune eval``: the task metrics of one checkpoint (dense or pruned) on the dev split(s)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from omegaconf import DictConfig
+from rich.table import Table
+
+from kprune_cli.console import console
+from kprune_cli.evaluation import evaluate_model
+from kprune_cli.models.loading import count_parameters, load_model, resolve_device
+from kprune_cli.resolve import resolve_data_dir, resolve_model_path
+from kprune_cli.tasks.data import load_task_data
+from kprune_cli.tasks.spec import get_task
+
+
+def run_eval(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate ``cfg.checkpoint`` on ``cfg.task``; print a table and one JSON line on stdout."""
+    task = get_task(str(cfg.task.name))
+    device = resolve_device(str(cfg.device))
+    checkpoint, _ = resolve_model_path(str(cfg.checkpoint), task, device)
+    data = load_task_data(task, resolve_data_dir(task, cfg.data_dir), splits=task.eval_splits)
+    model, tokenizer = load_model(checkpoint, task, device)
+    start = time.perf_counter()
+    metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=int(cfg.eval_batch_size))
+    seconds = time.perf_counter() - start
+
+    table = Table(title=f"{task.name} · {checkpoint}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    console.print(f"{count_parameters(model):,} parameters · evaluated in {seconds:.1f}s on {device}", highlight=False)
+    print(json.dumps({"task": task.name, "checkpoint": checkpoint, "metrics": metrics, "seconds": round(seconds, 3)}))
+    return metrics

@@ -1,0 +1,102 @@
+"""The reconstruction system of one sub-layer, shared by K-prune's weight-tuning and Kwon et al.'s mask tuning.
+
+After pruning, a sub-layer ``s`` of the student should still produce the reference model's
+pre-LayerNorm residual sum ``Y`` on the sample's tokens. With ``X`` ``(tokens, d)`` the sub-layer's
+input, ``A`` ``(tokens, k)`` the surviving units' activations (the output projection's input, masks
+applied) and ``b`` the projection's bias, both methods fit a least-squares problem whose normal
+equations are built from
+
+    gram = AᵀA   (k, k)        rhs = Aᵀ(Y − X − b)   (k, d)
+
+K-prune solves them for the survivors' projection columns; Kwon et al. contract them with the
+projection's weights to solve for one scale per unit. Both are accumulated in float64 over
+micro-batches of a forward pass that stops right after the sub-layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from kprune_cli.models.adapters import ModelAdapter
+from kprune_cli.models.masks import Masks, apply_masks
+from kprune_cli.pruners.common import sublayer_parts, unit_width
+from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
+
+
+@dataclass
+class TokenBatch:
+    """One micro-batch: model ``inputs`` on the device, ``(batch, seq)``, and ``token_mask``
+    ``(batch, seq)`` bool, True on the tokens a reconstruction counts (real tokens, or [CLS] only)."""
+
+    inputs: dict[str, torch.Tensor]
+    token_mask: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.token_mask.shape[0])
+
+
+@dataclass
+class SublayerActivations:
+    """On the selected tokens: the sub-layer's input ``x`` ``(tokens, d)``, its output projection's
+    input ``a`` ``(tokens, width)`` (masks applied) and the pre-LN residual sum ``y`` ``(tokens, d)``."""
+
+    x: torch.Tensor
+    a: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass
+class NormalEquations:
+    """``gram = AᵀA`` ``(k, k)`` and ``rhs = Aᵀ(Y − X − b)`` ``(k, d)`` in float64, over the
+    ``columns`` ``(k,)`` of the output projection that belong to surviving units."""
+
+    gram: torch.Tensor
+    rhs: torch.Tensor
+    columns: torch.Tensor
+
+
+def kept_columns(adapter: ModelAdapter, masks: Masks, sublayer: int) -> torch.Tensor:
+    """Indices of the output projection's input columns whose unit has a non-zero mask."""
+    parts, kind = sublayer_parts(adapter, sublayer)
+    mask = masks.of(kind)[sublayer // 2]
+    return (mask.repeat_interleave(unit_width(parts, kind)) != 0).nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def sublayer_activations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batch: TokenBatch,
+                         sublayer: int) -> SublayerActivations:
+    """What ``sublayer`` sees and produces on ``batch``'s selected tokens with ``masks`` applied,
+    from a forward pass that stops at the sub-layer's LayerNorm."""
+    parts, kind = sublayer_parts(adapter, sublayer)
+    sublayer_input = parts.query if kind == "mha" else parts.ffn_in
+    modules = {"x": sublayer_input, "a": parts.out_proj(kind), "y": parts.norm(kind)}
+    with apply_masks(adapter, masks), capture_inputs(modules) as acts:
+        forward_until(model, batch.inputs, parts.norm(kind))
+    return SublayerActivations(*(acts[key][batch.token_mask] for key in ("x", "a", "y")))
+
+
+def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[TokenBatch],
+                     targets: Sequence[torch.Tensor], sublayer: int) -> NormalEquations:
+    """Accumulate the normal equations of ``sublayer`` over the micro-batches.
+
+    ``targets[i]``: the reference pre-LN residual sum ``Y`` on the selected tokens of ``batches[i]``.
+    """
+    parts, kind = sublayer_parts(adapter, sublayer)
+    proj = parts.out_proj(kind)
+    columns = kept_columns(adapter, masks, sublayer)
+    k, d = columns.numel(), proj.out_features
+    gram = torch.zeros(k, k, dtype=torch.float64, device=proj.weight.device)
+    rhs = torch.zeros(k, d, dtype=torch.float64, device=proj.weight.device)
+    bias = proj.bias.detach() if proj.bias is not None else 0.0
+    for batch, target in zip(batches, targets):
+        acts = sublayer_activations(model, adapter, masks, batch, sublayer)
+        a = acts.a[:, columns].double()  # (tokens, k)
+        residual = (target - acts.x - bias).double()  # (tokens, d)
+        gram += a.T @ a
+        rhs += a.T @ residual
+    return NormalEquations(gram, rhs, columns)

@@ -1,0 +1,112 @@
+"""Layer-wise mask tuning by linear least squares (Kwon et al., step d).
+
+The search and rearrangement decide which units survive; tuning then gives every survivor of a
+sub-layer a real-valued mask so that the student's pre-LN residual sum matches the reference
+model's on the sample. With mask values ``m`` the sub-layer's output is
+``X + Σ_k m_k·c_k + b``, where ``c_k(t) = W_k a_k(t)`` is unit ``k``'s contribution at token ``t``
+(``W_k``: its ``d_h`` columns of the output projection, or one column for a neuron). Scaling the
+current masks by ``f`` (``m_k ← f_k·m_k``) is linear in ``f``:
+
+    min_f Σ_t ‖Σ_k f_k·c_k(t) − (Y_ref(t) − X(t) − b)‖²
+
+whose normal equations, per unit blocks of width ``w``, are contractions of the sub-layer's
+reconstruction system (:mod:`kprune_cli.pruners.common.reconstruction`) with the projection
+weights: ``G = blocksum_w(AᵀA ∘ WᵀW)`` ``(units, units)`` and ``r = blocksum_w(rowsum(Aᵀ(Y−X−b) ∘ Wᵀ))``
+``(units,)``. They are solved by :func:`~kprune_cli.pruners.common.lstsq.solve_ridge` with a small
+relative ridge towards ``f = 1`` (the untuned masks). Sub-layers are tuned bottom-up, each on the
+student as tuned so far.
+
+Official details matched: the reference is the model under the masks searched at the milder
+budget ``sqrt(kept fraction)`` (their ``get_pruning_schedule(target, 2)[0]``, not rearranged), or,
+with ``teacher="original"``, the unpruned model; scales beyond ±10 (:data:`MAX_SCALE`) are
+rejected; for classification and regression the last FFN is reconstructed on the first ([CLS])
+token only. Differences, by design: every sub-layer is tuned (theirs skips the first MHA); a
+rejected or failed solve keeps that sub-layer's untuned masks and adds a note, and tuning goes on
+(theirs stops tuning altogether); a Cholesky solve with a relative ridge (theirs: LSMR with
+damping 1 on the normal equations, also regularising towards ``f = 1``); no constant offset column
+in the MHA system (theirs fits one and then discards it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from kprune_cli.models.adapters import ModelAdapter
+from kprune_cli.models.masks import Masks
+from kprune_cli.pruners.common import sublayer_parts, unit_width
+from kprune_cli.pruners.common.lstsq import DEFAULT_RIDGE, solve_ridge
+from kprune_cli.pruners.common.reconstruction import NormalEquations, TokenBatch, normal_equations, sublayer_activations
+
+MAX_SCALE = 10.0
+"""Tuned mask values beyond ``±MAX_SCALE`` are rejected (the official code's bound)."""
+
+TUNE_RIDGE = DEFAULT_RIDGE
+"""Relative ridge of the solve (``λ = TUNE_RIDGE · mean(diag(G))``), towards the untuned masks."""
+
+
+def teacher_budget(budget: float, total: float) -> float:
+    """FLOPs kept by the official tuning reference: ``total · sqrt(budget / total)``."""
+    return math.sqrt(budget * total)
+
+
+def reconstructed_tokens(batches: Sequence[TokenBatch], sublayer: int, num_sublayers: int,
+                         task_kind: str) -> Sequence[TokenBatch]:
+    """The tokens sub-layer ``sublayer`` is tuned on: all real tokens, except for the last FFN of a
+    classification or regression model, which feeds the head only through the first token."""
+    if sublayer != num_sublayers - 1 or task_kind == "qa":
+        return batches
+    first = []
+    for batch in batches:
+        token_mask = torch.zeros_like(batch.token_mask)
+        token_mask[:, 0] = True
+        first.append(TokenBatch(batch.inputs, token_mask))
+    return first
+
+
+def scale_equations(system: NormalEquations, weight: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-unit normal equations ``G`` ``(units, units)`` and ``r`` ``(units, 1)`` of the scales.
+
+    ``weight``: the output projection's weight ``(d, width · all units)``; ``system`` covers the
+    kept columns, ``width`` per unit.
+    """
+    w = weight.detach()[:, system.columns].double()  # (d, k)
+    units = system.columns.numel() // width
+    gram = (system.gram * (w.T @ w)).view(units, width, units, width).sum(dim=(1, 3))  # (units, units)
+    rhs = (system.rhs * w.T).sum(dim=1).view(units, width).sum(dim=1, keepdim=True)  # (units, 1)
+    return gram, rhs
+
+
+def tune_sublayer(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, reference: Masks,
+                  batches: Sequence[TokenBatch], sublayer: int, ridge: float = TUNE_RIDGE) -> list[str]:
+    """Rescale the surviving masks of ``sublayer`` in place so its output matches the model under ``reference``.
+
+    ``batches``' token masks select the tokens reconstructed. Returns notes for the report: empty
+    on a clean solve, one line when the ridge had to grow, or when the solve failed or gave a
+    scale beyond ±:data:`MAX_SCALE` (the masks are then left untuned).
+    """
+    targets = [sublayer_activations(model, adapter, reference, batch, sublayer).y for batch in batches]
+    system = normal_equations(model, adapter, masks, batches, targets, sublayer)
+    if system.columns.numel() == 0:
+        return []  # no survivors: nothing to scale
+    parts, kind = sublayer_parts(adapter, sublayer)
+    gram, rhs = scale_equations(system, parts.out_proj(kind).weight, unit_width(parts, kind))
+    result = solve_ridge(gram, rhs, torch.ones_like(rhs), ridge)
+    where = f"mask tuning sub-layer {sublayer} ({kind.upper()} of layer {sublayer // 2})"
+    if result.solution is None:
+        return [f"{where}: least squares failed up to relative ridge {result.ridge:g} "
+                f"(singular or non-finite system); masks left untuned"]
+    scales = result.solution.squeeze(1)  # (units,)
+    largest = float(scales.abs().max())
+    if largest > MAX_SCALE:
+        return [f"{where}: a tuned scale of magnitude {largest:.3g} exceeds {MAX_SCALE:g}; masks left untuned"]
+    mask = masks.of(kind)[sublayer // 2]
+    kept = mask != 0
+    mask[kept] = mask[kept] * scales.to(mask)
+    if result.fell_back:
+        return [f"{where}: solved only with relative ridge {result.ridge:g} "
+                f"({result.attempts - 1} fallback(s) from {ridge:g})"]
+    return []

@@ -1,0 +1,1 @@
+"""Random pruning under the FLOPs budget: a seeded floor for comparison tables."""
