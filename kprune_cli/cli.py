@@ -108,6 +108,7 @@ def main() -> None:
         sys.exit(2)
 
     _quiet_third_party_progress()
+    _JobState.started = False
     sys.argv = [f"kprune {command}", *overrides]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(_job(COMMANDS[command]))
     try:

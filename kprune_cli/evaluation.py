@@ -103,6 +103,6 @@ def _progress_display(progress: Progress | None) -> Iterator[Progress]:
 
 def measure_avg_seq_len(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> float:
     """Average tokens per feature of ``dataset`` (the evaluation split), special tokens
-    included, truncated at ``task.max_length``: the FLOPs model's S for tasks without a
+    included, truncated at :func:`~kprune_cli.tasks.data.sequence_limit`: the FLOPs model's S for tasks without a
     published value (``task.avg_seq_len is None``)."""
     return float(feature_lengths(tokenize_split(task, dataset, tokenizer, for_training=False)).mean())

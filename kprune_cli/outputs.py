@@ -4,7 +4,8 @@ Rules (what sweeps and scripts may rely on):
 - a non-empty directory is refused unless ``overwrite=true``; a directory another job is
   writing (its lock file exists) is always refused;
 - ``report.json`` is written last, atomically: its presence means the run succeeded;
-- a failed run removes what it had written and leaves ``FAILED.json`` (error and config).
+- a failed run removes what it had written and leaves ``FAILED.json`` (error and config);
+  a run stopped by a user mistake (:class:`UserError`) leaves nothing at all.
 """
 
 from __future__ import annotations
@@ -63,11 +64,16 @@ class OutputDir:
             self._claimed = False
 
     def fail(self, error: BaseException, config: Any) -> None:
-        """Remove partial results and leave ``FAILED.json`` saying why; then release."""
+        """Remove partial results and leave ``FAILED.json`` saying why (nothing for a user
+        mistake); then release."""
         if not self._claimed:
             self.discard_if_empty()
             return
         self._remove_results()
+        if isinstance(error, UserError):
+            self.release()
+            self.discard_if_empty()
+            return
         write_json_atomic(self.path / "FAILED.json", {
             "error": f"{type(error).__name__}: {error}",
             "traceback": "".join(traceback.format_exception(error)),

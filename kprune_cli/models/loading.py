@@ -73,7 +73,17 @@ def load_model(path: str, task: TaskSpec, device: torch.device | str = "cpu"
         missing = sorted(info["missing_keys"])
         raise UserError(f"model {path!r} lacks weights for {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}: it is not a complete {task.name} checkpoint")
+    _limit_sequence_length(tokenizer, config)
     return model.to(device).eval(), tokenizer
+
+
+def _limit_sequence_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
+    """Never tokenise longer than the model has position embeddings for (RoBERTa's start at
+    ``pad_token_id + 1``)."""
+    positions = config.max_position_embeddings
+    if config.model_type == "roberta":
+        positions -= config.pad_token_id + 1
+    tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
 
 
 def load_for_finetuning(path: str, task: TaskSpec, device: torch.device | str = "cpu"
@@ -92,6 +102,7 @@ def load_for_finetuning(path: str, task: TaskSpec, device: torch.device | str = 
     if not task.is_qa:
         config.problem_type = "regression" if task.num_labels == 1 else "single_label_classification"
     model = _load_weights(location, path, task, config, ignore_mismatched_sizes=True)
+    _limit_sequence_length(tokenizer, config)
     return model.to(device).train(), tokenizer
 
 

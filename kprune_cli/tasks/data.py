@@ -206,16 +206,23 @@ def tokenize_split(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokeni
     """Unpadded model features of ``dataset`` (see :func:`collate` for batching).
 
     GLUE: one feature per row (:func:`~kprune_cli.tasks.glue.tokenize_glue`) with ``labels``.
-    SQuAD: windows of ``task.max_length`` tokens overlapping by ``task.extra["doc_stride"]``
+    SQuAD: windows of :func:`sequence_limit` tokens overlapping by ``task.extra["doc_stride"]``
     (default 128; :func:`~kprune_cli.tasks.squad.tokenize_squad`), each with the
     ``example_id`` of its question; ``start_positions`` / ``end_positions`` when
     ``for_training``, else ``offset_mapping`` for
     :func:`~kprune_cli.tasks.squad.postprocess_predictions`.
     """
+    max_length = sequence_limit(task, tokenizer)
     if task.is_qa:
-        return tokenize_squad(dataset, tokenizer, task.max_length, for_training=for_training,
+        return tokenize_squad(dataset, tokenizer, max_length, for_training=for_training,
                               doc_stride=task.extra.get("doc_stride", DOC_STRIDE))
-    return tokenize_glue(task, dataset, tokenizer)
+    return tokenize_glue(task, dataset, tokenizer, max_length)
+
+
+def sequence_limit(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens per sequence: ``task.max_length``, or the model's limit where that is shorter
+    (:func:`~kprune_cli.models.loading.load_model` sets ``tokenizer.model_max_length`` to it)."""
+    return min(task.max_length, tokenizer.model_max_length)
 
 
 def feature_lengths(features: Dataset) -> np.ndarray:

@@ -8,9 +8,9 @@ from transformers import PreTrainedTokenizerBase
 from kprune_cli.tasks.spec import TaskSpec
 
 
-def tokenize_glue(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+def tokenize_glue(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
     """One feature per row: the ``task.text_keys`` texts (one or a pair) truncated to
-    ``task.max_length`` tokens, unpadded, plus ``labels`` (``float`` for regression).
+    ``max_length`` tokens, unpadded, plus ``labels`` (``float`` for regression).
 
     Features: ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the tokenizer
     makes them), ``labels``.
@@ -18,7 +18,7 @@ def tokenize_glue(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokeniz
     cast = float if task.kind == "regression" else int
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        encoded = tokenizer(*(batch[key] for key in task.text_keys), truncation=True, max_length=task.max_length)
+        encoded = tokenizer(*(batch[key] for key in task.text_keys), truncation=True, max_length=max_length)
         encoded["labels"] = [cast(label) for label in batch[task.label_key]]
         return encoded
 

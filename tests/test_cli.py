@@ -1,0 +1,164 @@
+"""End-to-end tests of the ``kprune`` command on tiny models and tiny local data."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from conftest import make_char_tokenizer, make_tiny_model
+from kprune_cli.cli import main
+from kprune_cli.flops import FlopsModel
+from kprune_cli.models.loading import load_model
+from kprune_cli.tasks.spec import get_task
+
+WORDS = ["good", "bad", "fine", "poor", "great", "awful", "nice", "dull", "bright", "dark"]
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+
+
+@pytest.fixture
+def mrpc_dir(tmp_path: Path) -> Path:
+    """A tiny MRPC-shaped data directory (train.csv, validation.csv)."""
+    rng = random.Random(0)
+    directory = tmp_path / "mrpc"
+    directory.mkdir()
+    for split, rows in (("train", 48), ("validation", 24)):
+        lines = ["sentence1,sentence2,label"]
+        lines += [f"{_sentence(rng)},{_sentence(rng)},{rng.randint(0, 1)}" for _ in range(rows)]
+        (directory / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A tiny 2-label BERT with a character tokenizer, saved as a Hugging Face directory."""
+    directory = tmp_path / "tiny-bert-mrpc"
+    make_tiny_model("bert", num_labels=2).save_pretrained(directory)
+    make_char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def kprune(*args: str) -> int:
+    """Run ``kprune *args`` in this process; its exit code (0 when it returns)."""
+    saved = sys.argv
+    sys.argv = ["kprune", *args]
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def run_args(checkpoint: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return ["run", "task=mrpc", f"model.path={checkpoint}", f"data_dir={data}", f"output_dir={output}",
+            "calibration.num_tokens=300", "calibration.batch_size=8", "device=cpu", *extra]
+
+
+@pytest.mark.parametrize("pruner", ["kprune", "magnitude"])
+def test_run_writes_checkpoint_and_report(pruner, tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, f"pruner={pruner}", "rate=0.5")) == 0
+
+    report = json.loads((output / "report.json").read_text())
+    for key in ("task", "pruner", "rate", "seed", "device", "config", "versions", "metric", "flops", "params",
+                "checkpoint", "layers", "timing", "peak_memory_mb"):
+        assert key in report
+    assert report["task"] == "mrpc" and report["pruner"] == pruner and report["rate"] == 0.5
+    assert set(report["metric"]["all"]["pruned"]) == {"accuracy", "f1"}
+    assert 0.0 <= report["metric"]["pruned"] <= 1.0
+    assert report["flops"]["pruned"] <= 0.5 * report["flops"]["dense"] * (1 + 1e-9)
+    # KPMS keeps a prefix of the score order: the budget is missed by less than one unit's FLOPs.
+    unit = FlopsModel(hidden_size=32, head_size=8, seq_len=report["flops"]["seq_len"]).head
+    assert 0.5 - 1e-9 <= report["flops"]["reduction"] <= 0.5 + unit / report["flops"]["dense"]
+    assert report["params"]["pruned"] < report["params"]["dense"]
+    assert report["sample"]["tokens"] >= 300
+    assert (output / "report.md").read_text().startswith("# kprune report: mrpc")
+    assert not (output / ".kprune.lock").exists()
+
+    checkpoint = Path(report["checkpoint"]["path"])
+    assert report["checkpoint"]["bytes"] == sum(f.stat().st_size for f in checkpoint.iterdir())
+    model, _ = load_model(str(checkpoint), get_task("mrpc"))
+    assert [{"heads": p["heads"], "neurons": p["neurons"]} for p in report["layers"]] == [
+        {"heads": layer.attention.output.dense.in_features // 8, "neurons": layer.output.dense.in_features}
+        for layer in model.bert.encoder.layer
+    ]
+    stock = AutoModelForSequenceClassification.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    inputs = {"input_ids": torch.randint(5, 40, (2, 9))}
+    torch.testing.assert_close(stock(**inputs).logits, model(**inputs).logits)
+
+
+def test_eval_reproduces_the_reported_metric(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "rate=0.4")) == 0
+    capsys.readouterr()
+    assert kprune("eval", f"checkpoint={output / 'pruned'}", "task=mrpc", f"data_dir={mrpc_dir}", "device=cpu") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((output / "report.json").read_text())
+    assert printed["metrics"] == pytest.approx(report["metric"]["all"]["pruned"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("rate=1.5", "rate=1.5"),
+    ("rate=0", "rate=0"),
+    ("rate=abc", "rate='abc'"),
+    ("device=tpu", "tpu"),
+    ("task=stsb", "needs 1"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(override, expected, tiny_checkpoint, mrpc_dir, tmp_path,
+                                                         capsys):
+    output = tmp_path / "out"
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, override)) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err
+    assert "Traceback" not in err
+    assert not output.exists() or not any(output.iterdir())
+
+
+def test_missing_data_dir_is_a_clean_error(tiny_checkpoint, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert kprune(*run_args(tiny_checkpoint, tmp_path / "nowhere", output)) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
+    assert not (output / "report.json").exists()
+
+
+def test_unknown_task_and_pruner_options_exit_2(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, tmp_path / "a", "task=nope")) == 2
+    assert "nope" in capsys.readouterr().err
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, tmp_path / "b", "pruner=nope")) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_non_empty_output_dir_is_refused_unless_overwrite(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude")) == 2
+    assert "overwrite=true" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == ["keep.txt"]
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude", "overwrite=true")) == 0
+    assert (output / "report.json").exists() and (output / "keep.txt").exists()
+
+
+def test_unknown_command_and_help(capsys):
+    assert kprune("frobnicate") == 2
+    assert "frobnicate" in capsys.readouterr().err
+    assert kprune("--help") == 0
+    assert "commands:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pruner", ["kprune", "kprune_no_tune", "kprune_pred_only", "kprune_rep_only",
+                                    "kprune_oneshot", "magnitude"])
+def test_every_pruner_config_composes(pruner, capsys):
+    assert kprune("run", f"pruner={pruner}", "--cfg", "job") == 0
+    assert "_target_: kprune_cli.pruners." in capsys.readouterr().out
