@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Callable
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
+from kprune_cli.outputs import write_failure
+from kprune_cli.sweeps.status import SweepFailed
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -28,17 +32,22 @@ commands:
              (no arguments: the offline demo, MiniLM on a generated task)
   finetune   fine-tune an encoder on a task into a dense baseline
   eval       task metric of any checkpoint on the task's dev split
+  compare    pruners side by side: a sweep of run over pruner x rate, then summarize
+  summarize  one table (CSV, Markdown, JSON) and plots over the runs under directories
 
 common keys (Hydra overrides; `kprune <command> --help` lists all):
   task=cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|squad|squad_v2|demo
   model.path=<dir or hub id>   rate=0.5   pruner=kprune|magnitude|...
   calibration.num_tokens=100000   data_dir=<local data>   device=auto|cpu|cuda
-  output_dir=<dir>   overwrite=true   seed=0
+  output_dir=<dir> (with -m: the sweep's directory)   overwrite=true   seed=0
+  hydra/launcher=local|slurm   run a sweep's jobs in parallel processes or on SLURM (pip install -e .[cluster])
 
 examples:
   kprune run
   kprune run task=mrpc rate=0.6 model.path=path/to/finetuned-mrpc data_dir=path/to/glue/mrpc
-  kprune run -m task=mrpc rate=0.4,0.6,0.8 model.path=...
+  kprune run -m task=mrpc rate=0.4,0.6,0.8 pruner=kprune,magnitude seed=0,1,2 model.path=...
+  kprune compare task=mrpc pruners=kprune,kwon,magnitude rate=0.4,0.6,0.8 model.path=... data_dir=...
+  kprune summarize multirun/2024-05-01_12-00-00 --layers multirun/2024-05-01_12-00-00/0-mrpc-kprune-r0.4-s0
   kprune finetune task=mrpc model=minilm data_dir=path/to/glue/mrpc output_dir=out/minilm-mrpc
   kprune eval checkpoint=out/mrpc60/pruned task=mrpc data_dir=path/to/glue/mrpc
 """
@@ -62,7 +71,23 @@ def _eval(cfg: DictConfig) -> None:
     run_eval(cfg)
 
 
+def _summarize(args: list[str]) -> None:
+    from kprune_cli.sweeps.summarize import summarize_command
+
+    summarize_command(args)
+
+
+def _compare(args: list[str]) -> None:
+    from kprune_cli.sweeps.compare import compare_command
+
+    compare_command(args, launch=lambda overrides: run_hydra_command("run", overrides))
+
+
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {"run": _run, "finetune": _finetune, "eval": _eval}
+# Commands that are not Hydra apps: they take their arguments as they are.
+PLAIN_COMMANDS: dict[str, Callable[[list[str]], None]] = {"compare": _compare, "summarize": _summarize}
+# Commands whose output_dir is the Hydra job directory (see _route_output_dir).
+JOB_DIR_COMMANDS = ("run",)
 
 
 class _JobState:
@@ -71,19 +96,44 @@ class _JobState:
     started = False
 
 
-def _job(command: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    def job(cfg: DictConfig) -> None:
+class _Job:
+    """The Hydra task function of a command.
+
+    A single run ends on a user mistake (exit 2). A job of a sweep (``-m``) that fails records
+    why in its directory (FAILED.json) and returns, so the other jobs still run; the sweep
+    exits 1 at the end (kprune_cli/sweeps/status.py). A class rather than a closure: launchers
+    that run jobs in other processes (submitit) pickle it, by reference.
+    """
+
+    def __init__(self, command: Callable[[DictConfig], None]) -> None:
+        self.command = command
+
+    def __call__(self, cfg: DictConfig) -> None:
         _JobState.started = True
+        _quiet_third_party_progress()
         try:
-            command(cfg)
+            self.command(cfg)
         except UserError as error:
             console.print(f"[bold red]error:[/] {error}", highlight=False)
-            sys.exit(UserError.exit_code)
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                sys.exit(UserError.exit_code)
+            _record_failure(error, cfg)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
             sys.exit(130)
+        except Exception as error:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                raise
+            console.print_exception()
+            _record_failure(error, cfg)
 
-    return job
+
+def _record_failure(error: Exception, cfg: DictConfig) -> None:
+    """Leave FAILED.json in the sweep job's directory (the pipeline writes none for a user mistake,
+    and has written the same one for any other error)."""
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    write_failure(job_dir, error, OmegaConf.to_container(cfg, resolve=False))
+    console.print(f"[bold red]job failed:[/] {job_dir}", highlight=False, soft_wrap=True)
 
 
 def _quiet_third_party_progress() -> None:
@@ -96,6 +146,25 @@ def _quiet_third_party_progress() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _route_output_dir(overrides: list[str]) -> list[str]:
+    """``output_dir=DIR`` names the directory Hydra makes for the job: ``hydra.run.dir=DIR`` for
+    one run, ``hydra.sweep.dir=DIR`` under ``-m`` (each job in a sub-directory of DIR)."""
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(overrides) else "hydra.run.dir"
+    prefix = "output_dir="
+    return [key + "=" + arg[len(prefix):] if arg.startswith(prefix) else arg for arg in overrides]
+
+
+def _plain(command: Callable[[list[str]], None], args: list[str]) -> None:
+    try:
+        command(args)
+    except UserError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(UserError.exit_code)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+
+
 def main() -> None:
     """Entry point of the ``kprune`` console script."""
     args = sys.argv[1:]
@@ -103,20 +172,29 @@ def main() -> None:
         print(USAGE, end="")
         sys.exit(0 if args else 2)
     command, overrides = args[0], args[1:]
-    if command not in COMMANDS:
-        print(f"error: unknown command {command!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+    if command in PLAIN_COMMANDS:
+        _plain(PLAIN_COMMANDS[command], overrides)
+    elif command in COMMANDS:
+        run_hydra_command(command, overrides)
+    else:
+        print(f"error: unknown command {command!r}: choose one of {', '.join([*COMMANDS, *PLAIN_COMMANDS])}",
+              file=sys.stderr)
         sys.exit(2)
 
-    _quiet_third_party_progress()
+
+def run_hydra_command(command: str, overrides: list[str]) -> None:
+    """Run the Hydra app of ``command`` (a key of :data:`COMMANDS`) with command-line ``overrides``."""
+    if command in JOB_DIR_COMMANDS:
+        overrides = _route_output_dir(overrides)
     _JobState.started = False
     sys.argv = [f"kprune {command}", *overrides]
-    app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(_job(COMMANDS[command]))
+    app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(_Job(COMMANDS[command]))
     try:
         app()
     except SystemExit as exit_:
         # Hydra reports a bad override or an unknown config option itself (one message, exit 1)
         # before any job starts: that is a user mistake too.
-        if exit_.code == 1 and not _JobState.started:
+        if exit_.code == 1 and not _JobState.started and not isinstance(exit_, SweepFailed):
             sys.exit(UserError.exit_code)
         raise
 

@@ -11,6 +11,7 @@ from datasets import Dataset, DatasetDict
 from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kprune_cli.console import make_progress
 from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
 from kprune_cli.tasks.metrics import compute_metrics
 from kprune_cli.tasks.spec import TaskSpec
@@ -97,7 +98,7 @@ def _progress_display(progress: Progress | None) -> Iterator[Progress]:
     if progress is not None:
         yield progress
         return
-    with Progress(transient=True) as own:
+    with make_progress() as own:
         yield own
 
 

@@ -20,7 +20,8 @@ from typing import Any
 from kprune_cli.errors import UserError
 
 LOCK_NAME = ".kprune.lock"
-RESULT_NAMES = ("pruned", "report.json", "report.md", "FAILED.json")
+FAILED_NAME = "FAILED.json"
+RESULT_NAMES = ("pruned", "report.json", "report.md", FAILED_NAME)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -28,6 +29,16 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def write_failure(directory: Path, error: BaseException, config: Any) -> None:
+    """Write ``directory/FAILED.json``: the error, its traceback and the job's config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / FAILED_NAME, {
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(error)),
+        "config": config,
+    })
 
 
 class OutputDir:
@@ -74,11 +85,7 @@ class OutputDir:
             self.release()
             self.discard_if_empty()
             return
-        write_json_atomic(self.path / "FAILED.json", {
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": "".join(traceback.format_exception(error)),
-            "config": config,
-        })
+        write_failure(self.path, error, config)
         self.release()
 
     def discard_if_empty(self) -> None:

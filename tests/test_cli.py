@@ -3,60 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import make_char_tokenizer, make_tiny_model
-from kprune_cli.cli import main
+from conftest import kprune
 from kprune_cli.flops import FlopsModel
 from kprune_cli.models.loading import load_model
 from kprune_cli.tasks.spec import get_task
-
-WORDS = ["good", "bad", "fine", "poor", "great", "awful", "nice", "dull", "bright", "dark"]
-
-
-def _sentence(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-
-
-@pytest.fixture
-def mrpc_dir(tmp_path: Path) -> Path:
-    """A tiny MRPC-shaped data directory (train.csv, validation.csv)."""
-    rng = random.Random(0)
-    directory = tmp_path / "mrpc"
-    directory.mkdir()
-    for split, rows in (("train", 48), ("validation", 24)):
-        lines = ["sentence1,sentence2,label"]
-        lines += [f"{_sentence(rng)},{_sentence(rng)},{rng.randint(0, 1)}" for _ in range(rows)]
-        (directory / f"{split}.csv").write_text("\n".join(lines) + "\n")
-    return directory
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path) -> Path:
-    """A tiny 2-label BERT with a character tokenizer, saved as a Hugging Face directory."""
-    directory = tmp_path / "tiny-bert-mrpc"
-    make_tiny_model("bert", num_labels=2).save_pretrained(directory)
-    make_char_tokenizer().save_pretrained(directory)
-    return directory
-
-
-def kprune(*args: str) -> int:
-    """Run ``kprune *args`` in this process; its exit code (0 when it returns)."""
-    saved = sys.argv
-    sys.argv = ["kprune", *args]
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    finally:
-        sys.argv = saved
-    return 0
 
 
 def run_args(checkpoint: Path, data: Path, output: Path, *extra: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""Many runs at once: finding their results, summary tables and plots, ``kprune compare``."""
