@@ -6,6 +6,12 @@ stderr and exit code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while waiting slow torch down badly on a busy machine (a sweep's
+# jobs, a shared node); set before torch is imported anywhere.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import sys
 from pathlib import Path
 from typing import Callable

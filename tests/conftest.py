@@ -3,6 +3,10 @@ end-to-end CLI helpers (tiny saved checkpoint, tiny MRPC data, `kprune` run in t
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads stall a busy CI machine
+
 import random
 import string
 import sys

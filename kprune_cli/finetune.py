@@ -1,0 +1,227 @@
+"""``kprune finetune``: make a dense fine-tuned baseline from a pretrained encoder and a task.
+
+Standard recipe: AdamW (no decay on biases and LayerNorm weights), linear schedule with warm-up,
+gradient clipping at 1.0, shuffled batches from a seeded generator, dynamic padding. The loss is the
+model's own (``labels`` for GLUE, ``start_positions`` / ``end_positions`` for SQuAD). The result is a
+normal Hugging Face directory with ``dev_metrics.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from datasets import DatasetDict
+from omegaconf import DictConfig
+from rich.progress import Progress
+from rich.table import Table
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from kprune_cli.console import console, make_progress
+from kprune_cli.errors import UserError
+from kprune_cli.tasks.spec import TaskSpec, get_task
+
+MAX_GRAD_NORM = 1.0
+LOSS_SMOOTHING = 0.98  # weight of the past in the running loss shown on the progress bar
+METRICS_FILE = "dev_metrics.json"
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm weights (1-D) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _training_batches(loader: DataLoader, num_steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``num_steps`` batches, starting a new (reshuffled) epoch whenever ``loader`` runs out."""
+    step = 0
+    while step < num_steps:
+        for batch in loader:
+            if step == num_steps:
+                return
+            yield batch
+            step += 1
+
+
+def finetune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskSpec,
+    datasets: DatasetDict,
+    *,
+    epochs: float,
+    learning_rate: float,
+    batch_size: int,
+    warmup_ratio: float,
+    weight_decay: float,
+    max_steps: int | None,
+    seed: int,
+    device: torch.device | str,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Fine-tune ``model`` in place on ``task``'s train split; return its metrics on the dev split(s).
+
+    ``max_steps`` (if set) replaces ``epochs`` as the number of optimizer steps. The shuffling
+    order and dropout draw from ``seed`` only (the global RNG state is restored afterwards), so on
+    CPU the same seed gives the same weights. The model is left in eval mode.
+    """
+    from kprune_cli.evaluation import evaluate_model
+    from kprune_cli.tasks.data import collate, tokenize_split
+
+    _check_settings(learning_rate=learning_rate, batch_size=batch_size, warmup_ratio=warmup_ratio)
+    train = tokenize_split(task, datasets[task.train_split], tokenizer, for_training=True)
+    if len(train) == 0:
+        raise UserError(f"the {task.train_split!r} split of task {task.name!r} has no examples to fine-tune on")
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
+                        collate_fn=partial(collate, tokenizer=tokenizer))
+    num_steps = int(max_steps) if max_steps else math.ceil(epochs * len(loader))
+    if num_steps <= 0:
+        raise UserError(f"epochs={epochs}, max_steps={max_steps} give no training step: use a positive value")
+
+    model.to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=learning_rate)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * num_steps), num_steps)
+    bar = progress.add_task(f"fine-tuning on {task.name}", total=num_steps) if progress is not None else None
+
+    cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        model.train()
+        running_loss = None
+        for step, batch in enumerate(_training_batches(loader, num_steps), start=1):
+            loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.item()
+            running_loss = value if running_loss is None else LOSS_SMOOTHING * running_loss + (1 - LOSS_SMOOTHING) * value
+            if progress is not None:
+                progress.update(bar, completed=step,
+                                description=f"fine-tuning on {task.name} (loss {running_loss:.4f})")
+        model.eval()
+    return evaluate_model(model, tokenizer, task, datasets, device, progress=progress)
+
+
+def _check_settings(*, learning_rate: float, batch_size: int, warmup_ratio: float) -> None:
+    if not learning_rate > 0:
+        raise UserError(f"learning_rate={learning_rate} must be positive")
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size} must be a positive integer")
+    if not 0 <= warmup_ratio <= 1:
+        raise UserError(f"warmup_ratio={warmup_ratio} must be in [0, 1]")
+
+
+def load_seeded(path: str, task: TaskSpec, device: torch.device | str, seed: int
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`~kprune_cli.models.loading.load_for_finetuning`, its fresh task head drawn from ``seed``
+    (the global RNG state is restored afterwards)."""
+    from kprune_cli.models.loading import load_for_finetuning
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return load_for_finetuning(path, task, device)
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """A :class:`UserError` if ``path`` exists and is not an empty directory, unless ``overwrite``."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise UserError(f"output_dir={str(path)!r} exists and is not empty: choose another output_dir "
+                        f"or pass overwrite=true")
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; on success it becomes ``target``.
+
+    On failure the temporary directory is removed and ``target`` is untouched (an ``OSError`` if
+    another process made ``target`` meanwhile). An existing empty ``target`` is replaced; a
+    non-empty one only when ``overwrite`` (else :class:`UserError`).
+    """
+    target = Path(target)
+    check_output_dir(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    staging.mkdir()  # not tempfile.mkdtemp: that makes it private (0700) instead of following the umask
+    try:
+        yield staging
+        if target.exists() and overwrite:
+            old = target.with_name(f"{staging.name}.old")
+            os.replace(target, old)
+            os.replace(staging, target)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.replace(staging, target)  # onto a missing or empty directory: atomic on POSIX
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # still there only if something failed
+
+
+def write_finetuned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, metrics: dict[str, float],
+                    directory: Path) -> None:
+    """Write model, tokenizer and ``dev_metrics.json`` into ``directory``."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def run_finetune(cfg: DictConfig) -> Path:
+    """Run ``kprune finetune`` as described by ``cfg`` (configs/finetune.yaml); return the output dir."""
+    from kprune_cli.models.loading import resolve_device
+    from kprune_cli.resolve import resolve_data_dir, resolve_model_path
+    from kprune_cli.tasks.data import load_task_data
+
+    task = get_task(str(cfg.task.name))
+    if cfg.max_length is not None:
+        task = dataclasses.replace(task, max_length=int(cfg.max_length))
+    output_dir = Path(str(cfg.output_dir))
+    overwrite = bool(cfg.overwrite)
+    check_output_dir(output_dir, overwrite)  # before the minutes of training, not after
+    device = resolve_device(str(cfg.device))
+
+    model_path, _ = resolve_model_path(str(cfg.model.path), task, device)
+    datasets = load_task_data(task, data_dir=resolve_data_dir(task, cfg.data_dir))
+    model, tokenizer = load_seeded(model_path, task, device, int(cfg.seed))
+    start = time.perf_counter()
+    with make_progress() as progress:
+        metrics = finetune(
+            model, tokenizer, task, datasets,
+            epochs=float(cfg.epochs), learning_rate=float(cfg.learning_rate), batch_size=int(cfg.batch_size),
+            warmup_ratio=float(cfg.warmup_ratio), weight_decay=float(cfg.weight_decay),
+            max_steps=None if cfg.max_steps is None else int(cfg.max_steps), seed=int(cfg.seed),
+            device=device, progress=progress,
+        )
+    seconds = time.perf_counter() - start
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        write_finetuned(model, tokenizer, metrics, staging)
+    _print_summary(task, model_path, metrics, seconds, output_dir)
+    return output_dir
+
+
+def _print_summary(task: TaskSpec, model_path: str, metrics: dict[str, float], seconds: float,
+                   output_dir: Path) -> None:
+    table = Table(title=f"fine-tuned on {task.name}", show_header=False, title_justify="left")
+    table.add_row("model", model_path)
+    table.add_row("time", f"{seconds:.1f} s")
+    for name, value in metrics.items():
+        table.add_row(f"dev {name}", f"{value:.4f}")
+    table.add_row("saved to", str(output_dir))
+    console.print(table)

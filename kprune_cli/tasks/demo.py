@@ -1,0 +1,204 @@
+"""The offline demo task: short generated review sentences labelled positive (1) or negative (0).
+
+Sentences come from a few templates filled from fixed word lists, so the task needs no
+download and is the same for a given seed on every machine:
+
+- a plain clause: ``"the service was truly excellent"``, ``"the plot felt painfully dull"``;
+- a negated clause, which flips the adjective's polarity: ``"the ending was not bad"`` is positive;
+- a first-person clause: ``"i really loved the coffee"``, ``"i did not enjoy the lecture"``;
+- a contrast, labelled by its second clause: ``"the food was great but the staff was rude"``
+  and ``"although the music was dull, i loved the view"``.
+
+Negation and contrast make word counts insufficient: the same words appear under both labels
+and their order decides. A fixed fraction of labels (``label_noise``) is flipped, equally in
+each class, so that even a perfect model stays below 100% dev accuracy and pruning damage shows.
+Labels are exactly balanced in every split. With the defaults (2,000 train and 600 validation
+sentences, 4% noise) MiniLM fine-tuned for 3 epochs (~190 steps) reaches 0.96 dev accuracy, the
+ceiling the noise allows.
+
+The files follow the GLUE parquet layout the data loader reads: ``<dir>/train/0000.parquet`` and
+``<dir>/validation/0000.parquet`` with columns ``sentence`` (str), ``label`` (int) and ``idx`` (int).
+
+:func:`ensure_demo_model` fine-tunes the packaged all-MiniLM-L6-v2 on it once and caches the result,
+giving every command of the CLI a fine-tuned model to prune without a download.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+# Bump when the generator or the fine-tuning recipe changes: cached demo models are keyed by it.
+DEMO_VERSION = 1
+
+SUBJECTS = (
+    "the food", "the service", "the plot", "the acting", "the staff", "the music", "the hotel room",
+    "the ending", "the price", "the movie", "the book", "the game", "the concert", "the coffee",
+    "the lecture", "the app", "the view", "the design", "the show", "the trip",
+)
+LINKING_VERBS = ("was", "felt", "seemed", "is", "looked")
+# Intensifiers carry no polarity: they appear equally often with either label.
+INTENSIFIERS = ("", "truly", "really", "quite", "very", "painfully", "remarkably", "genuinely", "rather")
+POSITIVE_ADJECTIVES = (
+    "excellent", "great", "wonderful", "delightful", "charming", "superb", "fantastic", "pleasant",
+    "brilliant", "lovely", "impressive", "enjoyable", "fresh", "friendly", "good",
+)
+NEGATIVE_ADJECTIVES = (
+    "dull", "awful", "terrible", "boring", "bland", "disappointing", "mediocre", "poor", "dreadful",
+    "rude", "tedious", "weak", "messy", "annoying", "bad",
+)
+POSITIVE_VERBS = ("loved", "liked", "enjoyed", "adored", "appreciated")
+NEGATIVE_VERBS = ("hated", "disliked", "regretted", "resented", "detested")
+# Base forms for "i did not <verb> ...".
+BASE_FORM = {
+    "loved": "love", "liked": "like", "enjoyed": "enjoy", "adored": "adore", "appreciated": "appreciate",
+    "hated": "hate", "disliked": "dislike", "regretted": "regret", "resented": "resent", "detested": "detest",
+}
+NEGATIONS = ("not", "never")
+
+NEGATION_RATE = 0.3
+CONTRAST_RATE = 0.4
+FIRST_PERSON_RATE = 0.3
+
+# The recipe of the cached demo model (the same values as configs/finetune.yaml).
+DEMO_FINETUNE = dict(epochs=3, learning_rate=8e-5, batch_size=32, warmup_ratio=0.06, weight_decay=0.01,
+                     max_steps=None, seed=0)
+
+
+def _described_clause(rng: random.Random, positive: bool) -> str:
+    """``"<subject> <verb> [not] [intensifier] <adjective>"`` with the given polarity."""
+    negated = rng.random() < NEGATION_RATE
+    adjectives = POSITIVE_ADJECTIVES if positive != negated else NEGATIVE_ADJECTIVES
+    words = [rng.choice(SUBJECTS), rng.choice(LINKING_VERBS)]
+    if negated:
+        words.append(rng.choice(NEGATIONS))
+    words += [rng.choice(INTENSIFIERS), rng.choice(adjectives)]
+    return " ".join(w for w in words if w)
+
+
+def _first_person_clause(rng: random.Random, positive: bool) -> str:
+    """``"i [really] <verb> <subject>"``, ``"i did not <verb> ..."`` or ``"i never <verb> ..."``."""
+    negated = rng.random() < NEGATION_RATE
+    verb = rng.choice(POSITIVE_VERBS if positive != negated else NEGATIVE_VERBS)
+    if negated:
+        negated_verb = f"never {verb}" if rng.random() < 0.5 else f"did not {BASE_FORM[verb]}"
+        return f"i {negated_verb} {rng.choice(SUBJECTS)}"
+    intensifier = rng.choice(("", "really", "truly", "genuinely"))
+    return " ".join(w for w in ("i", intensifier, verb, rng.choice(SUBJECTS)) if w)
+
+
+def _clause(rng: random.Random, positive: bool) -> str:
+    if rng.random() < FIRST_PERSON_RATE:
+        return _first_person_clause(rng, positive)
+    return _described_clause(rng, positive)
+
+
+def demo_sentence(rng: random.Random, positive: bool) -> str:
+    """One sentence whose (noise-free) label is ``positive``; contrasts are labelled by their last clause."""
+    if rng.random() >= CONTRAST_RATE:
+        return _clause(rng, positive)
+    first = _clause(rng, not positive if rng.random() < 0.8 else positive)
+    last = _clause(rng, positive)
+    if rng.random() < 0.5:
+        return f"{first} but {last}"
+    return f"although {first}, {last}"
+
+
+def generate_split(rng: random.Random, size: int, label_noise: float) -> dict[str, list]:
+    """``size`` examples (columns ``sentence``, ``label``, ``idx``), balanced, with flipped labels.
+
+    ``round(label_noise * size / 2)`` labels of each class are flipped, so balance survives the noise.
+    """
+    labels = [i % 2 for i in range(size)]
+    rng.shuffle(labels)
+    sentences = [demo_sentence(rng, bool(label)) for label in labels]
+    flips_per_class = round(label_noise * size / 2)
+    members = {label: [i for i, y in enumerate(labels) if y == label] for label in (0, 1)}
+    for label in (0, 1):
+        for i in rng.sample(members[label], flips_per_class):
+            labels[i] = 1 - label
+    return {"sentence": sentences, "label": labels, "idx": list(range(size))}
+
+
+def write_demo_data(directory: Path, seed: int = 0, num_train: int = 2000, num_validation: int = 600,
+                    label_noise: float = 0.04) -> Path:
+    """Write the demo task's train and validation splits as parquet under ``directory``; return it.
+
+    Each split draws from its own generator seeded by ``(seed, split)``, so changing one split's size
+    leaves the other unchanged.
+    """
+    directory = Path(directory)
+    for split, size in (("train", num_train), ("validation", num_validation)):
+        rng = random.Random(f"kprune-demo/{seed}/{split}")
+        table = pa.table(generate_split(rng, size, label_noise))
+        (directory / split).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, directory / split / "0000.parquet")
+    return directory
+
+
+def _cache_root(cache_dir: Path) -> Path:
+    return Path(cache_dir).expanduser() / f"demo-v{DEMO_VERSION}"
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build`` into a staging directory that becomes ``target``, unless ``target`` exists.
+
+    Two processes may build at once (e.g. parallel jobs of a sweep): the first to finish wins,
+    the other keeps its result.
+    """
+    from kprune_cli.finetune import atomic_directory
+
+    if target.is_dir():
+        return
+    try:
+        with atomic_directory(target) as staging:
+            build(staging)
+    except OSError:
+        if not target.is_dir():
+            raise
+
+
+def ensure_demo_data(cache_dir: Path) -> Path:
+    """The demo data (default seed and sizes), written once under ``cache_dir``; its directory."""
+    data_dir = _cache_root(cache_dir) / "data"
+    _build_once(data_dir, write_demo_data)
+    return data_dir
+
+
+def ensure_demo_model(cache_dir: Path, device: torch.device | str) -> tuple[Path, Path]:
+    """The demo data and MiniLM fine-tuned on it, made once under ``cache_dir``: ``(model_dir, data_dir)``.
+
+    Both are written into a temporary directory and renamed into place, so an interrupted run leaves
+    no half-written cache; the next call starts over.
+    """
+    from kprune_cli.console import console
+
+    data_dir = ensure_demo_data(cache_dir)
+    model_dir = _cache_root(cache_dir) / "minilm-demo"
+    if not model_dir.is_dir():
+        console.print(f"[bold]kprune:[/] preparing the demo model once: fine-tuning MiniLM on the demo task "
+                      f"(~2 min on CPU) into {model_dir}", highlight=False)
+        _build_once(model_dir, partial(_finetune_demo_model, data_dir=data_dir, device=device))
+    return model_dir, data_dir
+
+
+def _finetune_demo_model(staging: Path, data_dir: Path, device: torch.device | str) -> None:
+    """Fine-tune the packaged MiniLM on the demo data with :data:`DEMO_FINETUNE`; save it in ``staging``."""
+    from kprune_cli.console import make_progress
+    from kprune_cli.finetune import finetune, load_seeded, write_finetuned
+    from kprune_cli.resolve import packaged_minilm
+    from kprune_cli.tasks.data import load_task_data
+    from kprune_cli.tasks.spec import get_task
+
+    task = get_task("demo")
+    model, tokenizer = load_seeded(str(packaged_minilm()), task, device, DEMO_FINETUNE["seed"])
+    datasets = load_task_data(task, data_dir=str(data_dir))
+    with make_progress() as progress:
+        metrics = finetune(model, tokenizer, task, datasets, device=device, progress=progress, **DEMO_FINETUNE)
+    write_finetuned(model, tokenizer, metrics, staging)

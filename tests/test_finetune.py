@@ -1,0 +1,170 @@
+"""Fine-tuning dense baselines: a tiny BERT on a slice of the demo task."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from rich.progress import Progress
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, BertTokenizer, PreTrainedModel
+
+from kprune_cli.cli import CONFIG_DIR
+from kprune_cli.errors import UserError
+from kprune_cli.evaluation import evaluate_model
+from kprune_cli.finetune import atomic_directory, finetune, run_finetune
+from kprune_cli.tasks.data import collate, load_task_data, tokenize_split
+from kprune_cli.tasks.demo import write_demo_data
+from kprune_cli.tasks.spec import get_task
+
+from conftest import tiny_config
+
+TASK = get_task("demo")
+SETTINGS = dict(epochs=8, learning_rate=2e-3, batch_size=16, warmup_ratio=0.1, weight_decay=0.01, max_steps=None)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_data(tmp_path_factory.mktemp("demo"), seed=0, num_train=256, num_validation=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_dir: Path) -> BertTokenizer:
+    """A word-level BERT tokenizer whose vocabulary is exactly the demo task's words."""
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    words = sorted({w for split in data.values() for s in split["sentence"] for w in re.findall(r"\w+|[^\w\s]", s)})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    return BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+
+
+def tiny_bert(tokenizer: BertTokenizer, seed: int = 0, dropout: float = 0.0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = tiny_config("bert")
+    config.vocab_size = len(tokenizer)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def mean_train_loss(model: PreTrainedModel, tokenizer: BertTokenizer, demo_dir: Path) -> float:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    features = tokenize_split(TASK, data["train"], tokenizer, for_training=True)
+    batch = collate(features.to_list(), tokenizer)
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_finetuning_lowers_the_training_loss_and_reports_dev_metrics(tokenizer, demo_dir: Path) -> None:
+    model = tiny_bert(tokenizer)
+    before = mean_train_loss(model, tokenizer, demo_dir)
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    metrics = finetune(model, tokenizer, TASK, data, seed=0, device="cpu", **SETTINGS)
+    after = mean_train_loss(model, tokenizer, demo_dir)
+    assert after < 0.8 * before
+    assert set(metrics) == {"accuracy"}
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert not model.training
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tokenizer, demo_dir: Path) -> None:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    run = partial(finetune, tokenizer=tokenizer, task=TASK, datasets=data, device="cpu",
+                  **{**SETTINGS, "epochs": 1})
+    models = [tiny_bert(tokenizer, dropout=0.1) for _ in range(3)]
+    for model, seed, global_seed in zip(models, (5, 5, 6), (100, 200, 100)):
+        torch.manual_seed(global_seed)  # the global RNG state must not matter
+        run(model, seed=seed)
+    weights = [list(model.state_dict().values()) for model in models]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert not all(torch.equal(a, c) for a, c in zip(weights[0], weights[2]))
+
+
+def test_finetune_keeps_the_global_rng_state(tokenizer, demo_dir: Path) -> None:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    model = tiny_bert(tokenizer, dropout=0.1)
+    state = torch.get_rng_state()
+    finetune(model, tokenizer, TASK, data, seed=0, device="cpu", **{**SETTINGS, "max_steps": 2})
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_max_steps_replaces_epochs(tokenizer, demo_dir: Path) -> None:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    with Progress(disable=True) as progress:
+        finetune(tiny_bert(tokenizer), tokenizer, TASK, data, seed=0, device="cpu", progress=progress,
+                 **{**SETTINGS, "max_steps": 3})
+        training = progress.tasks[0]
+    assert training.total == 3 and training.completed == 3
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"max_steps": -1}, {"batch_size": 0}, {"learning_rate": 0.0},
+                                 {"warmup_ratio": 1.5}])
+def test_settings_that_cannot_train_are_user_errors(tokenizer, demo_dir: Path, bad: dict) -> None:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    (key, value), = bad.items()
+    with pytest.raises(UserError, match=f"{key}={value}"):
+        finetune(tiny_bert(tokenizer), tokenizer, TASK, data, seed=0, device="cpu", **{**SETTINGS, **bad})
+
+
+def test_atomic_directory_leaves_nothing_when_the_body_fails(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "half.bin").write_text("x")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def run_config(model_dir: Path, demo_dir: Path, output_dir: Path, overwrite: bool = False) -> DictConfig:
+    """configs/finetune.yaml as the CLI composes it, pointed at the tiny model and data."""
+    overrides = [f"model.path={model_dir}", f"data_dir={demo_dir}", f"output_dir={output_dir}",
+                 f"overwrite={overwrite}", "device=cpu",
+                 *(f"{key}={'null' if value is None else value}" for key, value in SETTINGS.items())]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("finetune", overrides=overrides)
+
+
+@pytest.fixture
+def pretrained_dir(tmp_path: Path, tokenizer) -> Path:
+    """A 'pretrained' tiny encoder (no task head) with its tokenizer, as `kprune finetune` starts from."""
+    path = tmp_path / "pretrained"
+    tiny_bert(tokenizer, seed=1).bert.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_run_finetune_writes_a_loadable_directory_with_its_dev_metrics(pretrained_dir, demo_dir, tmp_path) -> None:
+    output = run_finetune(run_config(pretrained_dir, demo_dir, tmp_path / "out"))
+    saved = json.loads((output / "dev_metrics.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(output).eval()
+    tokenizer = BertTokenizer.from_pretrained(output)
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    assert evaluate_model(model, tokenizer, TASK, data, "cpu") == pytest.approx(saved)
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_run_finetune_refuses_a_non_empty_output_dir_unless_overwrite(pretrained_dir, demo_dir, tmp_path) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        run_finetune(run_config(pretrained_dir, demo_dir, output))
+    assert (output / "precious.txt").read_text() == "keep me"
+
+    run_finetune(run_config(pretrained_dir, demo_dir, output, overwrite=True))
+    assert not (output / "precious.txt").exists()
+    assert (output / "dev_metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pretrained"]  # no staging or backup left
+
+
+def test_run_finetune_is_deterministic_for_a_seed_head_included(pretrained_dir, demo_dir, tmp_path) -> None:
+    weights = [load_file(run_finetune(run_config(pretrained_dir, demo_dir, tmp_path / name)) / "model.safetensors")
+               for name in ("a", "b")]
+    assert "classifier.weight" in weights[0]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
