@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kprune_cli.bench.suite import FULL, QUICK, Settings, run_suite
+from kprune_cli.bench.suite import FULL, QUICK, Settings, busy_warning, run_suite
 from kprune_cli.bench.tables import render
 from kprune_cli.errors import UserError
 from kprune_cli.models.loading import resolve_device
@@ -53,9 +53,12 @@ def main(argv: list[str]) -> int:
         return 2
     overrides = QUICK if args.quick else FULL if args.full else {}
     settings = replace(Settings(), **overrides, device=device, threads=args.threads, isolate=not args.in_process)
-    console = Console()
+    console = Console(width=max(Console().width, 132))  # wide tables stay readable in logs
     figures = run_suite(settings, sections, console)
     render(figures, console)
+    warning = busy_warning(figures)
+    if warning:
+        console.print(f"[yellow]warning[/]: {warning}")
     args.out.write_text(json.dumps(figures, indent=2))
     console.print(f"figures written to {args.out}")
     return 0

@@ -2,7 +2,8 @@
 
 - :func:`capture_inputs` records what a module receives (e.g. the ``(batch, seq, heads * d_h)``
   input of an output projection, or the pre-LN residual sum entering a LayerNorm);
-- :func:`scale_inputs` multiplies a module's input by a tensor (gradient probes on unit masks);
+- :func:`scale_inputs` multiplies a module's input by a tensor (unit masks, gradient probes);
+- :func:`grad_leaf_input` makes a module's input a leaf that requires grad (where a backward pass stops);
 - :func:`forward_until` runs a model only up to a module (truncated forward pass);
 - :func:`frozen` switches a model's parameters to ``requires_grad=False`` for a while.
 """
@@ -63,6 +64,25 @@ def scale_inputs(scales: Mapping[nn.Module, torch.Tensor]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def grad_leaf_input(module: nn.Module) -> Iterator[None]:
+    """Make the first positional input of ``module`` a fresh leaf that requires grad while open.
+
+    In a model whose parameters are :func:`frozen`, the backward pass then stops there, and the
+    inputs of later modules (recorded by :func:`capture_inputs` registered afterwards) are
+    tensors of the graph whose gradients ``torch.autograd.grad`` can return.
+    """
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0].detach().requires_grad_(),) + tuple(args[1:])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def forward_until(model: nn.Module, inputs: Mapping[str, torch.Tensor], module: nn.Module) -> None:

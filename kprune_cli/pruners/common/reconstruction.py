@@ -10,7 +10,8 @@ equations are built from
 
 K-prune solves them for the survivors' projection columns; Kwon et al. contract them with the
 projection's weights to solve for one scale per unit. Both are accumulated in float64 over
-micro-batches of a forward pass that stops right after the sub-layer.
+micro-batches of a forward pass that stops right after the sub-layer (and starts at its layer
+when the hidden states entering that layer are cached).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from transformers import PreTrainedModel
 from kprune_cli.models.adapters import ModelAdapter
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common import sublayer_parts, unit_width
-from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
+from kprune_cli.pruners.common.hooks import capture_inputs
+from kprune_cli.pruners.common.window import LayerWindow
 
 
 @dataclass
@@ -69,22 +71,27 @@ def kept_columns(adapter: ModelAdapter, masks: Masks, sublayer: int) -> torch.Te
 
 @torch.no_grad()
 def sublayer_activations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batch: TokenBatch,
-                         sublayer: int) -> SublayerActivations:
+                         sublayer: int, hidden: torch.Tensor | None = None) -> SublayerActivations:
     """What ``sublayer`` sees and produces on ``batch``'s selected tokens with ``masks`` applied,
-    from a forward pass that stops at the sub-layer's LayerNorm."""
+    from a forward pass that stops at the sub-layer's LayerNorm. The pass starts at the
+    embeddings, or with ``hidden`` ``(batch, seq, d)`` entering the sub-layer's layer."""
     parts, kind = sublayer_parts(adapter, sublayer)
     sublayer_input = parts.query if kind == "mha" else parts.ffn_in
     modules = {"x": sublayer_input, "a": parts.out_proj(kind), "y": parts.norm(kind)}
-    with apply_masks(adapter, masks), capture_inputs(modules) as acts:
-        forward_until(model, batch.inputs, parts.norm(kind))
+    start = sublayer // 2 if hidden is not None else 0
+    with apply_masks(adapter, masks), capture_inputs(modules) as acts, LayerWindow(model, adapter, start) as window:
+        window.until(batch.inputs, parts.norm(kind), hidden)
     return SublayerActivations(*(acts[key][batch.token_mask] for key in ("x", "a", "y")))
 
 
 def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[TokenBatch],
-                     targets: Sequence[torch.Tensor], sublayer: int) -> NormalEquations:
+                     targets: Sequence[torch.Tensor], sublayer: int,
+                     hidden: Sequence[torch.Tensor] | None = None) -> NormalEquations:
     """Accumulate the normal equations of ``sublayer`` over the micro-batches.
 
-    ``targets[i]``: the reference pre-LN residual sum ``Y`` on the selected tokens of ``batches[i]``.
+    ``targets[i]``: the reference pre-LN residual sum ``Y`` on the selected tokens of ``batches[i]``;
+    ``hidden[i]`` (optional): the hidden states entering the sub-layer's layer on ``batches[i]``,
+    with ``masks`` applied, so the passes start there instead of at the embeddings.
     """
     parts, kind = sublayer_parts(adapter, sublayer)
     proj = parts.out_proj(kind)
@@ -93,8 +100,9 @@ def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks
     gram = torch.zeros(k, k, dtype=torch.float64, device=proj.weight.device)
     rhs = torch.zeros(k, d, dtype=torch.float64, device=proj.weight.device)
     bias = proj.bias.detach() if proj.bias is not None else 0.0
-    for batch, target in zip(batches, targets):
-        acts = sublayer_activations(model, adapter, masks, batch, sublayer)
+    for index, (batch, target) in enumerate(zip(batches, targets)):
+        acts = sublayer_activations(model, adapter, masks, batch, sublayer,
+                                    hidden[index] if hidden is not None else None)
         a = acts.a[:, columns].double()  # (tokens, k)
         residual = (target - acts.x - bias).double()  # (tokens, d)
         gram += a.T @ a

@@ -8,9 +8,8 @@ weight. It holds
   padding excluded) or raw outputs (regression);
 - optionally a frozen copy of the original model, from which :meth:`Teacher.residual_sums`
   computes the pre-LayerNorm residual sums ``X + out_proj(A) + b`` of one layer's sub-layers
-  on demand (a forward pass truncated after that layer). Only one layer's sums are kept at a
-  time, so memory is bounded by ``2 · tokens · d`` instead of ``2L · tokens · d``; the price is
-  one truncated teacher pass per layer.
+  on demand, bottom-up (:class:`ResidualSums`; a pruner that tunes layer by layer bottom-up can
+  take them from the model itself and skip the copy).
 
 No gold labels are read anywhere.
 """
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,9 @@ from kprune_cli.calibration import CalibrationSample
 from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.pruners.common import sublayer_kind
-from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
+from kprune_cli.pruners.common.hooks import capture_inputs
 from kprune_cli.pruners.common.reconstruction import TokenBatch
+from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
 from kprune_cli.tasks.data import TARGET_KEYS
 
 TASK_KINDS = ("classification", "regression", "qa")
@@ -106,11 +107,66 @@ def distillation_loss(outputs: ModelOutput, target: torch.Tensor, kind: str, tem
     return temperature ** 2 * terms.sum(dim=-1)
 
 
+class ResidualSums:
+    """A model's pre-LayerNorm residual sums ``X + out_proj(A) + b`` on the sample's real tokens,
+    one layer at a time, masks not applied.
+
+    The hidden states entering the next layer are kept, so asking for the layers bottom-up runs
+    every layer once in all (one :class:`~kprune_cli.pruners.common.window.LayerWindow` pass per
+    layer); asking for an earlier layer starts over from the embeddings. A layer's sums (and the
+    hidden states leaving it) come from the model's weights at the time they are first asked
+    for: on a model being pruned, ask for layer ``l`` before any weight of layer ``l`` changes
+    and never go back (K-prune's schedule does so), or give a frozen copy.
+
+    Kept: one layer's sums and one set of hidden states, float32 on the device, about
+    ``3 · tokens · d`` values (100K tokens at d = 768: 0.9 GB). Half precision would halve that
+    but perturb the tuned weights; full precision keeps them exact.
+    """
+
+    def __init__(self, model: PreTrainedModel, batches: Sequence[TokenBatch]) -> None:
+        self.model = model
+        self.batches = batches
+        self._sums: tuple[int, dict[str, list[torch.Tensor]]] | None = None  # (layer, sums by kind)
+        self._hidden: tuple[int, list[torch.Tensor]] | None = None  # (layer, its input per batch)
+
+    def __call__(self, sublayer: int) -> list[torch.Tensor]:
+        """Per micro-batch, the pre-LN residual sum of ``sublayer`` on real tokens: ``(tokens_b, d)``."""
+        layer = sublayer // 2
+        if self._sums is None or self._sums[0] != layer:
+            self._sums = None  # release the old sums as the new ones are made
+            self._sums = (layer, self._layer_sums(layer))
+        return self._sums[1][sublayer_kind(sublayer)]
+
+    @torch.no_grad()
+    def _layer_sums(self, layer: int) -> dict[str, list[torch.Tensor]]:
+        """Run the layers up to ``layer`` from the kept hidden states (or the embeddings),
+        capturing ``layer``'s pre-LN sums and keeping the hidden states entering ``layer + 1``."""
+        adapter = get_adapter(self.model)
+        inputs = [batch.inputs for batch in self.batches]
+        if self._hidden is None or self._hidden[0] > layer:
+            self._hidden = (0, encoder_inputs(self.model, adapter, inputs))
+        start, hidden = self._hidden
+        self._hidden = None
+        for current in range(start, layer):
+            hidden = advance(self.model, adapter, None, current, inputs, hidden)
+        parts = adapter.layers()[layer]
+        sums: dict[str, list[torch.Tensor]] = {"mha": [], "ffn": []}
+        with capture_inputs({"mha": parts.attn_norm, "ffn": parts.ffn_norm}) as store, \
+                LayerWindow(self.model, adapter, layer, layer + 1) as window:
+            for index, batch in enumerate(self.batches):
+                hidden[index] = window(batch.inputs, hidden[index])  # (batch, seq, d) entering layer + 1
+                for kind, values in sums.items():
+                    values.append(store[kind][batch.token_mask])  # (tokens_b, d)
+        self._hidden = (layer + 1, hidden)
+        return sums
+
+
 class Teacher:
     """The original model's soft targets on the sample, and its pre-LN residual sums on demand.
 
     Build it before changing any weight of ``model``. With ``keep_model=False`` no copy is
-    made and :meth:`residual_sums` is unavailable (enough for methods that do not tune).
+    made and :meth:`residual_sums` is unavailable (enough for methods that do not tune, or that
+    take the sums from the model itself with :class:`ResidualSums`).
     """
 
     def __init__(self, model: PreTrainedModel, kind: str, sample: CalibrationSample, temperature: float,
@@ -125,8 +181,7 @@ class Teacher:
                 token_mask = inputs["attention_mask"].bool()
                 target = soft_target(model(**inputs), kind, temperature, token_mask)
                 self.batches.append(DistillBatch(inputs, token_mask, target))
-        self._model = copy.deepcopy(model).eval() if keep_model else None
-        self._sums: tuple[int, dict[str, list[torch.Tensor]]] | None = None  # (layer, sums by kind)
+        self._sums = ResidualSums(copy.deepcopy(model).eval(), self.batches) if keep_model else None
 
     @property
     def num_samples(self) -> int:
@@ -134,20 +189,6 @@ class Teacher:
 
     def residual_sums(self, sublayer: int) -> list[torch.Tensor]:
         """Per micro-batch, the teacher's pre-LN residual sum of ``sublayer`` on real tokens: ``(tokens_b, d)``."""
-        if self._model is None:
+        if self._sums is None:
             raise RuntimeError("this Teacher was built with keep_model=False")
-        layer = sublayer // 2
-        if self._sums is None or self._sums[0] != layer:
-            self._sums = (layer, self._layer_sums(layer))
-        return self._sums[1][sublayer_kind(sublayer)]
-
-    @torch.no_grad()
-    def _layer_sums(self, layer: int) -> dict[str, list[torch.Tensor]]:
-        parts = get_adapter(self._model).layers()[layer]
-        sums: dict[str, list[torch.Tensor]] = {"mha": [], "ffn": []}
-        for batch in self.batches:
-            with capture_inputs({"mha": parts.attn_norm, "ffn": parts.ffn_norm}) as store:
-                forward_until(self._model, batch.inputs, parts.ffn_norm)
-            for kind, values in sums.items():
-                values.append(store[kind][batch.token_mask])  # (tokens_b, d)
-        return sums
+        return self._sums(sublayer)

@@ -7,8 +7,11 @@ For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
   sub-layer's output projection. For a head, the mean over its ``d_h`` columns. The expectation
   is over samples of *per-sample* squared gradients (the official code squares per-batch
   gradients; with batches of one they agree). Per-sample gradients come from one backward
-  pass: each column carries a ``(batch, 1, width)`` probe of ones that requires grad, and the
-  loss is summed over samples, so the probe's gradient row ``b`` is ``∂ℓ(x_b)/∂m``.
+  pass of the loss summed over samples: with ``a`` ``(batch, seq, width)`` the projection's
+  (masked) input, ``∂ℓ(x_b)/∂m_k = Σ_t ∂ℓ/∂a[b, t, k] · a[b, t, k]`` (the mask multiplies
+  column ``k``; row ``b`` of the gradient depends on sample ``b`` only). The backward pass starts
+  from the loss and stops at sub-layer ``s``'s projection input, made a leaf that requires grad
+  (the parameters are frozen); it gives the gradients of all later projections' inputs too.
 - representational knowledge ``K_rep = E_tokens[x_k²] · mean_j W_out[j, k]²`` over real
   (non-padding) tokens; for a head, the mean over its ``d_h`` columns.
 
@@ -18,17 +21,20 @@ For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel
 
 from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import ModelAdapter
-from kprune_cli.models.masks import Masks, apply_masks
+from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
-from kprune_cli.pruners.common.hooks import capture_inputs, frozen, scale_inputs
+from kprune_cli.pruners.common.hooks import capture_inputs, frozen, grad_leaf_input, scale_inputs
 from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
+from kprune_cli.pruners.common.window import LayerWindow
 
 
 @dataclass
@@ -45,45 +51,76 @@ class Knowledge:
 
 
 def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher: Teacher,
-            from_sublayer: int) -> Knowledge:
+            from_sublayer: int, hidden: Sequence[torch.Tensor] | None = None,
+            autocast: torch.dtype | None = None) -> Knowledge:
     """Measure the knowledge of every unit of the sub-layers ``≥ from_sublayer`` (one pass over the sample).
 
     The model runs with ``masks`` applied and its parameters frozen, so the backward pass
-    stops at the probes of sub-layer ``from_sublayer``.
+    stops at sub-layer ``from_sublayer``'s projection input. ``hidden[i]`` ``(batch, seq, d)``:
+    the hidden states entering layer ``from_sublayer // 2`` on ``teacher.batches[i]``, with the
+    same masks; the passes then start there (see
+    :class:`~kprune_cli.pruners.common.window.LayerWindow`), else at the embeddings.
+    ``autocast`` (``torch.bfloat16`` or ``torch.float16``): run the forward pass (and so the
+    backward) under :func:`torch.autocast` in that dtype; faster where the hardware has
+    half-precision units, at the price of slightly different scores (float16 may also flush
+    gradients below ~6e-8 to zero). Knowledge is accumulated in float64 either way.
     """
     sublayers = range(from_sublayer, 2 * adapter.num_layers)
     projs = {}
     for s in sublayers:
         parts, kind = sublayer_parts(adapter, s)
         projs[s] = parts.out_proj(kind)
-    device, dtype = projs[from_sublayer].weight.device, projs[from_sublayer].weight.dtype
+    device = projs[from_sublayer].weight.device
     grad_sq = {s: torch.zeros(proj.in_features, dtype=torch.float64, device=device) for s, proj in projs.items()}
     act_sq = {s: torch.zeros(proj.in_features, dtype=torch.float64, device=device) for s, proj in projs.items()}
     num_tokens = 0
 
-    with frozen(model), apply_masks(adapter, masks):
-        for batch in teacher.batches:
-            probes = {
-                s: torch.ones(batch.size, 1, proj.in_features, dtype=dtype, device=device, requires_grad=True)
-                for s, proj in projs.items()
-            }  # (batch, 1, width)
-            with scale_inputs({projs[s]: probes[s] for s in sublayers}), capture_inputs(projs) as acts:
-                outputs = model(**batch.inputs)
-            loss = distillation_loss(outputs, batch.target, teacher.kind, teacher.temperature, batch.token_mask)
-            grads = torch.autograd.grad(loss.sum(), [probes[s] for s in sublayers])
+    start = from_sublayer // 2 if hidden is not None else 0
+    precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+    with frozen(model), scale_inputs(_mask_scales(adapter, masks)), grad_leaf_input(projs[from_sublayer]), \
+            LayerWindow(model, adapter, start) as window:
+        for index, batch in enumerate(teacher.batches):
+            with capture_inputs(projs) as acts, precision:  # (batch, seq, width) each
+                outputs = window(batch.inputs, hidden[index] if hidden is not None else None)
+                loss = distillation_loss(outputs, batch.target, teacher.kind, teacher.temperature, batch.token_mask)
+            grads = torch.autograd.grad(loss.sum(), [acts[s] for s in sublayers])
             for s, grad in zip(sublayers, grads):
-                grad_sq[s] += grad.squeeze(1).double().pow(2).sum(dim=0)  # (width,)
-                act_sq[s] += acts[s].detach()[batch.token_mask].double().pow(2).sum(dim=0)  # (width,)
+                act = _full_precision(acts[s].detach())
+                grad_sq[s] += (_full_precision(grad) * act).sum(dim=1).double().pow(2).sum(dim=0)  # (width,)
+                act_sq[s] += _squares(act[batch.token_mask]).sum(dim=0)  # (width,)
             num_tokens += int(batch.token_mask.sum())
 
     predictive, representational = {}, {}
     for s, proj in projs.items():
         parts, kind = sublayer_parts(adapter, s)
         width = unit_width(parts, kind)
-        weight_sq = proj.weight.detach().double().pow(2).mean(dim=0)  # (width,): mean_j W[j, k]²
+        weight_sq = _squares(proj.weight.detach()).mean(dim=0)  # (width,): mean_j W[j, k]²
         predictive[s] = (0.5 * grad_sq[s] / teacher.num_samples).view(-1, width).mean(dim=1)
         representational[s] = (act_sq[s] / max(num_tokens, 1) * weight_sq).view(-1, width).mean(dim=1)
     return Knowledge(from_sublayer, predictive, representational)
+
+
+def _full_precision(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in float32 if autocast made them half precision, else as they are."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
+def _squares(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise squares in float64 (exact for float32 values), computed in place on a copy."""
+    copy = values.to(torch.float64, copy=True)
+    return copy.mul_(copy)
+
+
+def _mask_scales(adapter: ModelAdapter, masks: Masks) -> dict[torch.nn.Module, torch.Tensor]:
+    """The masks as input scales of the output projections ``(width,)``, as
+    :func:`~kprune_cli.models.masks.apply_masks` applies them, leaving out all-ones masks
+    (multiplying by one changes nothing, forward or backward, and costs a pass over the activations)."""
+    scales = {}
+    for parts, heads, neurons in zip(adapter.layers(), masks.heads, masks.neurons):
+        for kind, mask in (("mha", heads), ("ffn", neurons)):
+            if mask.numel() and not bool((mask == 1).all()):
+                scales[parts.out_proj(kind)] = mask.repeat_interleave(unit_width(parts, kind))
+    return scales
 
 
 def score(knowledge: Knowledge, masks: Masks, flops: FlopsModel, lambda_pred: float, lambda_rep: float,

@@ -5,6 +5,17 @@ measure the knowledge of every unit of the sub-layers ``≥ s`` on the current m
 masks for all of them within the remaining FLOPs budget, apply only sub-layer ``s``'s mask,
 tune ``s``, and subtract ``s``'s kept FLOPs from the budget.
 
+Every pass starts at the target layer: the student's hidden states entering layer ``l`` are
+kept for the whole sample (they do not change once the sub-layers below are final), fed to
+layer ``l`` by :class:`~kprune_cli.pruners.common.window.LayerWindow`, and moved up one layer
+after FFN_l is tuned. The teacher's pre-LN sums are walked up the same way, from the model itself
+before each layer is tuned (no copy of the model). KPWT's normal equations come from a pass
+over layer ``l`` alone after the search: accumulating the full-width ``AᵀA`` in float64 during
+the measurement pass instead would cost more than that pass for an FFN (1536² or 3072² per
+token). Results are those of running every pass from the embeddings (the reference schedule in
+:mod:`kprune_cli.bench.reference`), bit for bit. The measurement passes (forward and backward
+through layers ``≥ l``) are then nearly all of the cost.
+
 One-shot (ablation): measure once, search once for all sub-layers, then tune sub-layer by
 sub-layer bottom-up. Note that the student equals the teacher at that single measurement, so
 the distillation gradient, hence predictive knowledge, is zero there: the one-shot search
@@ -16,18 +27,23 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Callable
 
+import torch
 from rich.progress import Progress
 
 from kprune_cli.errors import UserError
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind, timed
-from kprune_cli.pruners.common.teacher import Teacher
+from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
+from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.search import kpms
 from kprune_cli.pruners.kprune.tune import kpwt
 
 StepCallback = Callable[[int, Masks], None]
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""Values of ``pruner.autocast`` besides ``false``: the precision of the measurement passes."""
 
 
 class KPrunePruner:
@@ -36,14 +52,16 @@ class KPrunePruner:
     ``lambda_pred`` / ``lambda_rep`` weigh predictive / representational knowledge, ``mu``
     up-weights heads, ``temperature`` softens the distillation targets; ``tune`` enables KPWT,
     ``iterative`` selects the sub-layer-wise schedule (else one-shot); ``batch_size`` caps the
-    sequences per forward/backward pass (memory only).
+    sequences per forward/backward pass (memory only); ``autocast`` (``"bf16"`` or ``"fp16"``,
+    default off) runs the measurement passes in that precision (faster on GPUs, slightly
+    different scores; see :func:`~kprune_cli.pruners.kprune.measure.measure`).
     """
 
     name = "kprune"
 
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
-                 batch_size: int | None = 32) -> None:
+                 batch_size: int | None = 32, autocast: bool | str | None = False) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -61,6 +79,9 @@ class KPrunePruner:
         self.tune = tune
         self.iterative = iterative
         self.batch_size = batch_size
+        if autocast not in (False, None, *AUTOCAST_DTYPES):
+            raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
+        self.autocast = autocast or False
 
     def prune(self, problem: PruneProblem, progress: Progress | None = None,
               on_step: StepCallback | None = None) -> PruneResult:
@@ -72,39 +93,50 @@ class KPrunePruner:
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}
         with timed(timing, "teacher"):
             teacher = Teacher(problem.model, problem.task.kind, problem.sample, self.temperature,
-                              self.batch_size, problem.device, keep_model=self.tune)
+                              self.batch_size, problem.device, keep_model=False)
+            # The teacher's pre-LN sums come from the model itself: layer l's are taken at step 2l,
+            # before any weight of layer l is tuned, so no copy of the model is needed.
+            teacher_sums = ResidualSums(problem.model, teacher.batches) if self.tune else None
         masks = Masks.ones(problem.adapter, problem.device)
         notes: list[str] = []
         num_sublayers = 2 * problem.adapter.num_layers
+        inputs = [batch.inputs for batch in teacher.batches]
+        with timed(timing, "measure"):
+            hidden = encoder_inputs(problem.model, problem.adapter, inputs)  # entering layer 0
         owned = progress is None
         progress = Progress(transient=True) if owned else progress
         with progress if owned else nullcontext():
             bar = progress.add_task("K-prune", total=num_sublayers)
             if not self.iterative:
-                self._search(problem, teacher, masks, 0, problem.budget, timing)
+                self._search(problem, teacher, masks, 0, problem.budget, timing, hidden)
             budget = problem.budget
             for s in range(num_sublayers):
-                kind = sublayer_kind(s)
-                progress.update(bar, description=f"K-prune {kind.upper()} {s // 2}")
+                kind, layer = sublayer_kind(s), s // 2
+                progress.update(bar, description=f"K-prune {kind.upper()} {layer}")
                 if self.iterative:
-                    self._search(problem, teacher, masks, s, budget, timing)
-                    budget -= float(masks.of(kind)[s // 2].count_nonzero()) * problem.flops.cost(kind)
-                if self.tune:
+                    self._search(problem, teacher, masks, s, budget, timing, hidden)
+                    budget -= float(masks.of(kind)[layer].count_nonzero()) * problem.flops.cost(kind)
+                if teacher_sums is not None:
                     with timed(timing, "teacher"):
-                        teacher_sums = teacher.residual_sums(s)
+                        sums = teacher_sums(s)
                     with timed(timing, "tune"):
-                        notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, teacher_sums, s)
+                        notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden=hidden)
+                if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
+                    with timed(timing, "measure"):
+                        hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
                 if on_step is not None:
                     on_step(s, masks)
                 progress.advance(bar)
         return PruneResult(masks=masks, notes=notes, timing=timing)
 
     def _search(self, problem: PruneProblem, teacher: Teacher, masks: Masks, from_sublayer: int,
-                budget: float, timing: dict[str, float]) -> None:
-        """Measure sub-layers ``≥ from_sublayer``, search, and write the masks of the sub-layers it decides:
-        only ``from_sublayer`` when iterative, all of them when one-shot."""
+                budget: float, timing: dict[str, float], hidden: list[torch.Tensor]) -> None:
+        """Measure sub-layers ``≥ from_sublayer`` (``hidden``: the student's hidden states entering
+        their first layer), search, and write the masks of the sub-layers it decides: only
+        ``from_sublayer`` when iterative, all of them when one-shot."""
         with timed(timing, "measure"):
-            knowledge = measure(problem.model, problem.adapter, masks, teacher, from_sublayer)
+            knowledge = measure(problem.model, problem.adapter, masks, teacher, from_sublayer, hidden,
+                                AUTOCAST_DTYPES.get(self.autocast))
         with timed(timing, "search"):
             scores = score(knowledge, masks, problem.flops, self.lambda_pred, self.lambda_rep, self.mu)
             keep = kpms(scores, problem.flops, budget)

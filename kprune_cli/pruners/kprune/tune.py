@@ -10,7 +10,8 @@ teacher's on the sample's real tokens:
 ``X_student`` ``(tokens, d)``: the sub-layer's input; ``b``: the projection's bias (kept);
 ``Y_teacher`` ``(tokens, d)``: the teacher's pre-LN sum. The normal equations
 (:func:`~kprune_cli.pruners.common.reconstruction.normal_equations`) are accumulated in float64
-over micro-batches of a forward pass that stops right after sub-layer ``s``, and solved
+over micro-batches of a forward pass that stops right after sub-layer ``s`` (starting at its
+layer from cached hidden states, when given), and solved
 by :func:`~kprune_cli.pruners.common.lstsq.solve_ridge` with a small ridge towards the current
 weights (:data:`KPWT_RIDGE`). Pruned units' columns are left as they are: their masks are zero
 and the pipeline slices them away.
@@ -35,13 +36,16 @@ KPWT_RIDGE = DEFAULT_RIDGE
 
 
 def kpwt(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[DistillBatch],
-         teacher_sums: Sequence[torch.Tensor], sublayer: int, ridge: float = KPWT_RIDGE) -> list[str]:
+         teacher_sums: Sequence[torch.Tensor], sublayer: int, ridge: float = KPWT_RIDGE,
+         hidden: Sequence[torch.Tensor] | None = None) -> list[str]:
     """Re-fit the survivors' output-projection columns of ``sublayer`` in place.
 
+    ``hidden[i]`` (optional): the student's hidden states entering the sub-layer's layer on
+    ``batches[i]``; the passes then start there instead of at the embeddings.
     Returns notes for the report: empty on a clean solve, one line when the ridge had to grow
     or when every attempt failed (the sub-layer is then left untuned).
     """
-    system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer)
+    system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer, hidden)
     if system.columns.numel() == 0:
         return []  # no survivors: only the bias is left, nothing to fit
     parts, kind = sublayer_parts(adapter, sublayer)

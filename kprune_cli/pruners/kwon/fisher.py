@@ -50,7 +50,8 @@ def sublayer_masks(masks: Masks) -> list[torch.Tensor]:
     return [mask for pair in zip(masks.heads, masks.neurons) for mask in pair]
 
 
-def batch_gradients(model: PreTrainedModel, adapter: ModelAdapter, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+def batch_gradients(model: PreTrainedModel, adapter: ModelAdapter,
+                    batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     """``∂loss/∂m`` of one labelled micro-batch at all-ones masks, per sub-layer: ``(units_s,)``."""
     masks = Masks.ones(adapter, batch["input_ids"].device)
     tensors = [mask.requires_grad_(True) for mask in sublayer_masks(masks)]

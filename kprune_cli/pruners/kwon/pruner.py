@@ -28,7 +28,7 @@ from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.kwon.fisher import fisher_importance, labelled_batches, mask_gradients
 from kprune_cli.pruners.kwon.rearrange import rearrange_units
 from kprune_cli.pruners.kwon.search import search_masks
-from kprune_cli.pruners.kwon.tune import reconstructed_tokens, teacher_budget, tune_sublayer
+from kprune_cli.pruners.kwon.tune import LayerwiseTuning, teacher_budget
 from kprune_cli.tasks.data import TARGET_KEYS
 
 TEACHERS = ("intermediate", "original")
@@ -89,10 +89,10 @@ class KwonPruner:
                                    batch["attention_mask"].bool())
                         for batch in batches
                     ]
-                    bar = progress.add_task("Kwon et al.: mask tuning", total=num_sublayers)
-                    for s in progress.track(range(num_sublayers), task_id=bar):
-                        tokens = reconstructed_tokens(token_batches, s, num_sublayers, problem.task.kind)
-                        notes += tune_sublayer(model, adapter, masks, reference, tokens, s)
+                    tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind)
+                    bar = progress.add_task("Kwon et al.: mask tuning", total=adapter.num_layers)
+                    for layer in progress.track(range(adapter.num_layers), task_id=bar):
+                        notes += tuning.tune_layer(layer)
         return PruneResult(masks=masks, notes=notes, timing=timing)
 
     def _reference(self, problem: PruneProblem, importance: Mapping[int, torch.Tensor]) -> Masks:

@@ -26,7 +26,7 @@ import torch
 
 
 def pruned_loss(keep: torch.Tensor, grads: torch.Tensor) -> float:
-    """The objective: ``Σ_b (Σ_{i pruned} g_{b,i})²``. ``keep``: ``(units,)`` bool; ``grads``: ``(batches, units)``."""
+    """The objective ``Σ_b (Σ_{i pruned} g_{b,i})²``; ``keep`` ``(units,)`` bool, ``grads`` ``(batches, units)``."""
     return float(grads.double()[:, ~keep].sum(dim=1).pow(2).sum())
 
 

@@ -14,7 +14,9 @@ reconstruction system (:mod:`kprune_cli.pruners.common.reconstruction`) with the
 weights: ``G = blocksum_w(AᵀA ∘ WᵀW)`` ``(units, units)`` and ``r = blocksum_w(rowsum(Aᵀ(Y−X−b) ∘ Wᵀ))``
 ``(units,)``. They are solved by :func:`~kprune_cli.pruners.common.lstsq.solve_ridge` with a small
 relative ridge towards ``f = 1`` (the untuned masks). Sub-layers are tuned bottom-up, each on the
-student as tuned so far.
+student as tuned so far; :class:`LayerwiseTuning` keeps the student's hidden states entering the
+next layer and walks the reference's pre-LN sums up with it, so every pass starts at the layer
+being tuned (:mod:`kprune_cli.pruners.common.window`), as the official code caches layer inputs.
 
 Official details matched: the reference is the model under the masks searched at the milder
 budget ``sqrt(kept fraction)`` (their ``get_pruning_schedule(target, 2)[0]``, not rearranged), or,
@@ -36,10 +38,12 @@ import torch
 from transformers import PreTrainedModel
 
 from kprune_cli.models.adapters import ModelAdapter
-from kprune_cli.models.masks import Masks
+from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common import sublayer_parts, unit_width
 from kprune_cli.pruners.common.lstsq import DEFAULT_RIDGE, solve_ridge
-from kprune_cli.pruners.common.reconstruction import NormalEquations, TokenBatch, normal_equations, sublayer_activations
+from kprune_cli.pruners.common.reconstruction import NormalEquations, TokenBatch, normal_equations
+from kprune_cli.pruners.common.teacher import ResidualSums
+from kprune_cli.pruners.common.window import advance, encoder_inputs
 
 MAX_SCALE = 10.0
 """Tuned mask values beyond ``±MAX_SCALE`` are rejected (the official code's bound)."""
@@ -53,18 +57,24 @@ def teacher_budget(budget: float, total: float) -> float:
     return math.sqrt(budget * total)
 
 
-def reconstructed_tokens(batches: Sequence[TokenBatch], sublayer: int, num_sublayers: int,
-                         task_kind: str) -> Sequence[TokenBatch]:
-    """The tokens sub-layer ``sublayer`` is tuned on: all real tokens, except for the last FFN of a
-    classification or regression model, which feeds the head only through the first token."""
-    if sublayer != num_sublayers - 1 or task_kind == "qa":
-        return batches
-    first = []
-    for batch in batches:
+def first_token_only(sublayer: int, num_sublayers: int, task_kind: str) -> bool:
+    """Whether ``sublayer`` is reconstructed on the first ([CLS]) token only: the last FFN of a
+    classification or regression model, whose head reads that token alone."""
+    return sublayer == num_sublayers - 1 and task_kind != "qa"
+
+
+def first_tokens(batches: Sequence[TokenBatch], sums: Sequence[torch.Tensor]
+                 ) -> tuple[list[TokenBatch], list[torch.Tensor]]:
+    """``batches`` selecting the first token of every sequence, and the rows of ``sums`` (per batch,
+    ``(real tokens, d)``, in order) that belong to it. Right padding: the first token is real."""
+    selected, rows = [], []
+    for batch, values in zip(batches, sums):
         token_mask = torch.zeros_like(batch.token_mask)
         token_mask[:, 0] = True
-        first.append(TokenBatch(batch.inputs, token_mask))
-    return first
+        lengths = batch.token_mask.sum(dim=1)  # (batch,)
+        selected.append(TokenBatch(batch.inputs, token_mask))
+        rows.append(values[lengths.cumsum(dim=0) - lengths])  # (batch, d)
+    return selected, rows
 
 
 def scale_equations(system: NormalEquations, weight: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,16 +90,18 @@ def scale_equations(system: NormalEquations, weight: torch.Tensor, width: int) -
     return gram, rhs
 
 
-def tune_sublayer(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, reference: Masks,
-                  batches: Sequence[TokenBatch], sublayer: int, ridge: float = TUNE_RIDGE) -> list[str]:
-    """Rescale the surviving masks of ``sublayer`` in place so its output matches the model under ``reference``.
+def tune_sublayer(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[TokenBatch],
+                  targets: Sequence[torch.Tensor], sublayer: int, hidden: Sequence[torch.Tensor] | None = None,
+                  ridge: float = TUNE_RIDGE) -> list[str]:
+    """Rescale the surviving masks of ``sublayer`` in place so its pre-LN sum matches ``targets``.
 
-    ``batches``' token masks select the tokens reconstructed. Returns notes for the report: empty
-    on a clean solve, one line when the ridge had to grow, or when the solve failed or gave a
-    scale beyond ±:data:`MAX_SCALE` (the masks are then left untuned).
+    ``targets[i]``: the reference's pre-LN sum on the selected tokens of ``batches[i]``
+    ``(tokens, d)``; ``hidden[i]`` (optional): the student's hidden states entering the
+    sub-layer's layer (else the passes start at the embeddings). Returns notes for the report:
+    empty on a clean solve, one line when the ridge had to grow, or when the solve failed or gave
+    a scale beyond ±:data:`MAX_SCALE` (the masks are then left untuned).
     """
-    targets = [sublayer_activations(model, adapter, reference, batch, sublayer).y for batch in batches]
-    system = normal_equations(model, adapter, masks, batches, targets, sublayer)
+    system = normal_equations(model, adapter, masks, batches, targets, sublayer, hidden)
     if system.columns.numel() == 0:
         return []  # no survivors: nothing to scale
     parts, kind = sublayer_parts(adapter, sublayer)
@@ -110,3 +122,39 @@ def tune_sublayer(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, r
         return [f"{where}: solved only with relative ridge {result.ridge:g} "
                 f"({result.attempts - 1} fallback(s) from {ridge:g})"]
     return []
+
+
+class LayerwiseTuning:
+    """Mask tuning of ``masks`` towards the model under ``reference``, one layer at a time, bottom-up.
+
+    Keeps the student's hidden states entering the next layer and the reference's pre-LN sums
+    (:class:`~kprune_cli.pruners.common.teacher.ResidualSums` under ``reference``'s masks): every
+    layer runs about four times in all (reference, MHA, FFN, advance) instead of one truncated
+    pass from the embeddings per sub-layer. The model's weights must not change meanwhile.
+    """
+
+    def __init__(self, model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, reference: Masks,
+                 batches: Sequence[TokenBatch], task_kind: str) -> None:
+        self.model, self.adapter, self.masks, self.reference = model, adapter, masks, reference
+        self.batches, self.task_kind = batches, task_kind
+        self._inputs = [batch.inputs for batch in batches]
+        self._student = encoder_inputs(model, adapter, self._inputs)  # per batch (batch, seq, d)
+        self._reference_sums = ResidualSums(model, batches)
+        self._next = 0
+
+    def tune_layer(self, layer: int) -> list[str]:
+        """Tune MHA then FFN of ``layer`` (the next one bottom-up); returns the notes."""
+        if layer != self._next:
+            raise RuntimeError(f"layers are tuned bottom-up: expected layer {self._next}, got {layer}")
+        num_sublayers = 2 * self.adapter.num_layers
+        notes = []
+        for sublayer in (2 * layer, 2 * layer + 1):
+            with apply_masks(self.adapter, self.reference):
+                targets = self._reference_sums(sublayer)
+            batches = self.batches
+            if first_token_only(sublayer, num_sublayers, self.task_kind):
+                batches, targets = first_tokens(batches, targets)
+            notes += tune_sublayer(self.model, self.adapter, self.masks, batches, targets, sublayer, self._student)
+        self._student = advance(self.model, self.adapter, self.masks, layer, self._inputs, self._student)
+        self._next += 1
+        return notes
