@@ -1,7 +1,8 @@
 """Weight-magnitude pruning under the FLOPs budget: the simplest honest baseline.
 
-A unit's importance is the mean squared weight it owns (its Q/K/V rows and output-projection
-columns for a head; its input row and output column for a neuron), divided by its FLOPs; the
+A unit's importance is the total squared weight it owns (its Q/K/V rows and output-projection
+columns for a head; its input row and output column for a neuron), divided by its FLOPs (both
+grow with the unit's weight count, so heads and neurons compete on equal terms); the
 kept set is chosen globally over all sub-layers by the same budgeted threshold as K-prune's
 KPMS. No data, no gradients, no weight-tuning.
 """
@@ -20,14 +21,14 @@ from kprune_cli.pruners.kprune.search import kpms
 
 
 def unit_magnitudes(parts: LayerParts, kind: str) -> torch.Tensor:
-    """Mean squared weight per unit: ``(heads,)`` for ``"mha"``, ``(neurons,)`` for ``"ffn"``."""
+    """Total squared weight per unit: ``(heads,)`` for ``"mha"``, ``(neurons,)`` for ``"ffn"``."""
     if kind == "mha":
         width = parts.head_size
         rows = torch.cat([parts.query.weight, parts.key.weight, parts.value.weight], dim=1)  # (H*d_h, 3d)
         owned = torch.cat([rows, parts.attn_out.weight.T], dim=1)  # (H*d_h, 4d)
-        return owned.pow(2).reshape(parts.num_heads, width * owned.shape[1]).mean(dim=1)
+        return owned.pow(2).reshape(parts.num_heads, width * owned.shape[1]).sum(dim=1)
     owned = torch.cat([parts.ffn_in.weight, parts.ffn_out.weight.T], dim=1)  # (N, 2d)
-    return owned.pow(2).mean(dim=1)
+    return owned.pow(2).sum(dim=1)
 
 
 class MagnitudePruner:
