@@ -1,7 +1,9 @@
 """The ``kprune`` command: ``kprune <command> [key=value ...]``, each command a Hydra app.
 
 User mistakes (bad values, missing files, unknown config options) end with one line on
-stderr and exit code 2; anything else is a bug and keeps its traceback.
+stderr and exit code 2; anything else is a bug and keeps its traceback. Ctrl-C and SIGTERM
+stop a job the same way (it cleans up and marks its directory failed), with exit code 130
+and 143.
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ import os
 # jobs, a shared node); set before torch is imported anywhere.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.markup import escape
 
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
@@ -96,6 +105,54 @@ PLAIN_COMMANDS: dict[str, Callable[[list[str]], None]] = {"compare": _compare, "
 JOB_DIR_COMMANDS = ("run",)
 
 
+REDELIVERY_DELAY_S = 0.05
+"""Seconds after which an interrupt swallowed in a finaliser is sent again."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised in the job like Ctrl-C's KeyboardInterrupt, so it cleans up the same way."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextmanager
+def catchable_interrupts() -> Iterator[None]:
+    """While the block runs in the main thread: SIGTERM raises :class:`Terminated`, and an interrupt
+    that Python would swallow is delivered again.
+
+    Python runs signal handlers between any two bytecodes, finalisers (``__del__``) included, and
+    an exception raised in a finaliser is only printed ("Exception ignored in ..."); the job would
+    then go on as if Ctrl-C or SIGTERM had never come. Such an interrupt is sent again (from
+    another thread), so it is raised again once the finaliser has returned. The previous handler
+    and hook are restored after. Elsewhere than in the main thread (where no handler can be
+    set), nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+    def redeliver(unraisable: "sys.UnraisableHookArgs") -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+            return
+        # Later and from another thread: a signal sent now would be handled here, and swallowed again.
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        resend = threading.Timer(REDELIVERY_DELAY_S, os.kill, args=(os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
+
+    previous_handler, previous_hook = signal.signal(signal.SIGTERM, terminate), sys.unraisablehook
+    sys.unraisablehook = redeliver
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
+
+
 class _JobState:
     """Whether Hydra got as far as calling the job (else a failure was in composing the config)."""
 
@@ -118,15 +175,16 @@ class _Job:
         _JobState.started = True
         _quiet_third_party_progress()
         try:
-            self.command(cfg)
+            with catchable_interrupts():
+                self.command(cfg)
         except UserError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            _print_error(error)
             if HydraConfig.get().mode != RunMode.MULTIRUN:
                 sys.exit(UserError.exit_code)
             _record_failure(error, cfg)
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]")
-            sys.exit(130)
+        except KeyboardInterrupt as interrupt:
+            console.print(f"[bold red]interrupted[/] {escape(str(interrupt))}".rstrip(), highlight=False)
+            sys.exit(getattr(interrupt, "exit_code", 130))
         except Exception as error:
             if HydraConfig.get().mode != RunMode.MULTIRUN:
                 raise
@@ -139,7 +197,7 @@ def _record_failure(error: Exception, cfg: DictConfig) -> None:
     and has written the same one for any other error)."""
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     write_failure(job_dir, error, OmegaConf.to_container(cfg, resolve=False))
-    console.print(f"[bold red]job failed:[/] {job_dir}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]job failed:[/] {escape(str(job_dir))}", highlight=False, soft_wrap=True)
 
 
 def _quiet_third_party_progress() -> None:
@@ -157,14 +215,58 @@ def _route_output_dir(overrides: list[str]) -> list[str]:
     one run, ``hydra.sweep.dir=DIR`` under ``-m`` (each job in a sub-directory of DIR)."""
     key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(overrides) else "hydra.run.dir"
     prefix = "output_dir="
+    for arg in overrides:
+        if arg.startswith(prefix):
+            _check_output_dir(arg[len(prefix):])
     return [key + "=" + arg[len(prefix):] if arg.startswith(prefix) else arg for arg in overrides]
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    """A :class:`UserError` for a config group set to something other than an option name
+    (``task=null``, ``task=true``), which Hydra answers with a traceback rather than a message."""
+    parser = OverridesParser.create()
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # flags: -m, --cfg job
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # Hydra reports a malformed override itself
+        folder = CONFIG_DIR / override.key_or_group
+        if override.is_sweep_override() or not folder.is_dir():
+            continue
+        value = override.value()
+        if not isinstance(value, str) and not (override.is_delete() and value is None):
+            options = sorted(path.stem for path in folder.glob("*.yaml"))
+            raise UserError(f"{override.input_line} is not allowed: choose one of {', '.join(options)}")
+
+
+def _check_output_dir(value: str) -> None:
+    """A :class:`UserError` for an ``output_dir`` that cannot become a directory: empty or unset,
+    an existing file, or below a file or an unwritable directory. Hydra creates it, before any job
+    could say what is wrong; values with ``${...}`` are left to Hydra."""
+    if value.strip().strip("'\"") in ("", "???", "null"):
+        raise UserError(f"output_dir={value!r} is not a directory path: give one, e.g. output_dir=outputs/my-run")
+    if "${" in value:
+        return
+    path = Path(value).expanduser().absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise UserError(f"output_dir={value!r} cannot be a directory: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir={value!r} cannot be created: {existing} is not writable")
+
+
+def _print_error(error: Exception | str) -> None:
+    """The one line a user mistake ends with."""
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
 
 
 def _plain(command: Callable[[list[str]], None], args: list[str]) -> None:
     try:
         command(args)
     except UserError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        _print_error(error)
         sys.exit(UserError.exit_code)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
@@ -190,8 +292,13 @@ def main() -> None:
 
 def run_hydra_command(command: str, overrides: list[str]) -> None:
     """Run the Hydra app of ``command`` (a key of :data:`COMMANDS`) with command-line ``overrides``."""
-    if command in JOB_DIR_COMMANDS:
-        overrides = _route_output_dir(overrides)
+    try:
+        _check_group_choices(overrides)
+        if command in JOB_DIR_COMMANDS:
+            overrides = _route_output_dir(overrides)
+    except UserError as error:
+        _print_error(error)
+        sys.exit(UserError.exit_code)
     _JobState.started = False
     sys.argv = [f"kprune {command}", *overrides]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(_Job(COMMANDS[command]))
@@ -203,6 +310,12 @@ def run_hydra_command(command: str, overrides: list[str]) -> None:
         if exit_.code == 1 and not _JobState.started and not isinstance(exit_, SweepFailed):
             sys.exit(UserError.exit_code)
         raise
+    except OmegaConfBaseException as error:
+        # A Hydra setting that does not resolve (e.g. output_dir=${nope}) escapes Hydra's own report.
+        if _JobState.started:
+            raise
+        _print_error(f"a Hydra setting does not resolve: {(str(error) or type(error).__name__).splitlines()[0]}")
+        sys.exit(UserError.exit_code)
 
 
 if __name__ == "__main__":

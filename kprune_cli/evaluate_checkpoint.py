@@ -8,6 +8,7 @@ import time
 from omegaconf import DictConfig
 from rich.table import Table
 
+from kprune_cli.config_values import check_int, resolve_config
 from kprune_cli.console import console
 from kprune_cli.evaluation import evaluate_model
 from kprune_cli.models.loading import count_parameters, load_model, resolve_device
@@ -18,13 +19,15 @@ from kprune_cli.tasks.spec import get_task
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.task``; print a table and one JSON line on stdout."""
+    resolve_config(cfg)
+    batch_size = check_int("eval_batch_size", cfg.eval_batch_size, 1)
     task = get_task(str(cfg.task.name))
     device = resolve_device(str(cfg.device))
     checkpoint, _ = resolve_model_path(str(cfg.checkpoint), task, device)
     data = load_task_data(task, resolve_data_dir(task, cfg.data_dir), splits=task.eval_splits)
     model, tokenizer = load_model(checkpoint, task, device)
     start = time.perf_counter()
-    metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=int(cfg.eval_batch_size))
+    metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=batch_size)
     seconds = time.perf_counter() - start
 
     table = Table(title=f"{task.name} · {checkpoint}")

@@ -4,8 +4,14 @@ Rules (what sweeps and scripts may rely on):
 - a non-empty directory is refused unless ``overwrite=true``; a directory another job is
   writing (its lock file exists) is always refused;
 - ``report.json`` is written last, atomically: its presence means the run succeeded;
-- a failed run removes what it had written and leaves ``FAILED.json`` (error and config);
-  a run stopped by a user mistake (:class:`UserError`) leaves nothing at all.
+- a failed or interrupted run (exception, Ctrl-C, SIGTERM) removes what it had written and
+  leaves ``FAILED.json`` (error and config); a run stopped by a user mistake
+  (:class:`UserError`) leaves nothing at all;
+- a run killed outright (SIGKILL, power loss) cannot clean up: it leaves its lock file and no
+  ``report.json`` (their presence and absence are the signal), perhaps a hidden staging
+  directory; a ``pruned/`` is never half-written (it appears by renaming a complete staging
+  directory). The lock names the process (``pid host``); once that process is gone,
+  ``overwrite=true`` reuses the directory.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,10 @@ from kprune_cli.errors import UserError
 
 LOCK_NAME = ".kprune.lock"
 FAILED_NAME = "FAILED.json"
-RESULT_NAMES = ("pruned", "report.json", "report.md", FAILED_NAME)
+# The success marker first: a clean-up cut short never leaves report.json beside partial results.
+RESULT_NAMES = ("report.json", "pruned", "report.md", FAILED_NAME)
+# Staging files and directories that an interrupted write leaves (write_json_atomic, save_pruned).
+STAGING_PATTERNS = (".report.json.tmp", f".{FAILED_NAME}.tmp", ".pruned.*")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -52,21 +62,43 @@ class OutputDir:
 
     def claim(self) -> None:
         """Create (or, with overwrite, clear) the directory and take its lock."""
-        if self._lock.exists():
+        stale = self._stale_lock_holder()
+        if self._lock.exists() and stale is None:
             raise UserError(f"output_dir={self.path} is in use by another kprune job (lock file {self._lock}); "
                             f"choose another output_dir")
         if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
-            raise UserError(f"output_dir={self.path} exists and is not empty: choose another output_dir "
+            killed = f" (it holds the lock of a killed kprune job, {stale})" if stale else ""
+            raise UserError(f"output_dir={self.path} exists and is not empty{killed}: choose another output_dir "
                             f"or pass overwrite=true")
         self.path.mkdir(parents=True, exist_ok=True)
+        if stale:
+            self._lock.unlink(missing_ok=True)
         try:
             fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             raise UserError(f"output_dir={self.path} is in use by another kprune job; choose another output_dir") from None
         with os.fdopen(fd, "w") as lock:
-            lock.write(f"{os.getpid()}\n")
+            lock.write(f"{os.getpid()} {socket.gethostname()}\n")
         self._claimed = True
         self._remove_results()
+
+    def _stale_lock_holder(self) -> str | None:
+        """``"pid N on HOST"`` when the lock was left by a process of this host that has ended, else
+        None (no lock, an unreadable one, another host's, or a live process's: the lock stands)."""
+        try:
+            pid, host = self._lock.read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            return None
+        if host != socket.gethostname():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"pid {pid} on {host}"
+        except PermissionError:
+            return None  # alive, another user's
+        return None
 
     def release(self) -> None:
         """Drop the lock (the results stay)."""
@@ -94,9 +126,19 @@ class OutputDir:
             self.path.rmdir()
 
     def _remove_results(self) -> None:
+        """Remove staging left by an interrupted write, then the results; ``pruned/`` is renamed out
+        of sight before it is deleted, so it never lingers half-removed."""
+        for pattern in STAGING_PATTERNS:
+            for leftover in self.path.glob(pattern):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
         for name in RESULT_NAMES:
             target = self.path / name
             if target.is_dir():
-                shutil.rmtree(target)
+                retired = target.with_name(f".{name}.removing.tmp")
+                os.replace(target, retired)
+                shutil.rmtree(retired)
             else:
                 target.unlink(missing_ok=True)

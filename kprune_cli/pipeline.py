@@ -1,24 +1,40 @@
 """``kprune run``: config → load → calibration sample → prune → evaluate → save → report.
 
 Each arrow is one function call with plain inputs; the pruner sees no config or file.
+Every config value is checked before anything is written (a bad one is a one-line error).
 Outputs are staged: the checkpoint and the reports appear under ``output_dir`` only once
-complete, and a run that fails leaves ``FAILED.json`` (error + config) instead.
+complete, and a run that fails leaves ``FAILED.json`` (error + config) instead; a pruned
+model with NaN or infinite weights is never saved. A pass that runs out of GPU memory is
+retried with smaller batches, and the report says so.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
-from kprune_cli.calibration import draw_calibration_sample
+from kprune_cli.calibration import CalibrationSample, draw_calibration_sample
+from kprune_cli.config_values import (
+    SEED_LIMIT,
+    check_argument_types,
+    check_bool,
+    check_int,
+    check_rate,
+    required_keys,
+    resolve_config,
+)
+from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import evaluate_model, measure_avg_seq_len
 from kprune_cli.flops import FlopsModel
@@ -27,22 +43,114 @@ from kprune_cli.models.checkpoint import save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, resolve_device, stored_dtype
 from kprune_cli.models.slicing import prune_physically
 from kprune_cli.outputs import OutputDir
-from kprune_cli.pruners.base import PruneProblem
+from kprune_cli.pruners.base import PruneProblem, Pruner, PruneResult
 from kprune_cli.report import Report, build_report, peak_memory_mb, print_summary, write_reports
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
 from kprune_cli.tasks.data import load_task_data
-from kprune_cli.tasks.spec import get_task
+from kprune_cli.tasks.spec import TaskSpec, get_task
 
 
-def validate_rate(rate: Any) -> float:
-    """``rate`` as a float in (0, 1), or a :class:`UserError` naming it."""
+@dataclass(frozen=True)
+class RunSettings:
+    """The plain, checked values of a ``kprune run`` config (configs/run.yaml)."""
+
+    task: TaskSpec
+    rate: float
+    seed: int
+    device: torch.device
+    model_path: str
+    data_dir: str | None
+    eval_batch_size: int
+    num_tokens: int
+    calibration_batch_size: int
+    calibration_seed: int
+    overwrite: bool
+
+
+def read_settings(cfg: DictConfig) -> RunSettings:
+    """The values of ``cfg`` the pipeline uses; a :class:`UserError` names the first bad one."""
+    resolve_config(cfg)
+    with required_keys():
+        return RunSettings(
+            task=get_task(str(cfg.task.name)),
+            rate=check_rate(cfg.rate),
+            seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
+            device=resolve_device(str(cfg.device)),
+            model_path=str(cfg.model.path),
+            data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
+            eval_batch_size=check_int("eval_batch_size", cfg.eval_batch_size, 1),
+            num_tokens=check_int("calibration.num_tokens", cfg.calibration.num_tokens, 1),
+            calibration_batch_size=check_int("calibration.batch_size", cfg.calibration.batch_size, 1),
+            calibration_seed=check_int("calibration.seed", cfg.calibration.seed, 0, SEED_LIMIT),
+            overwrite=check_bool("overwrite", cfg.overwrite),
+        )
+
+
+def build_pruner(cfg: DictConfig, name: str) -> Pruner:
+    """The pruner of the ``pruner`` config group; a :class:`UserError` for a value of the wrong type
+    (per the constructor's annotations) or one the constructor rejects."""
+    module, _, attribute = str(cfg._target_).rpartition(".")
     try:
-        value = float(rate)
-    except (TypeError, ValueError):
-        raise UserError(f"rate={rate!r} is not a number: give the fraction of FLOPs to remove, 0 < rate < 1") from None
-    if not 0.0 < value < 1.0:
-        raise UserError(f"rate={rate!r} is out of range: give the fraction of FLOPs to remove, 0 < rate < 1")
-    return value
+        target = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise UserError(f"pruner={name}: _target_={cfg._target_!r} cannot be imported ({error})") from None
+    values = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
+              if not key.startswith("_")}
+    check_argument_types(target, values, "pruner.")
+    try:
+        return instantiate(cfg)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"pruner={name}: its config does not fit {cfg._target_} ({cause or error})") from None
+
+
+class NonFiniteWeights(RuntimeError):
+    """Pruning left NaN or infinite weights: the run fails and nothing is saved."""
+
+
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding NaN or ±inf."""
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def prune_with_memory_retry(pruner: Pruner, problem: PruneProblem, notes: list[str]) -> PruneResult:
+    """``pruner.prune(problem)``; on a GPU out-of-memory error, restore the weights and start again
+    with ``pruner.batch_size`` halved (pruners without that attribute are not retried).
+
+    The weights are kept on the CPU meanwhile (a pruner may tune them in place). Each retry adds
+    a line to ``notes``; with a batch size of 1 the error stands.
+    """
+    if problem.device.type != "cuda" or not hasattr(pruner, "batch_size"):
+        return pruner.prune(problem)
+    weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in problem.model.state_dict().items()}
+    while True:
+        try:
+            return pruner.prune(problem)
+        except torch.OutOfMemoryError:
+            size = pruner.batch_size or max(int(batch["input_ids"].shape[0]) for batch in problem.sample.batches)
+            if size <= 1:
+                raise
+        problem.model.load_state_dict(weights)
+        torch.cuda.empty_cache()
+        pruner.batch_size = size // 2
+        notes.append(f"pruning ran out of GPU memory with pruner.batch_size={size}: "
+                     f"restarted with pruner.batch_size={pruner.batch_size}")
+        console.print(f"[yellow]note:[/] {escape(notes[-1])}", highlight=False, soft_wrap=True)
+
+
+def sample_shortfall(sample: CalibrationSample, num_tokens: int) -> list[str]:
+    """A note when the train split had fewer tokens than ``calibration.num_tokens`` asked for."""
+    if sample.num_tokens >= num_tokens:
+        return []
+    return [f"calibration.num_tokens={num_tokens} is more than the train split holds: the calibration sample "
+            f"is the whole split, {sample.num_tokens} tokens in {sample.num_examples} examples"]
 
 
 @dataclass
@@ -62,25 +170,30 @@ class StageTimer:
 
 def run_pruning(cfg: DictConfig) -> Report:
     """Run one pruning job described by ``cfg`` (configs/run.yaml) and return its report."""
-    output = OutputDir(Path(str(cfg.output_dir)), overwrite=bool(cfg.overwrite))
+    output_path = Path(str(cfg.output_dir))  # always set: Hydra makes it (see configs/run.yaml)
+    pruner_name = HydraConfig.get().runtime.choices.get("pruner", "custom") if HydraConfig.initialized() else "custom"
     try:
-        rate = validate_rate(cfg.rate)
-        task = get_task(str(cfg.task.name))
-        device = resolve_device(str(cfg.device))
+        settings = read_settings(cfg)
+        with required_keys():
+            pruner = build_pruner(cfg.pruner, pruner_name)
+        output = OutputDir(output_path, overwrite=settings.overwrite)
         output.claim()
     except UserError:
-        output.discard_if_empty()
+        OutputDir(output_path, overwrite=False).discard_if_empty()
         raise
-    pruner_name = HydraConfig.get().runtime.choices.get("pruner", "custom") if HydraConfig.initialized() else "custom"
+    task, device = settings.task, settings.device
     timer = StageTimer()
     try:
-        torch.manual_seed(int(cfg.seed))
+        torch.manual_seed(settings.seed)
         with timer.stage("load"):
-            model_path, notes = resolve_model_path(str(cfg.model.path), task, device)
-            data = load_task_data(task, resolve_data_dir(task, cfg.data_dir))
+            model_path, notes = resolve_model_path(settings.model_path, task, device)
+            data = load_task_data(task, resolve_data_dir(task, settings.data_dir))
             model, tokenizer = load_model(model_path, task, device)
+            if broken := non_finite_tensors(model):
+                raise UserError(f"model {model_path!r} has NaN or infinite values in {_listed(broken)}: "
+                                f"pass a model with finite weights")
             adapter = get_adapter(model)
-            pruner = instantiate(cfg.pruner)
+        notes += data.notes
 
         seq_len = task.avg_seq_len
         if seq_len is None:
@@ -90,32 +203,38 @@ def run_pruning(cfg: DictConfig) -> Report:
         dense_params = count_parameters(model)
 
         with timer.stage("evaluate_dense"):
-            dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=int(cfg.eval_batch_size))
+            dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
+                                           notes=notes)
         with timer.stage("calibration"):
             sample = draw_calibration_sample(
-                task, data[task.train_split], tokenizer,
-                num_tokens=int(cfg.calibration.num_tokens), seed=int(cfg.calibration.seed),
-                batch_size=int(cfg.calibration.batch_size),
+                task, data[task.train_split], tokenizer, num_tokens=settings.num_tokens,
+                seed=settings.calibration_seed, batch_size=settings.calibration_batch_size,
             )
+        notes += sample_shortfall(sample, settings.num_tokens)
         problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
-                               rate=rate, device=device, seed=int(cfg.seed))
+                               rate=settings.rate, device=device, seed=settings.seed)
         with timer.stage("prune"):
-            result = pruner.prune(problem)
+            result = prune_with_memory_retry(pruner, problem, notes)
+            notes += result.notes
             prune_physically(adapter, result.masks)
+        if broken := non_finite_tensors(model):
+            raise NonFiniteWeights(f"pruning left NaN or infinite values in {_listed(broken)}; nothing was saved"
+                                   + (f" (pruner notes: {'; '.join(result.notes)})" if result.notes else ""))
         with timer.stage("evaluate_pruned"):
-            pruned_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=int(cfg.eval_batch_size))
+            pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
+                                            batch_size=settings.eval_batch_size, notes=notes)
         with timer.stage("save"):
             checkpoint_dir = output.path / "pruned"
             checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path))
 
         report = build_report(
-            cfg=cfg, task=task, pruner=pruner_name, rate=rate, device=device,
+            cfg=cfg, task=task, pruner=pruner_name, rate=settings.rate, device=device,
             dense_metrics=dense_metrics, pruned_metrics=pruned_metrics,
             flops=flops, dense_structure=dense_structure, pruned_structure=adapter.structure(),
             params=(dense_params, count_parameters(model)),
             checkpoint=(checkpoint_dir, checkpoint_bytes),
             sample=sample, timing={**timer.seconds, **{f"prune.{k}": v for k, v in result.timing.items()}},
-            notes=[*notes, *data.notes, *result.notes], peak_memory=peak_memory_mb(device),
+            notes=notes, peak_memory=peak_memory_mb(device),
         )
         write_reports(report, output.path)
         output.release()

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
+from rich.markup import escape
 
 from kprune_cli.calibration import CalibrationSample
 from kprune_cli.console import console
@@ -169,4 +170,4 @@ def print_summary(report: Report) -> None:
         highlight=False,
     )
     for note in report["notes"]:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -124,26 +124,34 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
 
 
-@pytest.fixture
-def mrpc_dir(tmp_path: Path) -> Path:
-    """A tiny MRPC-shaped data directory (train.csv, validation.csv)."""
+def write_mrpc_data(directory: Path, train_rows: int = 48, validation_rows: int = 24) -> Path:
+    """Write a tiny MRPC-shaped data directory (train.csv, validation.csv) of random word pairs."""
     rng = random.Random(0)
-    directory = tmp_path / "mrpc"
-    directory.mkdir()
-    for split, rows in (("train", 48), ("validation", 24)):
+    directory.mkdir(parents=True)
+    for split, rows in (("train", train_rows), ("validation", validation_rows)):
         lines = ["sentence1,sentence2,label"]
         lines += [f"{_sentence(rng)},{_sentence(rng)},{rng.randint(0, 1)}" for _ in range(rows)]
         (directory / f"{split}.csv").write_text("\n".join(lines) + "\n")
     return directory
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path) -> Path:
-    """A tiny 2-label BERT with a character tokenizer, saved as a Hugging Face directory."""
-    directory = tmp_path / "tiny-bert-mrpc"
+def write_tiny_checkpoint(directory: Path) -> Path:
+    """Save a tiny 2-label BERT with a character tokenizer as a Hugging Face directory."""
     make_tiny_model("bert", num_labels=2).save_pretrained(directory)
     make_char_tokenizer().save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def mrpc_dir(tmp_path: Path) -> Path:
+    """A tiny MRPC-shaped data directory (train.csv, validation.csv)."""
+    return write_mrpc_data(tmp_path / "mrpc")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A tiny 2-label BERT with a character tokenizer, saved as a Hugging Face directory."""
+    return write_tiny_checkpoint(tmp_path / "tiny-bert-mrpc")
 
 
 def kprune(*args: str) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from rich.markup import escape
 
 from kprune_cli.console import console
 
@@ -39,7 +40,7 @@ class SweepStatus(Callback):
             console.print(f"sweep finished: {sweep_dir}", highlight=False, soft_wrap=True)
             return
         for run in failed:
-            console.print(f"[bold red]failed:[/] {run.path}: {run.error}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]failed:[/] {escape(f'{run.path}: {run.error}')}", highlight=False, soft_wrap=True)
         failure = SweepFailed(f"{len(failed)} job(s) of the sweep in {sweep_dir} failed (see FAILED.json in each)")
         console.print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
         raise failure

@@ -18,6 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from rich.markup import escape
+
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.sweeps.collect import REPORT_NAME, FinishedRun, Runs, find_runs
@@ -182,9 +184,9 @@ def print_outcome(runs: Runs, written: Sequence[Path]) -> None:
     console.print(f"{len(runs.finished)} finished, {len(runs.failed)} failed, {len(runs.incomplete)} incomplete runs",
                   highlight=False)
     for run in runs.failed:
-        console.print(f"[bold red]failed:[/] {run.path}: {run.error}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]failed:[/] {escape(f'{run.path}: {run.error}')}", highlight=False, soft_wrap=True)
     for path in runs.incomplete:
-        console.print(f"[yellow]incomplete:[/] {path} (no report.json)", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]incomplete:[/] {escape(str(path))} (no report.json)", highlight=False, soft_wrap=True)
     for path in written:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
