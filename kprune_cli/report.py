@@ -53,9 +53,15 @@ def versions() -> dict[str, str]:
     }
 
 
+# Where a job writes says nothing about the experiment: left out of the hash.
+UNHASHED_KEYS = ("output_dir", "overwrite")
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """A short hash of the resolved config (the same job gives the same hash)."""
-    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
+    """A short hash of the resolved config without where it is written (the same experiment
+    gives the same hash in any directory)."""
+    experiment = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED_KEYS}
+    text = OmegaConf.to_yaml(OmegaConf.create(experiment), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from rich.progress import Progress
 
+from kprune_cli.console import make_progress
 from kprune_cli.errors import UserError
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
@@ -104,7 +105,7 @@ class KPrunePruner:
         with timed(timing, "measure"):
             hidden = encoder_inputs(problem.model, problem.adapter, inputs)  # entering layer 0
         owned = progress is None
-        progress = Progress(transient=True) if owned else progress
+        progress = make_progress() if owned else progress
         with progress if owned else nullcontext():
             bar = progress.add_task("K-prune", total=num_sublayers)
             if not self.iterative:
