@@ -11,11 +11,8 @@ retried with smaller batches, and the report says so.
 from __future__ import annotations
 
 import importlib
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -48,6 +45,7 @@ from kprune_cli.report import Report, build_report, peak_memory_mb, print_summar
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import TaskSpec, get_task
+from kprune_cli.timing import timed
 
 
 @dataclass(frozen=True)
@@ -153,21 +151,6 @@ def sample_shortfall(sample: CalibrationSample, num_tokens: int) -> list[str]:
             f"is the whole split, {sample.num_tokens} tokens in {sample.num_examples} examples"]
 
 
-@dataclass
-class StageTimer:
-    """Wall-clock seconds per pipeline stage, in the order they ran."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
 def run_pruning(cfg: DictConfig) -> Report:
     """Run one pruning job described by ``cfg`` (configs/run.yaml) and return its report."""
     output_path = Path(str(cfg.output_dir))  # always set: Hydra makes it (see configs/run.yaml)
@@ -182,10 +165,10 @@ def run_pruning(cfg: DictConfig) -> Report:
         OutputDir(output_path, overwrite=False).discard_if_empty()
         raise
     task, device = settings.task, settings.device
-    timer = StageTimer()
+    timing: dict[str, float] = {}
     try:
         torch.manual_seed(settings.seed)
-        with timer.stage("load"):
+        with timed(timing, "load"):
             model_path, notes = resolve_model_path(settings.model_path, task, device)
             data = load_task_data(task, resolve_data_dir(task, settings.data_dir))
             model, tokenizer = load_model(model_path, task, device)
@@ -202,10 +185,10 @@ def run_pruning(cfg: DictConfig) -> Report:
         dense_structure = adapter.structure()
         dense_params = count_parameters(model)
 
-        with timer.stage("evaluate_dense"):
+        with timed(timing, "evaluate_dense"):
             dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
                                            notes=notes)
-        with timer.stage("calibration"):
+        with timed(timing, "calibration"):
             sample = draw_calibration_sample(
                 task, data[task.train_split], tokenizer, num_tokens=settings.num_tokens,
                 seed=settings.calibration_seed, batch_size=settings.calibration_batch_size,
@@ -213,17 +196,17 @@ def run_pruning(cfg: DictConfig) -> Report:
         notes += sample_shortfall(sample, settings.num_tokens)
         problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
                                rate=settings.rate, device=device, seed=settings.seed)
-        with timer.stage("prune"):
+        with timed(timing, "prune"):
             result = prune_with_memory_retry(pruner, problem, notes)
             notes += result.notes
             prune_physically(adapter, result.masks)
         if broken := non_finite_tensors(model):
             raise NonFiniteWeights(f"pruning left NaN or infinite values in {_listed(broken)}; nothing was saved"
                                    + (f" (pruner notes: {'; '.join(result.notes)})" if result.notes else ""))
-        with timer.stage("evaluate_pruned"):
+        with timed(timing, "evaluate_pruned"):
             pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
                                             batch_size=settings.eval_batch_size, notes=notes)
-        with timer.stage("save"):
+        with timed(timing, "save"):
             checkpoint_dir = output.path / "pruned"
             checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path))
 
@@ -233,7 +216,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             flops=flops, dense_structure=dense_structure, pruned_structure=adapter.structure(),
             params=(dense_params, count_parameters(model)),
             checkpoint=(checkpoint_dir, checkpoint_bytes),
-            sample=sample, timing={**timer.seconds, **{f"prune.{k}": v for k, v in result.timing.items()}},
+            sample=sample, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
             notes=notes, peak_memory=peak_memory_mb(device),
         )
         write_reports(report, output.path)

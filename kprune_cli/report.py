@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import platform
 import resource
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 

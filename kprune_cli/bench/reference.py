@@ -21,13 +21,14 @@ from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
-from kprune_cli.pruners.common import sublayer_kind, timed
+from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
 from kprune_cli.pruners.common.teacher import DistillBatch, Teacher
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.pruner import AUTOCAST_DTYPES, KPrunePruner
 from kprune_cli.pruners.kprune.search import BUDGET_TOLERANCE
 from kprune_cli.pruners.kprune.tune import kpwt
+from kprune_cli.timing import timed
 
 
 def kpms_scan(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -> dict[int, torch.Tensor]:

@@ -8,9 +8,7 @@ Sub-layer ``s`` is the MHA of layer ``s // 2`` when ``s`` is even and its FFN wh
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 
@@ -42,11 +40,3 @@ def keep_masks(adapter: ModelAdapter, keep: Mapping[int, torch.Tensor], device: 
     return masks
 
 
-@contextmanager
-def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the seconds spent in the block to ``timing[stage]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timing[stage] += time.perf_counter() - start

@@ -34,12 +34,13 @@ from kprune_cli.console import make_progress
 from kprune_cli.errors import UserError
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
-from kprune_cli.pruners.common import sublayer_kind, timed
+from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.search import kpms
 from kprune_cli.pruners.kprune.tune import kpwt
+from kprune_cli.timing import timed
 
 StepCallback = Callable[[int, Masks], None]
 
