@@ -47,6 +47,7 @@ commands:
              (no arguments: the offline demo, MiniLM on a generated task)
   finetune   fine-tune an encoder on a task into a dense baseline
   eval       task metric of any checkpoint on the task's dev split
+  bench      measured latency of a checkpoint, vs its dense model with dense=<path>
   compare    pruners side by side: a sweep of run over pruner x rate, then summarize
   summarize  one table (CSV, Markdown, JSON) and plots over the runs under directories
 
@@ -65,7 +66,14 @@ examples:
   kprune summarize multirun/2024-05-01_12-00-00 --layers multirun/2024-05-01_12-00-00/0-mrpc-kprune-r0.4-s0
   kprune finetune task=mrpc model=minilm data_dir=path/to/glue/mrpc output_dir=out/minilm-mrpc
   kprune eval checkpoint=out/mrpc60/pruned task=mrpc data_dir=path/to/glue/mrpc
+  kprune bench checkpoint=out/mrpc60/pruned dense=path/to/finetuned-mrpc task=mrpc
 """
+
+
+def _bench(cfg: DictConfig) -> None:
+    from kprune_cli.bench.command import run_bench
+
+    run_bench(cfg)
 
 
 def _run(cfg: DictConfig) -> None:
@@ -98,7 +106,8 @@ def _compare(args: list[str]) -> None:
     compare_command(args, launch=lambda overrides: run_hydra_command("run", overrides))
 
 
-COMMANDS: dict[str, Callable[[DictConfig], None]] = {"run": _run, "finetune": _finetune, "eval": _eval}
+COMMANDS: dict[str, Callable[[DictConfig], None]] = {"run": _run, "finetune": _finetune, "eval": _eval,
+                                                     "bench": _bench}
 # Commands that are not Hydra apps: they take their arguments as they are.
 PLAIN_COMMANDS: dict[str, Callable[[list[str]], None]] = {"compare": _compare, "summarize": _summarize}
 # Commands whose output_dir is the Hydra job directory (see _route_output_dir).

@@ -1,0 +1,60 @@
+"""``kprune bench``: latency of one checkpoint, timed in turns with its dense model when given."""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import DictConfig
+from rich.table import Table
+
+from kprune_cli.bench.latency import interleaved_latency
+from kprune_cli.config_values import check_int
+from kprune_cli.console import console
+from kprune_cli.errors import UserError
+from kprune_cli.flops import FlopsModel
+from kprune_cli.models.adapters import get_adapter
+from kprune_cli.models.loading import load_model, resolve_device
+from kprune_cli.resolve import resolve_model_path
+from kprune_cli.tasks.spec import get_task
+
+
+def run_bench(cfg: DictConfig) -> list[dict]:
+    """Time ``cfg.checkpoint`` (and ``cfg.dense``) at each batch size; print a table and one JSON line."""
+    task = get_task(str(cfg.task.name))
+    device = resolve_device(str(cfg.device))
+    repeats = check_int("repeats", cfg.repeats, 1)
+    batch_sizes = [check_int("batch_sizes", size, 1) for size in cfg.batch_sizes]
+    if cfg.seq_len is None and task.avg_seq_len is None:
+        raise UserError(f"task={task.name} has no tabled average sequence length: pass seq_len=<tokens>")
+    seq_len = check_int("seq_len", cfg.seq_len, 1) if cfg.seq_len is not None else round(task.avg_seq_len)
+    paths = {"checkpoint": str(cfg.checkpoint)} | ({"dense": str(cfg.dense)} if cfg.dense is not None else {})
+    models, flops = {}, {}
+    for role, path in paths.items():
+        model, _ = load_model(resolve_model_path(path, task, device)[0], task, device)
+        adapter = get_adapter(model)
+        models[role] = model
+        flops[role] = FlopsModel(adapter.hidden_size, adapter.head_size, seq_len).total(adapter.structure())
+
+    rows = []
+    for batch_size in batch_sizes:
+        figures = interleaved_latency(list(models.values()), batch_size, seq_len, device, repeats=repeats)
+        row = {"batch_size": batch_size, "seq_len": seq_len, **{role: f for role, f in zip(models, figures)}}
+        if "dense" in models:
+            row["speedup"] = figures[1]["median_ms"] / figures[0]["median_ms"]
+            row["flops_ratio"] = flops["dense"] / flops["checkpoint"]
+        rows.append(row)
+    _print_table(rows)
+    print(json.dumps({"task": task.name, "device": str(device), "models": paths, "rows": rows}))
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    table = Table(title="kprune bench (median ms per batch)")
+    for column in ("batch", "seq", "checkpoint", "dense", "speedup", "FLOPs ratio"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        dense = row.get("dense")
+        table.add_row(str(row["batch_size"]), str(row["seq_len"]), f"{row['checkpoint']['median_ms']:.2f}",
+                      f"{dense['median_ms']:.2f}" if dense else "-",
+                      f"{row['speedup']:.2f}x" if dense else "-", f"{row['flops_ratio']:.2f}x" if dense else "-")
+    console.print(table)

@@ -1,0 +1,29 @@
+"""``kprune bench`` on a tiny pruned checkpoint and its dense model."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import kprune
+
+
+def test_bench_times_checkpoint_beside_its_dense_model(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert kprune("run", "task=mrpc", f"model.path={tiny_checkpoint}", f"data_dir={mrpc_dir}", f"output_dir={output}",
+                  "pruner=magnitude", "rate=0.6", "device=cpu") == 0
+    capsys.readouterr()
+
+    assert kprune("bench", f"checkpoint={output / 'pruned'}", f"dense={tiny_checkpoint}", "task=mrpc",
+                  "batch_sizes=[1,4]", "repeats=2", "seq_len=12", "device=cpu") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert [row["batch_size"] for row in printed["rows"]] == [1, 4]
+    for row in printed["rows"]:
+        assert row["checkpoint"]["repeats"] == 2 and row["checkpoint"]["median_ms"] > 0
+        assert row["speedup"] == row["dense"]["median_ms"] / row["checkpoint"]["median_ms"]
+        assert row["flops_ratio"] > 1.5  # 60% of FLOPs removed at S = 53.24; S = 12 weighs heads less
+
+
+def test_bench_rejects_bad_values(tiny_checkpoint, capsys):
+    assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "repeats=0", "device=cpu") == 2
+    assert "repeats=0" in capsys.readouterr().err
