@@ -11,11 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
-import uuid
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 
 from kprune_cli.console import console, make_progress
 from kprune_cli.errors import UserError
+from kprune_cli.outputs import atomic_directory, check_output_dir
 from kprune_cli.tasks.spec import TaskSpec, get_task
 
 MAX_GRAD_NORM = 1.0
@@ -137,42 +134,6 @@ def load_seeded(path: str, task: TaskSpec, device: torch.device | str, seed: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return load_for_finetuning(path, task, device)
-
-
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """A :class:`UserError` if ``path`` exists and is not an empty directory, unless ``overwrite``."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise UserError(f"output_dir={str(path)!r} exists and is not empty: choose another output_dir "
-                        f"or pass overwrite=true")
-
-
-@contextmanager
-def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``target``; on success it becomes ``target``.
-
-    On failure the temporary directory is removed and ``target`` is untouched (an ``OSError`` if
-    another process made ``target`` meanwhile). An existing empty ``target`` is replaced; a
-    non-empty one only when ``overwrite`` (else :class:`UserError`).
-    """
-    target = Path(target)
-    check_output_dir(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-    staging.mkdir()  # not tempfile.mkdtemp: that makes it private (0700) instead of following the umask
-    try:
-        yield staging
-        if target.exists() and overwrite:
-            old = target.with_name(f"{staging.name}.old")
-            os.replace(target, old)
-            os.replace(staging, target)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(staging, target)  # onto a missing or empty directory: atomic on POSIX
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # still there only if something failed
 
 
 def write_finetuned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, metrics: dict[str, float],

@@ -21,8 +21,10 @@ import os
 import shutil
 import socket
 import traceback
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kprune_cli.errors import UserError
 
@@ -142,3 +144,39 @@ class OutputDir:
                 shutil.rmtree(retired)
             else:
                 target.unlink(missing_ok=True)
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """A :class:`UserError` if ``path`` exists and is not an empty directory, unless ``overwrite``."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise UserError(f"output_dir={str(path)!r} exists and is not empty: choose another output_dir "
+                        f"or pass overwrite=true")
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; on success it becomes ``target``.
+
+    On failure the temporary directory is removed and ``target`` is untouched (an ``OSError`` if
+    another process made ``target`` meanwhile). An existing empty ``target`` is replaced; a
+    non-empty one only when ``overwrite`` (else :class:`UserError`).
+    """
+    target = Path(target)
+    check_output_dir(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    staging.mkdir()  # not tempfile.mkdtemp: that makes it private (0700) instead of following the umask
+    try:
+        yield staging
+        if target.exists() and overwrite:
+            old = target.with_name(f"{staging.name}.old")
+            os.replace(target, old)
+            os.replace(staging, target)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.replace(staging, target)  # onto a missing or empty directory: atomic on POSIX
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # still there only if something failed

@@ -18,7 +18,8 @@ from transformers import AutoModelForSequenceClassification, BertTokenizer, PreT
 from kprune_cli.cli import CONFIG_DIR
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import evaluate_model
-from kprune_cli.finetune import atomic_directory, finetune, run_finetune
+from kprune_cli.finetune import finetune, run_finetune
+from kprune_cli.outputs import atomic_directory
 from kprune_cli.tasks.data import collate, load_task_data, tokenize_split
 from kprune_cli.tasks.demo import write_demo_data
 from kprune_cli.tasks.spec import get_task

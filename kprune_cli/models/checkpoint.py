@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kprune_cli.models import modeling_kprune
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, auto_map_for
+from kprune_cli.outputs import atomic_directory
 
 
 def save_pruned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
@@ -30,14 +30,8 @@ def save_pruned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dire
     half-model; an existing ``directory`` is replaced.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory, overwrite=True) as staging:
         _write(model, tokenizer, staging, dtype)
-        _replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
@@ -58,14 +52,3 @@ def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory
     config.save_pretrained(directory)  # replaces the stock config that save_pretrained wrote
     tokenizer.save_pretrained(directory)
     shutil.copyfile(modeling_kprune.__file__, directory / "modeling_kprune.py")
-
-
-def _replace(staging: Path, directory: Path) -> None:
-    """Move ``staging`` to ``directory``, replacing (after the move succeeded) any existing one."""
-    if not directory.exists():
-        staging.rename(directory)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-    directory.rename(retired / directory.name)
-    staging.rename(directory)
-    shutil.rmtree(retired, ignore_errors=True)

@@ -152,7 +152,7 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> None:
     Two processes may build at once (e.g. parallel jobs of a sweep): the first to finish wins,
     the other keeps its result.
     """
-    from kprune_cli.finetune import atomic_directory
+    from kprune_cli.outputs import atomic_directory
 
     if target.is_dir():
         return
