@@ -7,7 +7,8 @@ from transformers import PreTrainedModel
 
 from kprune_cli.calibration import CalibrationSample
 from kprune_cli.flops import FlopsModel
-from kprune_cli.models.adapters import get_adapter
+from kprune_cli.models.adapters import ModelAdapter, get_adapter
+from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem
 from kprune_cli.tasks.spec import TASKS
 
@@ -47,3 +48,13 @@ def make_problem(model: PreTrainedModel, task: str = "mrpc", rate: float = 0.5,
         sample=sample if sample is not None else make_sample(model),
         flops=TINY_FLOPS, rate=rate, device=torch.device("cpu"),
     )
+
+
+def partial_masks(adapter: ModelAdapter) -> Masks:
+    """Masks of a 2-layer tiny model with some heads and neurons of every sub-layer pruned."""
+    masks = Masks.ones(adapter)
+    masks.heads[0][:2] = 0.0
+    masks.neurons[0][::3] = 0.0
+    masks.heads[1][1] = 0.0
+    masks.neurons[1][::2] = 0.0
+    return masks

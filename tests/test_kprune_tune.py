@@ -12,7 +12,7 @@ from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
 from kprune_cli.pruners.common.lstsq import solve_ridge
 from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
 from kprune_cli.pruners.kprune.tune import kpwt
-from kprune_helpers import make_sample, sharpen
+from kprune_helpers import partial_masks, make_sample, sharpen
 
 
 def _setup(tiny_model, sharp: bool = False):
@@ -21,11 +21,7 @@ def _setup(tiny_model, sharp: bool = False):
         sharpen(model)
     adapter = get_adapter(model)
     teacher = Teacher(model, "classification", make_sample(model, num=24), 2.0, batch_size=None, device="cpu")
-    masks = Masks.ones(adapter)
-    masks.heads[0][:2] = 0.0
-    masks.neurons[0][::3] = 0.0
-    masks.heads[1][1] = 0.0
-    masks.neurons[1][::2] = 0.0
+    masks = partial_masks(adapter)
     return model, adapter, teacher, masks
 
 

@@ -24,7 +24,7 @@ from kprune_cli.pruners.kwon.tune import (
     teacher_budget,
     tune_sublayer,
 )
-from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
+from kprune_helpers import partial_masks, TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -105,11 +105,7 @@ def _tuning_setup(tiny_model):
     sample = make_sample(model, num=24)
     batches = [TokenBatch(inputs, inputs["attention_mask"].bool())
                for inputs in (sample.model_inputs(batch, "cpu") for batch in sample.batches)]
-    masks = Masks.ones(adapter)
-    masks.heads[0][:2] = 0.0
-    masks.neurons[0][::3] = 0.0
-    masks.heads[1][1] = 0.0
-    masks.neurons[1][::2] = 0.0
+    masks = partial_masks(adapter)
     return model, adapter, batches, masks
 
 
