@@ -219,10 +219,20 @@ def _quiet_third_party_progress() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _multirun_first(overrides: list[str]) -> list[str]:
+    """``-m`` moved before the overrides: Hydra's parser takes flags only ahead of them
+    (``kprune run rate=0.4,0.6 -m seed=0,1`` would be refused)."""
+    flags = [arg for arg in overrides if arg in MULTIRUN_FLAGS]
+    return flags[:1] + [arg for arg in overrides if arg not in MULTIRUN_FLAGS]
+
+
 def _route_output_dir(overrides: list[str]) -> list[str]:
     """``output_dir=DIR`` names the directory Hydra makes for the job: ``hydra.run.dir=DIR`` for
     one run, ``hydra.sweep.dir=DIR`` under ``-m`` (each job in a sub-directory of DIR)."""
-    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(overrides) else "hydra.run.dir"
+    key = "hydra.sweep.dir" if set(MULTIRUN_FLAGS) & set(overrides) else "hydra.run.dir"
     prefix = "output_dir="
     for arg in overrides:
         if arg.startswith(prefix):
@@ -301,6 +311,7 @@ def main() -> None:
 
 def run_hydra_command(command: str, overrides: list[str]) -> None:
     """Run the Hydra app of ``command`` (a key of :data:`COMMANDS`) with command-line ``overrides``."""
+    overrides = _multirun_first(overrides)
     try:
         _check_group_choices(overrides)
         if command in JOB_DIR_COMMANDS:

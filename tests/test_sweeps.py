@@ -60,7 +60,8 @@ def test_single_run_default_directory(tiny_checkpoint, mrpc_dir, tmp_path, monke
 def test_failed_job_is_recorded_and_the_sweep_goes_on(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     args = job_args(tiny_checkpoint, mrpc_dir, "pruner=magnitude", "rate=1.5,0.5", f"output_dir={sweep}")
-    assert kprune("run", "-m", *args) == 1  # a sweep with a failed job exits 1, after all jobs ran
+    # -m may stand anywhere among the overrides (Hydra itself wants it first).
+    assert kprune("run", *args[:3], "-m", *args[3:]) == 1  # a sweep with a failed job exits 1, after all jobs ran
 
     failed = json.loads((sweep / "0-mrpc-magnitude-r1.5-s0" / "FAILED.json").read_text())
     assert failed["error"].startswith("UserError: rate=1.5 is out of range")
