@@ -19,7 +19,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.markup import escape
 
 from kprune_cli.calibration import CalibrationSample, draw_calibration_sample
 from kprune_cli.config_values import (
@@ -31,7 +30,6 @@ from kprune_cli.config_values import (
     required_keys,
     resolve_config,
 )
-from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import evaluate_model, measure_avg_seq_len
 from kprune_cli.flops import FlopsModel
@@ -40,9 +38,10 @@ from kprune_cli.models.checkpoint import save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, resolve_device, stored_dtype
 from kprune_cli.models.slicing import prune_physically
 from kprune_cli.outputs import OutputDir
-from kprune_cli.pruners.base import PruneProblem, Pruner, PruneResult
+from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.report import Report, build_report, peak_memory_mb, print_summary, write_reports
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
+from kprune_cli.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import TaskSpec, get_task
 from kprune_cli.timing import timed
@@ -104,45 +103,6 @@ def build_pruner(cfg: DictConfig, name: str) -> Pruner:
         raise UserError(f"pruner={name}: its config does not fit {cfg._target_} ({cause or error})") from None
 
 
-class NonFiniteWeights(RuntimeError):
-    """Pruning left NaN or infinite weights: the run fails and nothing is saved."""
-
-
-def non_finite_tensors(model: torch.nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``model`` holding NaN or ±inf."""
-    return [name for name, tensor in model.state_dict().items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-
-
-def _listed(names: list[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def prune_with_memory_retry(pruner: Pruner, problem: PruneProblem, notes: list[str]) -> PruneResult:
-    """``pruner.prune(problem)``; on a GPU out-of-memory error, restore the weights and start again
-    with ``pruner.batch_size`` halved (pruners without that attribute are not retried).
-
-    The weights are kept on the CPU meanwhile (a pruner may tune them in place). Each retry adds
-    a line to ``notes``; with a batch size of 1 the error stands.
-    """
-    if problem.device.type != "cuda" or not hasattr(pruner, "batch_size"):
-        return pruner.prune(problem)
-    weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in problem.model.state_dict().items()}
-    while True:
-        try:
-            return pruner.prune(problem)
-        except torch.OutOfMemoryError:
-            size = pruner.batch_size or max(int(batch["input_ids"].shape[0]) for batch in problem.sample.batches)
-            if size <= 1:
-                raise
-        problem.model.load_state_dict(weights)
-        torch.cuda.empty_cache()
-        pruner.batch_size = size // 2
-        notes.append(f"pruning ran out of GPU memory with pruner.batch_size={size}: "
-                     f"restarted with pruner.batch_size={pruner.batch_size}")
-        console.print(f"[yellow]note:[/] {escape(notes[-1])}", highlight=False, soft_wrap=True)
-
-
 def sample_shortfall(sample: CalibrationSample, num_tokens: int) -> list[str]:
     """A note when the train split had fewer tokens than ``calibration.num_tokens`` asked for."""
     if sample.num_tokens >= num_tokens:
@@ -173,7 +133,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             data = load_task_data(task, resolve_data_dir(task, settings.data_dir))
             model, tokenizer = load_model(model_path, task, device)
             if broken := non_finite_tensors(model):
-                raise UserError(f"model {model_path!r} has NaN or infinite values in {_listed(broken)}: "
+                raise UserError(f"model {model_path!r} has NaN or infinite values in {listed(broken)}: "
                                 f"pass a model with finite weights")
             adapter = get_adapter(model)
         notes += data.notes
@@ -201,7 +161,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             notes += result.notes
             prune_physically(adapter, result.masks)
         if broken := non_finite_tensors(model):
-            raise NonFiniteWeights(f"pruning left NaN or infinite values in {_listed(broken)}; nothing was saved"
+            raise NonFiniteWeights(f"pruning left NaN or infinite values in {listed(broken)}; nothing was saved"
                                    + (f" (pruner notes: {'; '.join(result.notes)})" if result.notes else ""))
         with timed(timing, "evaluate_pruned"):
             pruned_metrics = evaluate_model(model, tokenizer, task, data, device,

@@ -28,7 +28,7 @@ from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.masks import Masks
 from kprune_cli.outputs import FAILED_NAME, LOCK_NAME, OutputDir
-from kprune_cli.pipeline import prune_with_memory_retry
+from kprune_cli.safeguards import prune_with_memory_retry
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.tasks.spec import get_task
 from test_cli import run_args
