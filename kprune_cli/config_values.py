@@ -4,6 +4,7 @@ the value and what is allowed (Hydra hands over whatever the command line said: 
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -68,6 +69,19 @@ def check_int(key: str, value: Any, minimum: int, limit: int | None = None) -> i
     return number
 
 
+def check_float(key: str, value: Any, minimum: float, maximum: float = math.inf, *,
+                above_minimum: bool = False) -> float:
+    """``value`` as a float with ``minimum <= value <= maximum`` (``minimum < value`` with
+    ``above_minimum``, for a value that must not be zero, such as a learning rate).
+
+    Integers and number strings count as numbers; booleans, NaN and infinities do not.
+    """
+    number = _as_float(value)
+    if number is None or number < minimum or (above_minimum and number == minimum) or number > maximum:
+        raise UserError(f"{key}={value!r} is not allowed: give {_number_range(minimum, maximum, above_minimum)}")
+    return number
+
+
 def check_bool(key: str, value: Any) -> bool:
     """``value`` if it is a boolean (``true`` / ``false`` on the command line)."""
     if not isinstance(value, bool):
@@ -104,6 +118,24 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, str) and _INTEGER.fullmatch(value):
         return int(value)
     return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _number_range(minimum: float, maximum: float, above_minimum: bool) -> str:
+    """The numbers :func:`check_float` accepts, in words."""
+    lowest = f"> {minimum:g}" if above_minimum else f">= {minimum:g}"
+    if maximum == math.inf:
+        return f"a number {lowest}"
+    return f"a number {lowest} and <= {maximum:g}" if above_minimum else f"a number from {minimum:g} to {maximum:g}"
 
 
 def _simple_types(hint: Any) -> tuple[type, ...] | None:

@@ -12,26 +12,96 @@ import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from datasets import DatasetDict
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 from rich.table import Table
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from kprune_cli.config_values import SEED_LIMIT, check_bool, check_float, check_int, required_keys, resolve_config
 from kprune_cli.console import console, make_progress
 from kprune_cli.errors import UserError
+from kprune_cli.models.loading import load_for_finetuning, resolve_device
 from kprune_cli.outputs import atomic_directory, check_output_dir
 from kprune_cli.tasks.spec import TaskSpec, get_task
 
 MAX_GRAD_NORM = 1.0
 LOSS_SMOOTHING = 0.98  # weight of the past in the running loss shown on the progress bar
 METRICS_FILE = "dev_metrics.json"
+CONFIG_NAME = "finetune.yaml"
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """The checked training hyper-parameters of a ``kprune finetune`` config (configs/finetune.yaml)."""
+
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    warmup_ratio: float
+    weight_decay: float
+    max_steps: int | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The plain, checked values of a ``kprune finetune`` config: what to train, where, and how."""
+
+    task: TaskSpec  # with the config's max_length, if it sets one
+    model_path: str
+    data_dir: str | None
+    device: torch.device
+    output_dir: Path
+    overwrite: bool
+    recipe: FinetuneRecipe
+
+
+def read_recipe(cfg: DictConfig) -> FinetuneRecipe:
+    """The training hyper-parameters of ``cfg``; a :class:`UserError` names the first bad one."""
+    with required_keys():
+        return FinetuneRecipe(
+            epochs=check_float("epochs", cfg.epochs, 0, above_minimum=True),
+            learning_rate=check_float("learning_rate", cfg.learning_rate, 0, above_minimum=True),
+            batch_size=check_int("batch_size", cfg.batch_size, 1),
+            warmup_ratio=check_float("warmup_ratio", cfg.warmup_ratio, 0, 1),
+            weight_decay=check_float("weight_decay", cfg.weight_decay, 0),
+            max_steps=None if cfg.max_steps is None else check_int("max_steps", cfg.max_steps, 1),
+            seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
+        )
+
+
+def read_settings(cfg: DictConfig) -> FinetuneSettings:
+    """The values of ``cfg`` (configs/finetune.yaml as Hydra composed it) that ``kprune finetune``
+    uses; a :class:`UserError` names the first bad one."""
+    resolve_config(cfg)
+    with required_keys():
+        task = get_task(str(cfg.task.name))
+        if cfg.max_length is not None:
+            task = dataclasses.replace(task, max_length=check_int("max_length", cfg.max_length, 1))
+        return FinetuneSettings(
+            task=task,
+            model_path=str(cfg.model.path),
+            data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
+            device=resolve_device(str(cfg.device)),
+            output_dir=Path(str(cfg.output_dir)),
+            overwrite=check_bool("overwrite", cfg.overwrite),
+            recipe=read_recipe(cfg),
+        )
+
+
+def default_recipe() -> FinetuneRecipe:
+    """The recipe of configs/finetune.yaml as written, without command-line overrides."""
+    from kprune_cli.cli import CONFIG_DIR
+
+    return read_recipe(OmegaConf.load(CONFIG_DIR / CONFIG_NAME))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -59,45 +129,36 @@ def finetune(
     tokenizer: PreTrainedTokenizerBase,
     task: TaskSpec,
     datasets: DatasetDict,
+    recipe: FinetuneRecipe,
     *,
-    epochs: float,
-    learning_rate: float,
-    batch_size: int,
-    warmup_ratio: float,
-    weight_decay: float,
-    max_steps: int | None,
-    seed: int,
     device: torch.device | str,
     progress: Progress | None = None,
 ) -> dict[str, float]:
     """Fine-tune ``model`` in place on ``task``'s train split; return its metrics on the dev split(s).
 
-    ``max_steps`` (if set) replaces ``epochs`` as the number of optimizer steps. The shuffling
-    order and dropout draw from ``seed`` only (the global RNG state is restored afterwards), so on
-    CPU the same seed gives the same weights. The model is left in eval mode.
+    ``recipe.max_steps`` (if set) replaces ``recipe.epochs`` as the number of optimizer steps. The
+    shuffling order and dropout draw from ``recipe.seed`` only (the global RNG state is restored
+    afterwards), so on CPU the same seed gives the same weights. The model is left in eval mode.
     """
     from kprune_cli.evaluation import evaluate_model
     from kprune_cli.tasks.data import collate, tokenize_split
 
-    _check_settings(learning_rate=learning_rate, batch_size=batch_size, warmup_ratio=warmup_ratio)
     train = tokenize_split(task, datasets[task.train_split], tokenizer, for_training=True)
     if len(train) == 0:
         raise UserError(f"the {task.train_split!r} split of task {task.name!r} has no examples to fine-tune on")
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
+    generator = torch.Generator().manual_seed(recipe.seed)
+    loader = DataLoader(train, batch_size=recipe.batch_size, shuffle=True, generator=generator,
                         collate_fn=partial(collate, tokenizer=tokenizer))
-    num_steps = int(max_steps) if max_steps else math.ceil(epochs * len(loader))
-    if num_steps <= 0:
-        raise UserError(f"epochs={epochs}, max_steps={max_steps} give no training step: use a positive value")
+    num_steps = recipe.max_steps or math.ceil(recipe.epochs * len(loader))
 
     model.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=learning_rate)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * num_steps), num_steps)
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(recipe.warmup_ratio * num_steps), num_steps)
     bar = progress.add_task(f"fine-tuning on {task.name}", total=num_steps) if progress is not None else None
 
     cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(recipe.seed)
         model.train()
         running_loss = None
         for step, batch in enumerate(_training_batches(loader, num_steps), start=1):
@@ -116,21 +177,10 @@ def finetune(
     return evaluate_model(model, tokenizer, task, datasets, device, progress=progress)
 
 
-def _check_settings(*, learning_rate: float, batch_size: int, warmup_ratio: float) -> None:
-    if not learning_rate > 0:
-        raise UserError(f"learning_rate={learning_rate} must be positive")
-    if batch_size < 1:
-        raise UserError(f"batch_size={batch_size} must be a positive integer")
-    if not 0 <= warmup_ratio <= 1:
-        raise UserError(f"warmup_ratio={warmup_ratio} must be in [0, 1]")
-
-
 def load_seeded(path: str, task: TaskSpec, device: torch.device | str, seed: int
                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """:func:`~kprune_cli.models.loading.load_for_finetuning`, its fresh task head drawn from ``seed``
     (the global RNG state is restored afterwards)."""
-    from kprune_cli.models.loading import load_for_finetuning
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return load_for_finetuning(path, task, device)
@@ -146,35 +196,24 @@ def write_finetuned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 def run_finetune(cfg: DictConfig) -> Path:
     """Run ``kprune finetune`` as described by ``cfg`` (configs/finetune.yaml); return the output dir."""
-    from kprune_cli.models.loading import resolve_device
     from kprune_cli.resolve import resolve_data_dir, resolve_model_path
     from kprune_cli.tasks.data import load_task_data
 
-    task = get_task(str(cfg.task.name))
-    if cfg.max_length is not None:
-        task = dataclasses.replace(task, max_length=int(cfg.max_length))
-    output_dir = Path(str(cfg.output_dir))
-    overwrite = bool(cfg.overwrite)
-    check_output_dir(output_dir, overwrite)  # before the minutes of training, not after
-    device = resolve_device(str(cfg.device))
+    settings = read_settings(cfg)
+    task, device, recipe = settings.task, settings.device, settings.recipe
+    check_output_dir(settings.output_dir, settings.overwrite)  # before the minutes of training, not after
 
-    model_path, _ = resolve_model_path(str(cfg.model.path), task, device)
-    datasets = load_task_data(task, data_dir=resolve_data_dir(task, cfg.data_dir))
-    model, tokenizer = load_seeded(model_path, task, device, int(cfg.seed))
+    model_path, _ = resolve_model_path(settings.model_path, task, device)
+    datasets = load_task_data(task, data_dir=resolve_data_dir(task, settings.data_dir))
+    model, tokenizer = load_seeded(model_path, task, device, recipe.seed)
     start = time.perf_counter()
     with make_progress() as progress:
-        metrics = finetune(
-            model, tokenizer, task, datasets,
-            epochs=float(cfg.epochs), learning_rate=float(cfg.learning_rate), batch_size=int(cfg.batch_size),
-            warmup_ratio=float(cfg.warmup_ratio), weight_decay=float(cfg.weight_decay),
-            max_steps=None if cfg.max_steps is None else int(cfg.max_steps), seed=int(cfg.seed),
-            device=device, progress=progress,
-        )
+        metrics = finetune(model, tokenizer, task, datasets, recipe, device=device, progress=progress)
     seconds = time.perf_counter() - start
-    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+    with atomic_directory(settings.output_dir, overwrite=settings.overwrite) as staging:
         write_finetuned(model, tokenizer, metrics, staging)
-    _print_summary(task, model_path, metrics, seconds, output_dir)
-    return output_dir
+    _print_summary(task, model_path, metrics, seconds, settings.output_dir)
+    return settings.output_dir
 
 
 def _print_summary(task: TaskSpec, model_path: str, metrics: dict[str, float], seconds: float,

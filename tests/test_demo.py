@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from kprune_cli.finetune import FinetuneRecipe, default_recipe
 from kprune_cli.tasks import demo
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import get_task
@@ -110,3 +111,11 @@ def test_ensure_demo_model_builds_once_and_leaves_nothing_when_interrupted(tmp_p
     assert calls == [data_dir]
     assert (model_dir / "config.json").is_file()
     assert sorted(p.name for p in root.iterdir()) == ["data", "minilm-demo"]
+
+
+def test_the_demo_model_recipe_is_the_one_its_cache_version_was_made_with() -> None:
+    """The demo model is fine-tuned with configs/finetune.yaml's recipe; cached models are keyed by
+    DEMO_VERSION only, so a change to that recipe must come with a new DEMO_VERSION (and this test)."""
+    assert demo.DEMO_VERSION == 1
+    assert default_recipe() == FinetuneRecipe(epochs=3, learning_rate=8e-5, batch_size=32, warmup_ratio=0.06,
+                                              weight_decay=0.01, max_steps=None, seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from functools import partial
@@ -18,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, BertTokenizer, PreT
 from kprune_cli.cli import CONFIG_DIR
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import evaluate_model
-from kprune_cli.finetune import finetune, run_finetune
+from kprune_cli.finetune import FinetuneRecipe, finetune, read_settings, run_finetune
 from kprune_cli.outputs import atomic_directory
 from kprune_cli.tasks.data import collate, load_task_data, tokenize_split
 from kprune_cli.tasks.demo import write_demo_data
@@ -27,7 +28,8 @@ from kprune_cli.tasks.spec import get_task
 from conftest import tiny_config
 
 TASK = get_task("demo")
-SETTINGS = dict(epochs=8, learning_rate=2e-3, batch_size=16, warmup_ratio=0.1, weight_decay=0.01, max_steps=None)
+RECIPE = FinetuneRecipe(epochs=8, learning_rate=2e-3, batch_size=16, warmup_ratio=0.1, weight_decay=0.01,
+                        max_steps=None, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_finetuning_lowers_the_training_loss_and_reports_dev_metrics(tokenizer, 
     model = tiny_bert(tokenizer)
     before = mean_train_loss(model, tokenizer, demo_dir)
     data = load_task_data(TASK, data_dir=str(demo_dir))
-    metrics = finetune(model, tokenizer, TASK, data, seed=0, device="cpu", **SETTINGS)
+    metrics = finetune(model, tokenizer, TASK, data, RECIPE, device="cpu")
     after = mean_train_loss(model, tokenizer, demo_dir)
     assert after < 0.8 * before
     assert set(metrics) == {"accuracy"}
@@ -75,12 +77,11 @@ def test_finetuning_lowers_the_training_loss_and_reports_dev_metrics(tokenizer, 
 
 def test_same_seed_same_weights_other_seed_other_weights(tokenizer, demo_dir: Path) -> None:
     data = load_task_data(TASK, data_dir=str(demo_dir))
-    run = partial(finetune, tokenizer=tokenizer, task=TASK, datasets=data, device="cpu",
-                  **{**SETTINGS, "epochs": 1})
+    run = partial(finetune, tokenizer=tokenizer, task=TASK, datasets=data, device="cpu")
     models = [tiny_bert(tokenizer, dropout=0.1) for _ in range(3)]
     for model, seed, global_seed in zip(models, (5, 5, 6), (100, 200, 100)):
         torch.manual_seed(global_seed)  # the global RNG state must not matter
-        run(model, seed=seed)
+        run(model, recipe=dataclasses.replace(RECIPE, epochs=1, seed=seed))
     weights = [list(model.state_dict().values()) for model in models]
     assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))
     assert not all(torch.equal(a, c) for a, c in zip(weights[0], weights[2]))
@@ -90,26 +91,17 @@ def test_finetune_keeps_the_global_rng_state(tokenizer, demo_dir: Path) -> None:
     data = load_task_data(TASK, data_dir=str(demo_dir))
     model = tiny_bert(tokenizer, dropout=0.1)
     state = torch.get_rng_state()
-    finetune(model, tokenizer, TASK, data, seed=0, device="cpu", **{**SETTINGS, "max_steps": 2})
+    finetune(model, tokenizer, TASK, data, dataclasses.replace(RECIPE, max_steps=2), device="cpu")
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_max_steps_replaces_epochs(tokenizer, demo_dir: Path) -> None:
     data = load_task_data(TASK, data_dir=str(demo_dir))
     with Progress(disable=True) as progress:
-        finetune(tiny_bert(tokenizer), tokenizer, TASK, data, seed=0, device="cpu", progress=progress,
-                 **{**SETTINGS, "max_steps": 3})
+        finetune(tiny_bert(tokenizer), tokenizer, TASK, data, dataclasses.replace(RECIPE, max_steps=3),
+                 device="cpu", progress=progress)
         training = progress.tasks[0]
     assert training.total == 3 and training.completed == 3
-
-
-@pytest.mark.parametrize("bad", [{"epochs": 0}, {"max_steps": -1}, {"batch_size": 0}, {"learning_rate": 0.0},
-                                 {"warmup_ratio": 1.5}])
-def test_settings_that_cannot_train_are_user_errors(tokenizer, demo_dir: Path, bad: dict) -> None:
-    data = load_task_data(TASK, data_dir=str(demo_dir))
-    (key, value), = bad.items()
-    with pytest.raises(UserError, match=f"{key}={value}"):
-        finetune(tiny_bert(tokenizer), tokenizer, TASK, data, seed=0, device="cpu", **{**SETTINGS, **bad})
 
 
 def test_atomic_directory_leaves_nothing_when_the_body_fails(tmp_path: Path) -> None:
@@ -121,13 +113,50 @@ def test_atomic_directory_leaves_nothing_when_the_body_fails(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-def run_config(model_dir: Path, demo_dir: Path, output_dir: Path, overwrite: bool = False) -> DictConfig:
-    """configs/finetune.yaml as the CLI composes it, pointed at the tiny model and data."""
+def run_config(model_dir: Path, demo_dir: Path, output_dir: Path, overwrite: bool = False,
+               extra: tuple[str, ...] = ()) -> DictConfig:
+    """configs/finetune.yaml as the CLI composes it, pointed at the tiny model and data, with ``extra`` overrides."""
     overrides = [f"model.path={model_dir}", f"data_dir={demo_dir}", f"output_dir={output_dir}",
                  f"overwrite={overwrite}", "device=cpu",
-                 *(f"{key}={'null' if value is None else value}" for key, value in SETTINGS.items())]
+                 *(f"{key}={'null' if value is None else value}" for key, value in dataclasses.asdict(RECIPE).items()),
+                 *extra]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("finetune", overrides=overrides)
+
+
+def test_read_settings_turns_the_config_into_checked_values(tmp_path: Path) -> None:
+    settings = read_settings(run_config(tmp_path / "model", tmp_path / "data", tmp_path / "out",
+                                        extra=("max_length=32",)))
+    assert settings.recipe == RECIPE
+    assert settings.task == dataclasses.replace(TASK, max_length=32)
+    assert (settings.model_path, settings.data_dir) == (str(tmp_path / "model"), str(tmp_path / "data"))
+    assert (settings.output_dir, settings.overwrite, settings.device) == (tmp_path / "out", False, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=-1", "epochs=-1 is not allowed: give a number > 0"),
+    ("epochs=0", "epochs=0 is not allowed: give a number > 0"),
+    ("epochs=true", "epochs=True is not allowed: give a number > 0"),
+    ("learning_rate=0", "learning_rate=0 is not allowed: give a number > 0"),
+    ("learning_rate=nan", "learning_rate=nan is not allowed: give a number > 0"),
+    ("batch_size=abc", "batch_size='abc' is not allowed: give an integer >= 1"),
+    ("batch_size=2.5", "batch_size=2.5 is not allowed: give an integer >= 1"),
+    ("warmup_ratio=2", "warmup_ratio=2 is not allowed: give a number from 0 to 1"),
+    ("weight_decay=-0.1", "weight_decay=-0.1 is not allowed: give a number >= 0"),
+    ("max_steps=0", "max_steps=0 is not allowed: give an integer >= 1"),
+    ("max_length=0", "max_length=0 is not allowed: give an integer >= 1"),
+    ("seed=-1", "seed=-1 is not allowed: give an integer from 0 to 4294967295"),
+    ("overwrite=maybe", "overwrite='maybe' is not allowed: give true or false"),
+    ("~epochs", "the config has no epochs: it is required"),
+])
+def test_a_bad_config_value_is_a_one_line_user_error_before_any_work(tmp_path: Path, override: str,
+                                                                     message: str) -> None:
+    cfg = run_config(tmp_path / "model", tmp_path / "data", tmp_path / "out", extra=(override,))
+    with pytest.raises(UserError) as caught:
+        run_finetune(cfg)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # nothing loaded, trained or written
 
 
 @pytest.fixture

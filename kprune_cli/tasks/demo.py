@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-# Bump when the generator or the fine-tuning recipe changes: cached demo models are keyed by it.
+# Bump when the generator or the fine-tuning recipe (configs/finetune.yaml as written) changes:
+# cached demo models are keyed by it.
 DEMO_VERSION = 1
 
 SUBJECTS = (
@@ -65,10 +66,6 @@ NEGATIONS = ("not", "never")
 NEGATION_RATE = 0.3
 CONTRAST_RATE = 0.4
 FIRST_PERSON_RATE = 0.3
-
-# The recipe of the cached demo model (the same values as configs/finetune.yaml).
-DEMO_FINETUNE = dict(epochs=3, learning_rate=8e-5, batch_size=32, warmup_ratio=0.06, weight_decay=0.01,
-                     max_steps=None, seed=0)
 
 
 def _described_clause(rng: random.Random, positive: bool) -> str:
@@ -189,16 +186,18 @@ def ensure_demo_model(cache_dir: Path, device: torch.device | str) -> tuple[Path
 
 
 def _finetune_demo_model(staging: Path, data_dir: Path, device: torch.device | str) -> None:
-    """Fine-tune the packaged MiniLM on the demo data with :data:`DEMO_FINETUNE`; save it in ``staging``."""
+    """Fine-tune the packaged MiniLM on the demo data with the recipe of configs/finetune.yaml
+    (:func:`~kprune_cli.finetune.default_recipe`); save it in ``staging``."""
     from kprune_cli.console import make_progress
-    from kprune_cli.finetune import finetune, load_seeded, write_finetuned
+    from kprune_cli.finetune import default_recipe, finetune, load_seeded, write_finetuned
     from kprune_cli.resolve import packaged_minilm
     from kprune_cli.tasks.data import load_task_data
     from kprune_cli.tasks.spec import get_task
 
     task = get_task("demo")
-    model, tokenizer = load_seeded(str(packaged_minilm()), task, device, DEMO_FINETUNE["seed"])
+    recipe = default_recipe()
+    model, tokenizer = load_seeded(str(packaged_minilm()), task, device, recipe.seed)
     datasets = load_task_data(task, data_dir=str(data_dir))
     with make_progress() as progress:
-        metrics = finetune(model, tokenizer, task, datasets, device=device, progress=progress, **DEMO_FINETUNE)
+        metrics = finetune(model, tokenizer, task, datasets, recipe, device=device, progress=progress)
     write_finetuned(model, tokenizer, metrics, staging)
