@@ -30,12 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.markup import escape
 
+from kprune_cli.config_dir import CONFIG_DIR
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.outputs import write_failure
 from kprune_cli.sweeps.status import SweepFailed
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 USAGE = """\
 usage: kprune <command> [key=value ...] [-m] [--help] [--cfg job]

@@ -25,6 +25,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from kprune_cli.config_dir import CONFIG_DIR
 from kprune_cli.config_values import SEED_LIMIT, check_bool, check_float, check_int, required_keys, resolve_config
 from kprune_cli.console import console, make_progress
 from kprune_cli.errors import UserError
@@ -99,8 +100,6 @@ def read_settings(cfg: DictConfig) -> FinetuneSettings:
 
 def default_recipe() -> FinetuneRecipe:
     """The recipe of configs/finetune.yaml as written, without command-line overrides."""
-    from kprune_cli.cli import CONFIG_DIR
-
     return read_recipe(OmegaConf.load(CONFIG_DIR / CONFIG_NAME))
 
 

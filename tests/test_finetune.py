@@ -16,7 +16,7 @@ from rich.progress import Progress
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertTokenizer, PreTrainedModel
 
-from kprune_cli.cli import CONFIG_DIR
+from kprune_cli.config_dir import CONFIG_DIR
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import evaluate_model
 from kprune_cli.finetune import FinetuneRecipe, finetune, read_settings, run_finetune

@@ -1,0 +1,57 @@
+"""The wheel holds what a non-editable install (``pip install .``, ``pip install git+...``) needs.
+
+pyproject.toml lists the packages by hand (so that ``configs/`` can be installed as
+``kprune_cli/configs``): a new sub-package or config file missing from the wheel fails here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    pytest.importorskip("setuptools")
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(out), str(REPO)], capture_output=True, text=True, timeout=300)
+    if build.returncode != 0:
+        pytest.fail(f"building the wheel failed:\n{build.stderr[-2000:]}")
+    (built,) = out.glob("*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def wheel_files(wheel) -> set[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        return set(archive.namelist())
+
+
+def test_wheel_has_every_module(wheel_files):
+    modules = {path.relative_to(REPO).as_posix() for path in (REPO / "kprune_cli").rglob("*.py")}
+    assert modules - wheel_files == set()
+
+
+def test_wheel_has_every_config_under_the_package(wheel_files):
+    configs = {"kprune_cli/configs/" + path.relative_to(REPO / "configs").as_posix()
+               for path in (REPO / "configs").rglob("*.yaml")}
+    assert configs and configs - wheel_files == set()
+
+
+def test_installed_copy_finds_its_configs(wheel, tmp_path):
+    """Unpacked alone (no source tree next to it), the package resolves its config directory inside itself."""
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    probe = subprocess.run([sys.executable, "-c", "from kprune_cli.config_dir import CONFIG_DIR; print(CONFIG_DIR)"],
+                           cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    found = Path(probe.stdout.strip())
+    assert found == target / "kprune_cli" / "configs" and (found / "run.yaml").is_file()
