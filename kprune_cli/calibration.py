@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 FIRST_CHUNK_ROWS = 256
 
 
+DRAW_INDEX = "draw_index"
+"""Batch key of a ``(batch,)`` long tensor: each sequence's place in the order the sample was drawn."""
+
+
 @dataclass
 class CalibrationSample:
     """Tokenised batches, sorted by length to cut padding.
@@ -29,9 +33,21 @@ class CalibrationSample:
     model uses them) to ``(batch, seq)`` tensors, plus gold targets where the data has
     them: ``labels`` ``(batch,)`` for GLUE, ``start_positions`` / ``end_positions``
     ``(batch,)`` for SQuAD. K-prune never reads the gold targets; Kwon et al. do.
+    A drawn sample also keeps :data:`DRAW_INDEX` ``(batch,)``: the sequences in draw order
+    are a random order, which K-prune groups into gradient batches as the official code does.
     """
 
     batches: list[dict[str, torch.Tensor]]
+
+    def draw_indices(self) -> list[torch.Tensor]:
+        """Per batch ``(batch,)``: each sequence's place in the draw order, ``0 .. num_examples - 1``.
+        A sample made without them (by hand) counts its sequences in batch order."""
+        indices, offset = [], 0
+        for batch in self.batches:
+            size = int(batch["input_ids"].shape[0])
+            indices.append(batch[DRAW_INDEX] if DRAW_INDEX in batch else torch.arange(offset, offset + size))
+            offset += size
+        return indices
 
     @property
     def num_examples(self) -> int:
@@ -57,7 +73,8 @@ def draw_calibration_sample(task: TaskSpec, train: Dataset, tokenizer: PreTraine
     question) reach ``num_tokens``. If the whole split has fewer tokens, all of it is used
     and a warning is logged. Only the drawn rows are tokenised: a first chunk estimates
     the tokens per row, later chunks top up. Features are tokenised with their gold
-    targets, sorted by length (longest first) and padded per batch of ``batch_size``.
+    targets, sorted by length (longest first) and padded per batch of ``batch_size``; each
+    keeps its place in the draw order (:data:`DRAW_INDEX`).
     """
     if num_tokens <= 0 or batch_size <= 0:
         raise UserError(f"num_tokens={num_tokens}, batch_size={batch_size}: both must be positive")
@@ -84,7 +101,8 @@ def draw_calibration_sample(task: TaskSpec, train: Dataset, tokenizer: PreTraine
     features = concatenate_datasets(chunks).select(np.flatnonzero(np.concatenate(example_of) < kept_examples))
     by_length = np.argsort(-feature_lengths(features), kind="stable")
     return CalibrationSample([
-        collate(features.select(by_length[begin:begin + batch_size]).to_list(), tokenizer)
+        {**collate(features.select(by_length[begin:begin + batch_size]).to_list(), tokenizer),
+         DRAW_INDEX: torch.from_numpy(by_length[begin:begin + batch_size].copy())}
         for begin in range(0, len(by_length), batch_size)
     ])
 

@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 
 from kprune_cli import calibration
-from kprune_cli.calibration import draw_calibration_sample
+from kprune_cli.calibration import DRAW_INDEX, CalibrationSample, draw_calibration_sample
 from kprune_cli.errors import UserError
 from kprune_cli.tasks.data import load_task_data, tokenize_split
 from kprune_cli.tasks.spec import get_task
@@ -56,10 +56,20 @@ def test_batches_are_length_sorted_padded_and_labelled(char_tokenizer):
     widths = [batch["input_ids"].shape[1] for batch in sample.batches]
     assert widths == sorted(widths, reverse=True) and all(len(b["input_ids"]) <= 8 for b in sample.batches)
     for batch in sample.batches:
-        assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+        assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", DRAW_INDEX}
         assert batch["attention_mask"].sum(dim=1).max() == batch["input_ids"].shape[1]  # padded to its longest
         for ids, label in zip(batch["input_ids"], batch["labels"]):
             assert ("odd" in tokenizer.decode(ids, skip_special_tokens=True)) == bool(label)
+
+
+def test_draw_indices_number_the_sequences_in_draw_order(char_tokenizer):
+    sample = draw_calibration_sample(TASK, sentences(200), char_tokenizer(), num_tokens=600, seed=0, batch_size=8)
+    indices = torch.cat(sample.draw_indices())
+    assert sorted(indices.tolist()) == list(range(sample.num_examples))
+    assert indices.tolist() != sorted(indices.tolist())  # the batches are sorted by length, not drawn order
+    # A sample made by hand, without recorded indices, counts in batch order.
+    bare = CalibrationSample([{k: v for k, v in batch.items() if k != DRAW_INDEX} for batch in sample.batches])
+    assert torch.cat(bare.draw_indices()).tolist() == list(range(sample.num_examples))
 
 
 def test_same_seed_same_sample(char_tokenizer):

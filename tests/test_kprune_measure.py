@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kprune_cli.calibration import DRAW_INDEX
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.hooks import scale_inputs
@@ -29,8 +30,11 @@ def _per_sample_losses(model, adapter, masks, teacher, proj=None, scale=None) ->
     return torch.cat(losses)  # (samples,)
 
 
-def _fd_knowledge(model, adapter, masks, teacher, proj, columns, eps=1e-5) -> float:
-    """½ · mean over samples of squared per-sample central differences, averaged over ``columns``."""
+def _fd_knowledge(model, adapter, masks, teacher, proj, columns, gradient_batch, eps=1e-5) -> float:
+    """½ · Σ over gradient batches (``draw index // gradient_batch``) of the squared central difference
+    of the batch-mean loss, over the number of samples; averaged over ``columns``."""
+    draw_index = torch.cat([batch.draw_index for batch in teacher.batches])  # (samples,)
+    groups = draw_index // gradient_batch
     values = []
     for column in columns:
         scales = []
@@ -39,22 +43,32 @@ def _fd_knowledge(model, adapter, masks, teacher, proj, columns, eps=1e-5) -> fl
             scale[column] += sign * eps
             scales.append(_per_sample_losses(model, adapter, masks, teacher, proj, scale))
         grad = (scales[0] - scales[1]) / (2 * eps)  # (samples,)
-        values.append(0.5 * grad.pow(2).mean())
+        batch_means = torch.stack([grad[groups == g].mean() for g in groups.unique()])
+        values.append(0.5 * batch_means.pow(2).sum() / len(grad))
     return float(torch.stack(values).mean())
 
 
-@pytest.mark.parametrize("head", ["classification", "regression", "qa"])
-def test_predictive_knowledge_matches_finite_differences(tiny_model, head):
+def _shuffled_draw_order(sample, seed: int = 0):
+    """``sample`` with a random draw order recorded, as a drawn sample has."""
+    order = torch.randperm(sample.num_examples, generator=torch.Generator().manual_seed(seed))
+    for batch, part in zip(sample.batches, order.split([int(b["input_ids"].shape[0]) for b in sample.batches])):
+        batch[DRAW_INDEX] = part
+    return sample
+
+
+@pytest.mark.parametrize("head, gradient_batch", [("classification", 1), ("regression", 1), ("qa", 1),
+                                                  ("classification", 3), ("regression", 4), ("qa", 32)])
+def test_predictive_knowledge_matches_finite_differences(tiny_model, head, gradient_batch):
     model = sharpen(tiny_model("bert", "qa" if head == "qa" else "classification",
                                num_labels=1 if head == "regression" else 2).double())
     adapter = get_adapter(model)
-    sample = make_sample(model, num=10, batch=4)
+    sample = _shuffled_draw_order(make_sample(model, num=10, batch=4))
     teacher = Teacher(model, TASKS[TASK_OF_HEAD[head]].kind, sample, temperature=2.0, batch_size=None,
                       device="cpu", keep_model=False)
     masks = Masks.ones(adapter)
     masks.heads[0][1] = 0.0  # prune a head of sub-layer 0 so the student differs from the teacher
     masks.neurons[0][:20] = 0.0
-    knowledge = measure(model, adapter, masks, teacher, from_sublayer=1)
+    knowledge = measure(model, adapter, masks, teacher, from_sublayer=1, gradient_batch=gradient_batch)
 
     layers = adapter.layers()
     for sublayer, proj, unit, columns in (
@@ -62,7 +76,7 @@ def test_predictive_knowledge_matches_finite_differences(tiny_model, head):
         (3, layers[1].ffn_out, 5, [5]),
         (2, layers[1].attn_out, 2, list(range(16, 24))),  # head 2: its d_h = 8 columns
     ):
-        expected = _fd_knowledge(model, adapter, masks, teacher, proj, columns)
+        expected = _fd_knowledge(model, adapter, masks, teacher, proj, columns, gradient_batch)
         got = float(knowledge.predictive[sublayer][unit])
         assert expected > 1e-10
         assert got == pytest.approx(expected, rel=1e-4)
@@ -126,17 +140,34 @@ def test_representational_knowledge_matches_direct_computation(tiny_model):
 def test_measurement_does_not_depend_on_micro_batching(tiny_model):
     model = sharpen(tiny_model("bert").double())
     adapter = get_adapter(model)
-    sample = make_sample(model, num=12, batch=12)
+    sample = _shuffled_draw_order(make_sample(model, num=12, batch=12))
     masks = Masks.ones(adapter)
     masks.heads[0][0] = 0.0
     results = [
-        measure(model, adapter, masks, Teacher(model, "classification", sample, 2.0, size, "cpu", keep_model=False), 1)
+        measure(model, adapter, masks, Teacher(model, "classification", sample, 2.0, size, "cpu", keep_model=False), 1,
+                gradient_batch=4)
         for size in (None, 5)
     ]
     for s in range(1, 4):
         assert results[0].predictive[s].abs().max() > 0
         torch.testing.assert_close(results[0].predictive[s], results[1].predictive[s], rtol=1e-8, atol=0)
         torch.testing.assert_close(results[0].representational[s], results[1].representational[s], rtol=1e-8, atol=0)
+
+
+def test_gradient_batches_average_before_squaring(tiny_model):
+    """Squared batch-mean gradients are at most 1/size of the per-sample squares (Jensen), less where signs cancel."""
+    model = sharpen(tiny_model("bert").double())
+    adapter = get_adapter(model)
+    teacher = Teacher(model, "classification", _shuffled_draw_order(make_sample(model, num=16)), 2.0, None, "cpu",
+                      keep_model=False)
+    masks = Masks.ones(adapter)
+    masks.neurons[0][::2] = 0.0
+    per_sample, batched = (measure(model, adapter, masks, teacher, 2, gradient_batch=size) for size in (1, 8))
+    for s in (2, 3):
+        assert torch.all(batched.predictive[s] > 0)
+        assert torch.all(batched.predictive[s] <= per_sample.predictive[s] / 8 * (1 + 1e-9))
+        assert (batched.predictive[s] < 0.5 * per_sample.predictive[s] / 8).any()  # cancellation shows
+        torch.testing.assert_close(batched.representational[s], per_sample.representational[s])
 
 
 def test_measure_leaves_parameters_trainable_and_hooks_removed(tiny_model):

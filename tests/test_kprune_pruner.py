@@ -134,7 +134,7 @@ def test_uses_a_given_progress(tiny_model):
 
 @pytest.mark.parametrize("kwargs", [
     {"lambda_rep": -1.0}, {"lambda_pred": 0.0, "lambda_rep": 0.0}, {"mu": 0.0}, {"temperature": -2.0},
-    {"batch_size": 0},
+    {"batch_size": 0}, {"gradient_batch": 0},
 ])
 def test_rejects_bad_settings(kwargs):
     with pytest.raises(UserError):
@@ -154,6 +154,6 @@ def test_pruner_configs(tmp_path, name, changed):
         config = compose("main", overrides=[f"pruner={name}", f"hydra.searchpath=[file://{CONFIGS}]"])
     pruner = instantiate(config.pruner)
     paper = {"lambda_pred": 1.0, "lambda_rep": 2.5e-4, "mu": 64.0, "temperature": 2.0, "tune": True,
-             "iterative": True}
+             "iterative": True, "gradient_batch": 32}
     assert isinstance(pruner, KPrunePruner) and pruner.name == "kprune"
     assert {key: getattr(pruner, key) for key in paper} == {**paper, **changed}

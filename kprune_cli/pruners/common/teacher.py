@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from kprune_cli.calibration import CalibrationSample
+from kprune_cli.calibration import DRAW_INDEX, CalibrationSample
 from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.pruners.common import sublayer_kind
@@ -43,25 +43,30 @@ class DistillBatch(TokenBatch):
 
     ``inputs``: model inputs on the device, ``(batch, seq)``; ``token_mask``: ``(batch, seq)``
     bool, True on real tokens; ``target``: ``(batch, labels)`` log-probabilities
-    (classification) or outputs (regression), or ``(batch, 2, seq)`` start/end log-probabilities (QA).
+    (classification) or outputs (regression), or ``(batch, 2, seq)`` start/end log-probabilities (QA);
+    ``draw_index``: ``(batch,)`` long on the device, each sequence's place in the sample's draw order.
     """
 
     target: torch.Tensor
+    draw_index: torch.Tensor
 
 
 def micro_batches(sample: CalibrationSample, batch_size: int | None, device: torch.device | str,
-                  with_targets: bool = False) -> list[dict[str, torch.Tensor]]:
+                  with_targets: bool = False, with_draw_index: bool = False) -> list[dict[str, torch.Tensor]]:
     """The sample's model inputs on ``device``, split into at most ``batch_size`` sequences each.
 
     Columns that are padding in every sequence of a micro-batch are dropped (sorted batches
     mostly lose their padding); this does not change any real token's output. With
     ``with_targets`` the batch's gold targets (``labels`` or ``start_positions`` /
-    ``end_positions``, ``(batch,)``) come along too.
+    ``end_positions``, ``(batch,)``) come along too; with ``with_draw_index``, the sequences'
+    places in the draw order under :data:`~kprune_cli.calibration.DRAW_INDEX` ``(batch,)``.
     """
     parts = []
-    for batch in sample.batches:
+    for batch, draw_index in zip(sample.batches, sample.draw_indices()):
         inputs = sample.model_inputs(batch, device)
-        targets = {key: batch[key].to(device) for key in TARGET_KEYS if with_targets and key in batch}
+        per_sequence = {key: batch[key].to(device) for key in TARGET_KEYS if with_targets and key in batch}
+        if with_draw_index:
+            per_sequence[DRAW_INDEX] = draw_index.to(device)
         size = int(inputs["input_ids"].shape[0])
         step = size if batch_size is None else batch_size
         for start in range(0, size, step):
@@ -69,7 +74,7 @@ def micro_batches(sample: CalibrationSample, batch_size: int | None, device: tor
             used = part["attention_mask"].bool().any(dim=0).nonzero()
             length = int(used.max()) + 1 if used.numel() else 1
             parts.append({**{key: value[:, :length] for key, value in part.items()},
-                          **{key: value[start:start + step] for key, value in targets.items()}})
+                          **{key: value[start:start + step] for key, value in per_sequence.items()}})
     return parts
 
 
@@ -177,10 +182,11 @@ class Teacher:
         self.temperature = temperature
         self.batches: list[DistillBatch] = []
         with torch.no_grad():
-            for inputs in micro_batches(sample, batch_size, device):
+            for inputs in micro_batches(sample, batch_size, device, with_draw_index=True):
+                draw_index = inputs.pop(DRAW_INDEX)
                 token_mask = inputs["attention_mask"].bool()
                 target = soft_target(model(**inputs), kind, temperature, token_mask)
-                self.batches.append(DistillBatch(inputs, token_mask, target))
+                self.batches.append(DistillBatch(inputs, token_mask, target, draw_index))
         self._sums = ResidualSums(copy.deepcopy(model).eval(), self.batches) if keep_model else None
 
     @property

@@ -2,16 +2,25 @@
 
 For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
 
-- predictive knowledge ``K_pred = ½ · E_x[(∂ℓ(x)/∂m)²]``: ``ℓ`` is the per-sample distillation
-  loss against the teacher's soft targets; ``m`` is a mask entry on one input column of the
-  sub-layer's output projection. For a head, the mean over its ``d_h`` columns. The expectation
-  is over samples of *per-sample* squared gradients (the official code squares per-batch
-  gradients; with batches of one they agree). Per-sample gradients come from one backward
-  pass of the loss summed over samples: with ``a`` ``(batch, seq, width)`` the projection's
-  (masked) input, ``∂ℓ(x_b)/∂m_k = Σ_t ∂ℓ/∂a[b, t, k] · a[b, t, k]`` (the mask multiplies
-  column ``k``; row ``b`` of the gradient depends on sample ``b`` only). The backward pass starts
-  from the loss and stops at sub-layer ``s``'s projection input, made a leaf that requires grad
-  (the parameters are frozen); it gives the gradients of all later projections' inputs too.
+- predictive knowledge ``K_pred = ½ · E[(∂ℓ/∂m)²]``: ``ℓ`` is the distillation loss against the
+  teacher's soft targets; ``m`` is a mask entry on one input column of the sub-layer's output
+  projection. For a head, the mean over its ``d_h`` columns. As in the official code, the
+  expectation is taken over *gradient batches*: the sample, in the (random) order it was drawn,
+  is cut into batches of ``gradient_batch`` sequences (32, the official code's batch size), and
+  ``K_pred = ½ · Σ_batches (∂ mean_{x∈batch} ℓ(x) / ∂m)² / N`` over the ``N`` sequences. The
+  paper's ``λ_rep`` is tuned to this scale. ``gradient_batch=1`` gives the per-sample average
+  ``½ · mean_x (∂ℓ(x)/∂m)²`` instead (the empirical Fisher); its values are at least
+  ``gradient_batch`` times larger (Jensen; about 650 times for 32 on MiniLM/SST-2, as per-sample
+  gradients of different signs cancel in a batch), so ``λ_rep`` must grow with it, or the
+  predictive term drowns the representational one.
+  Per-sample gradients come from one backward pass of the loss summed over the micro-batch:
+  with ``a`` ``(batch, seq, width)`` the projection's (masked) input,
+  ``∂ℓ(x_b)/∂m_k = Σ_t ∂ℓ/∂a[b, t, k] · a[b, t, k]`` (the mask multiplies column ``k``; row
+  ``b`` of the gradient depends on sample ``b`` only); they are then summed per gradient batch,
+  so the micro-batches (sorted by length, sized for memory) do not change the result. The
+  backward pass starts from the loss and stops at sub-layer ``s``'s projection input, made a
+  leaf that requires grad (the parameters are frozen); it gives the gradients of all later
+  projections' inputs too.
 - representational knowledge ``K_rep = E_tokens[x_k²] · mean_j W_out[j, k]²`` over real
   (non-padding) tokens; for a head, the mean over its ``d_h`` columns.
 
@@ -21,6 +30,7 @@ For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,6 +45,41 @@ from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
 from kprune_cli.pruners.common.hooks import capture_inputs, frozen, grad_leaf_input, scale_inputs
 from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
 from kprune_cli.pruners.common.window import LayerWindow
+
+
+OFFICIAL_GRADIENT_BATCH = 32
+"""Sequences per gradient batch in the official code (its sample batch size for GLUE)."""
+
+
+class SquaredBatchGradients:
+    """``Σ_batches (Σ_{i∈batch} g_i / |batch|)²`` per column ``(width,)``, float64, from per-sample
+    gradients ``g_i`` arriving in any order: sequence ``i`` (its draw index) belongs to gradient
+    batch ``i // size``. With ``size == 1`` the squares are summed as they come; otherwise one
+    running sum per gradient batch is kept, ``(ceil(N / size), width)``."""
+
+    def __init__(self, width: int, size: int, num_samples: int, device: torch.device) -> None:
+        self.size = size
+        self.squares = torch.zeros(width, dtype=torch.float64, device=device)
+        count = math.ceil(num_samples / size) if size > 1 else 0
+        starts = torch.arange(count, device=device) * size
+        self.batch_sizes = ((starts + size).clamp(max=num_samples) - starts).to(torch.float64)  # (count,)
+        self.sums = torch.zeros(count, width, dtype=torch.float64, device=device)
+
+    def add(self, per_sample: torch.Tensor, draw_index: torch.Tensor) -> None:
+        """``per_sample`` ``(batch, width)`` float64: the gradients of the sequences ``draw_index`` ``(batch,)``."""
+        if self.size == 1:
+            self.squares += per_sample.pow(2).sum(dim=0)
+            return
+        batches, inverse = torch.unique(draw_index // self.size, return_inverse=True)
+        membership = torch.zeros(len(batches), len(draw_index), dtype=per_sample.dtype, device=per_sample.device)
+        membership[inverse, torch.arange(len(draw_index), device=per_sample.device)] = 1.0  # (batches here, batch)
+        self.sums[batches] += membership @ per_sample  # a matmul, not index_add_: deterministic on GPUs too
+
+    def total(self) -> torch.Tensor:
+        """``(width,)``: the sum over gradient batches of their squared mean gradient."""
+        if self.size == 1:
+            return self.squares
+        return (self.sums / self.batch_sizes[:, None]).pow(2).sum(dim=0)
 
 
 @dataclass
@@ -52,7 +97,7 @@ class Knowledge:
 
 def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher: Teacher,
             from_sublayer: int, hidden: Sequence[torch.Tensor] | None = None,
-            autocast: torch.dtype | None = None) -> Knowledge:
+            autocast: torch.dtype | None = None, gradient_batch: int = OFFICIAL_GRADIENT_BATCH) -> Knowledge:
     """Measure the knowledge of every unit of the sub-layers ``≥ from_sublayer`` (one pass over the sample).
 
     The model runs with ``masks`` applied and its parameters frozen, so the backward pass
@@ -64,6 +109,7 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
     backward) under :func:`torch.autocast` in that dtype; faster where the hardware has
     half-precision units, at the price of slightly different scores (float16 may also flush
     gradients below ~6e-8 to zero). Knowledge is accumulated in float64 either way.
+    ``gradient_batch``: sequences per squared gradient of predictive knowledge (see the module doc).
     """
     sublayers = range(from_sublayer, 2 * adapter.num_layers)
     projs = {}
@@ -71,7 +117,8 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
         parts, kind = sublayer_parts(adapter, s)
         projs[s] = parts.out_proj(kind)
     device = projs[from_sublayer].weight.device
-    grad_sq = {s: torch.zeros(proj.in_features, dtype=torch.float64, device=device) for s, proj in projs.items()}
+    grad_sq = {s: SquaredBatchGradients(proj.in_features, gradient_batch, teacher.num_samples, device)
+               for s, proj in projs.items()}
     act_sq = {s: torch.zeros(proj.in_features, dtype=torch.float64, device=device) for s, proj in projs.items()}
     num_tokens = 0
 
@@ -86,7 +133,7 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
             grads = torch.autograd.grad(loss.sum(), [acts[s] for s in sublayers])
             for s, grad in zip(sublayers, grads):
                 act = _full_precision(acts[s].detach())
-                grad_sq[s] += (_full_precision(grad) * act).sum(dim=1).double().pow(2).sum(dim=0)  # (width,)
+                grad_sq[s].add((_full_precision(grad) * act).sum(dim=1).double(), batch.draw_index)  # (batch, width)
                 act_sq[s] += _squares(act[batch.token_mask]).sum(dim=0)  # (width,)
             num_tokens += int(batch.token_mask.sum())
 
@@ -95,7 +142,7 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
         parts, kind = sublayer_parts(adapter, s)
         width = unit_width(parts, kind)
         weight_sq = _squares(proj.weight.detach()).mean(dim=0)  # (width,): mean_j W[j, k]²
-        predictive[s] = (0.5 * grad_sq[s] / teacher.num_samples).view(-1, width).mean(dim=1)
+        predictive[s] = (0.5 * grad_sq[s].total() / teacher.num_samples).view(-1, width).mean(dim=1)
         representational[s] = (act_sq[s] / max(num_tokens, 1) * weight_sq).view(-1, width).mean(dim=1)
     return Knowledge(from_sublayer, predictive, representational)
 

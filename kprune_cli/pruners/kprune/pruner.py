@@ -37,7 +37,7 @@ from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
-from kprune_cli.pruners.kprune.measure import measure, score
+from kprune_cli.pruners.kprune.measure import OFFICIAL_GRADIENT_BATCH, measure, score
 from kprune_cli.pruners.kprune.search import kpms
 from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.timing import timed
@@ -56,14 +56,18 @@ class KPrunePruner:
     ``iterative`` selects the sub-layer-wise schedule (else one-shot); ``batch_size`` caps the
     sequences per forward/backward pass (memory only); ``autocast`` (``"bf16"`` or ``"fp16"``,
     default off) runs the measurement passes in that precision (faster on GPUs, slightly
-    different scores; see :func:`~kprune_cli.pruners.kprune.measure.measure`).
+    different scores; see :func:`~kprune_cli.pruners.kprune.measure.measure`);
+    ``gradient_batch`` is the number of sequences per squared gradient of predictive knowledge
+    (32 as in the official code, to which ``lambda_rep`` is tuned; 1 = per-sample, see
+    :mod:`~kprune_cli.pruners.kprune.measure`).
     """
 
     name = "kprune"
 
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
-                 batch_size: int | None = 32, autocast: bool | str | None = False) -> None:
+                 batch_size: int | None = 32, autocast: bool | str | None = False,
+                 gradient_batch: int = OFFICIAL_GRADIENT_BATCH) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -74,6 +78,8 @@ class KPrunePruner:
                 raise UserError(f"pruner.{key}={value}: must be > 0")
         if batch_size is not None and batch_size < 1:
             raise UserError(f"pruner.batch_size={batch_size}: must be a positive integer or null")
+        if gradient_batch < 1:
+            raise UserError(f"pruner.gradient_batch={gradient_batch}: must be a positive integer")
         self.lambda_pred = lambda_pred
         self.lambda_rep = lambda_rep
         self.mu = mu
@@ -81,6 +87,7 @@ class KPrunePruner:
         self.tune = tune
         self.iterative = iterative
         self.batch_size = batch_size
+        self.gradient_batch = gradient_batch
         if autocast not in (False, None, *AUTOCAST_DTYPES):
             raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
         self.autocast = autocast or False
@@ -138,7 +145,7 @@ class KPrunePruner:
         ``from_sublayer`` when iterative, all of them when one-shot."""
         with timed(timing, "measure"):
             knowledge = measure(problem.model, problem.adapter, masks, teacher, from_sublayer, hidden,
-                                AUTOCAST_DTYPES.get(self.autocast))
+                                AUTOCAST_DTYPES.get(self.autocast), self.gradient_batch)
         with timed(timing, "search"):
             scores = score(knowledge, masks, problem.flops, self.lambda_pred, self.lambda_rep, self.mu)
             keep = kpms(scores, problem.flops, budget)
