@@ -348,11 +348,19 @@ def test_lock_of_a_killed_job_is_reused_only_with_overwrite(tiny_checkpoint, mrp
 
 
 # Interruptions.
+def wait_for_a_signal(seconds: float = 10.0) -> None:
+    """Run bytecodes (where Python calls signal handlers) for up to ``seconds``; a signal sent to this
+    process may land in another thread and only then reach the main one, later under load."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_sigterm_becomes_an_interrupt_and_the_handler_is_restored():
     before = signal.getsignal(signal.SIGTERM), sys.unraisablehook
     with pytest.raises(Terminated) as caught, catchable_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)  # the handler runs at the next bytecode
+        wait_for_a_signal()
     assert isinstance(caught.value, KeyboardInterrupt) and "SIGTERM" in str(caught.value)
     assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == before
 
@@ -372,7 +380,7 @@ class Finalised:
 def test_interrupt_raised_inside_a_finaliser_is_delivered_again(signum, expected, capsys):
     with pytest.raises(expected), catchable_interrupts():
         Finalised(signum)  # dropped at once: __del__ runs here and Python swallows what it raises
-        time.sleep(1)
+        wait_for_a_signal()
     assert "Exception ignored" not in capsys.readouterr().err
 
 
