@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from kprune_cli.errors import UserError
@@ -57,6 +58,26 @@ class CalibrationSample:
     def num_tokens(self) -> int:
         """Non-padding tokens."""
         return sum(int(b["attention_mask"].sum()) for b in self.batches)
+
+    def in_draw_order(self, batch_size: int) -> "CalibrationSample":
+        """The same sequences re-batched in draw order (a random order), ``batch_size`` per batch, each
+        batch right-padded with zeros to its longest sequence (the attention mask marks padding).
+        For methods whose result depends on which sequences share a batch, as in the official codes."""
+        rows: list[tuple[int, dict[str, torch.Tensor]]] = []
+        for batch, draw_index in zip(self.batches, self.draw_indices()):
+            real = batch["attention_mask"].bool()  # (batch, seq)
+            for row, index in enumerate(draw_index.tolist()):
+                rows.append((index, {key: value[row][real[row]] if value.dim() == 2 else value[row]
+                                     for key, value in batch.items() if key != DRAW_INDEX}))
+        rows.sort(key=lambda item: item[0])
+        batches = []
+        for begin in range(0, len(rows), batch_size):
+            chunk = rows[begin:begin + batch_size]
+            batch = {key: pad_sequence([row[key] for _, row in chunk], batch_first=True) if first.dim() == 1
+                     else torch.stack([row[key] for _, row in chunk])
+                     for key, first in chunk[0][1].items()}
+            batches.append({**batch, DRAW_INDEX: torch.tensor([index for index, _ in chunk])})
+        return CalibrationSample(batches)
 
     def model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
         """The model's inputs of ``batch`` (no targets), on ``device``."""

@@ -72,6 +72,24 @@ def test_draw_indices_number_the_sequences_in_draw_order(char_tokenizer):
     assert torch.cat(bare.draw_indices()).tolist() == list(range(sample.num_examples))
 
 
+def test_in_draw_order_rebatches_the_same_sequences(char_tokenizer):
+    sample = draw_calibration_sample(TASK, sentences(200), char_tokenizer(), num_tokens=600, seed=0, batch_size=8)
+    again = sample.in_draw_order(5)
+
+    def sequences(s):  # draw index -> (real token ids, label)
+        return {int(i): (ids[mask.bool()].tolist(), int(label))
+                for batch, draws in zip(s.batches, s.draw_indices())
+                for i, ids, mask, label in zip(draws, batch["input_ids"], batch["attention_mask"], batch["labels"])}
+
+    assert sequences(again) == sequences(sample)
+    assert torch.cat(again.draw_indices()).tolist() == list(range(sample.num_examples))
+    assert [len(b["input_ids"]) for b in again.batches][:-1] == [5] * (len(again.batches) - 1)
+    for batch in again.batches:  # right-padded to the longest sequence of the batch
+        mask = batch["attention_mask"]
+        assert mask.sum(dim=1).max() == mask.shape[1]
+        assert torch.equal(mask, (torch.arange(mask.shape[1])[None, :] < mask.sum(dim=1)[:, None]).long())
+
+
 def test_same_seed_same_sample(char_tokenizer):
     tokenizer, train = char_tokenizer(), sentences(200)
     first, again, other = (draw_calibration_sample(TASK, train, tokenizer, 500, seed) for seed in (1, 1, 2))

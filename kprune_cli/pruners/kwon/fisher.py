@@ -3,7 +3,8 @@
 The model runs with an all-ones mask on every head's and neuron's output (DESIGN.md §3) and with
 the sample's gold targets, so it returns its own task loss ``outputs.loss`` (a batch mean:
 cross-entropy for classification, squared error for regression, the mean of the start- and
-end-position cross-entropies for QA). For every micro-batch ``b`` the gradient
+end-position cross-entropies for QA). For every gradient batch ``b`` (``pruner.batch_size``
+sequences in the sample's random draw order, like the official code's batches) the gradient
 ``g_b = ∂loss_b / ∂m`` is taken w.r.t. all masks at once, and a unit's importance is the diagonal of
 the empirical Fisher information, ``I_i = Σ_b g_{b,i}²``: per-*batch* gradients of the batch-mean
 loss, squared and summed, exactly as the official code does. The per-batch gradients are kept:
@@ -34,11 +35,14 @@ from kprune_cli.tasks.data import TARGET_KEYS
 
 def labelled_batches(sample: CalibrationSample, batch_size: int | None,
                      device: torch.device | str) -> list[dict[str, torch.Tensor]]:
-    """The sample as device micro-batches of model inputs ``(batch, seq)`` plus gold targets ``(batch,)``.
+    """The sample as device gradient batches of model inputs ``(batch, seq)`` plus gold targets
+    ``(batch,)``: ``batch_size`` sequences each in draw order, a random order as in the official
+    code (``None``: the calibration batches as they are, sorted by length).
 
     Raises a :class:`UserError` when the sample carries no gold targets.
     """
-    batches = micro_batches(sample, batch_size, device, with_targets=True)
+    ordered = sample.in_draw_order(batch_size) if batch_size is not None else sample
+    batches = micro_batches(ordered, None, device, with_targets=True)
     if not batches or not any(key in batches[0] for key in TARGET_KEYS):
         raise UserError("pruner=kwon needs gold targets in the calibration sample "
                         f"({' or '.join(TARGET_KEYS)}); this sample has none")
