@@ -376,8 +376,17 @@ class Finalised:
         sum(range(1000))  # bytecodes, for the handler to run at
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test: a process started in the background (``cmd &``)
+    inherits SIGINT ignored, and Python then installs none."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum, expected", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
-def test_interrupt_raised_inside_a_finaliser_is_delivered_again(signum, expected, capsys):
+def test_interrupt_raised_inside_a_finaliser_is_delivered_again(signum, expected, default_sigint, capsys):
     with pytest.raises(expected), catchable_interrupts():
         Finalised(signum)  # dropped at once: __del__ runs here and Python swallows what it raises
         wait_for_a_signal()
@@ -504,8 +513,10 @@ def test_killed_real_runs_leave_a_complete_result_or_a_failure_record(slow_job, 
     jobs = []
     for index, (signum, delay) in enumerate(plans):
         output = tmp_path / f"out{index}"
+        # SIGINT at its default in the child, even when pytest itself runs in the background (SIGINT ignored).
         process = subprocess.Popen([sys.executable, "-m", "kprune_cli", *slow_args(slow_job, output)], cwd=REPO,
-                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         jobs.append({"process": process, "output": output, "signal": signum, "delay": delay, "sent": False})
     deadline = time.monotonic() + 150
     while any(job["process"].poll() is None for job in jobs) and time.monotonic() < deadline:
