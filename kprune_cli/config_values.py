@@ -69,6 +69,16 @@ def check_int(key: str, value: Any, minimum: int, limit: int | None = None) -> i
     return number
 
 
+def check_optional_int(key: str, value: Any, minimum: int, limit: int | None = None) -> int | None:
+    """``None`` for ``null``, else :func:`check_int`'s integer; its message says ``null`` is allowed too."""
+    if value is None:
+        return None
+    try:
+        return check_int(key, value, minimum, limit)
+    except UserError as error:
+        raise UserError(f"{error} or null") from None
+
+
 def check_float(key: str, value: Any, minimum: float, maximum: float = math.inf, *,
                 above_minimum: bool = False) -> float:
     """``value`` as a float with ``minimum <= value <= maximum`` (``minimum < value`` with

@@ -26,7 +26,15 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from kprune_cli.config_dir import CONFIG_DIR
-from kprune_cli.config_values import SEED_LIMIT, check_bool, check_float, check_int, required_keys, resolve_config
+from kprune_cli.config_values import (
+    SEED_LIMIT,
+    check_bool,
+    check_float,
+    check_int,
+    check_optional_int,
+    required_keys,
+    resolve_config,
+)
 from kprune_cli.console import console, make_progress
 from kprune_cli.errors import UserError
 from kprune_cli.models.loading import load_for_finetuning, resolve_device
@@ -74,7 +82,7 @@ def read_recipe(cfg: DictConfig) -> FinetuneRecipe:
             batch_size=check_int("batch_size", cfg.batch_size, 1),
             warmup_ratio=check_float("warmup_ratio", cfg.warmup_ratio, 0, 1),
             weight_decay=check_float("weight_decay", cfg.weight_decay, 0),
-            max_steps=None if cfg.max_steps is None else check_int("max_steps", cfg.max_steps, 1),
+            max_steps=check_optional_int("max_steps", cfg.max_steps, 1),
             seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
         )
 
@@ -85,8 +93,9 @@ def read_settings(cfg: DictConfig) -> FinetuneSettings:
     resolve_config(cfg)
     with required_keys():
         task = get_task(str(cfg.task.name))
-        if cfg.max_length is not None:
-            task = dataclasses.replace(task, max_length=check_int("max_length", cfg.max_length, 1))
+        max_length = check_optional_int("max_length", cfg.max_length, 1)
+        if max_length is not None:
+            task = dataclasses.replace(task, max_length=max_length)
         return FinetuneSettings(
             task=task,
             model_path=str(cfg.model.path),

@@ -27,3 +27,5 @@ def test_bench_times_checkpoint_beside_its_dense_model(tiny_checkpoint, mrpc_dir
 def test_bench_rejects_bad_values(tiny_checkpoint, capsys):
     assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "repeats=0", "device=cpu") == 2
     assert "repeats=0" in capsys.readouterr().err
+    assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "seq_len=0", "device=cpu") == 2
+    assert "seq_len=0 is not allowed: give an integer >= 1 or null" in capsys.readouterr().err

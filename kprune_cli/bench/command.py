@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from kprune_cli.bench.latency import interleaved_latency
-from kprune_cli.config_values import check_int
+from kprune_cli.config_values import check_int, check_optional_int
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.flops import FlopsModel
@@ -26,7 +26,7 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     batch_sizes = [check_int("batch_sizes", size, 1) for size in cfg.batch_sizes]
     if cfg.seq_len is None and task.avg_seq_len is None:
         raise UserError(f"task={task.name} has no tabled average sequence length: pass seq_len=<tokens>")
-    seq_len = check_int("seq_len", cfg.seq_len, 1) if cfg.seq_len is not None else round(task.avg_seq_len)
+    seq_len = check_optional_int("seq_len", cfg.seq_len, 1) or round(task.avg_seq_len)
     paths = {"checkpoint": str(cfg.checkpoint)} | ({"dense": str(cfg.dense)} if cfg.dense is not None else {})
     models, flops = {}, {}
     for role, path in paths.items():
