@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from kprune_cli.errors import UserError
+from kprune_cli.interrupts import deferred_interrupts
 from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
 from kprune_cli.tasks.spec import TaskSpec
 
@@ -84,6 +85,7 @@ class CalibrationSample:
         return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
 
 
+@deferred_interrupts()  # datasets' fingerprinting would swallow Ctrl-C
 def draw_calibration_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBase, num_tokens: int,
                             seed: int, batch_size: int = 32) -> CalibrationSample:
     """Training examples drawn in a seeded random order until their tokens reach ``num_tokens``.

@@ -14,12 +14,9 @@ import os
 # jobs, a shared node); set before torch is imported anywhere.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -33,6 +30,7 @@ from rich.markup import escape
 from kprune_cli.config_dir import CONFIG_DIR
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
+from kprune_cli.interrupts import catchable_interrupts
 from kprune_cli.outputs import write_failure
 from kprune_cli.sweeps.status import SweepFailed
 
@@ -112,54 +110,6 @@ COMMANDS: dict[str, Callable[[DictConfig], None]] = {"run": _run, "finetune": _f
 PLAIN_COMMANDS: dict[str, Callable[[list[str]], None]] = {"compare": _compare, "summarize": _summarize}
 # Commands whose output_dir is the Hydra job directory (see _route_output_dir).
 JOB_DIR_COMMANDS = ("run",)
-
-
-REDELIVERY_DELAY_S = 0.05
-"""Seconds after which an interrupt swallowed in a finaliser is sent again."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived: raised in the job like Ctrl-C's KeyboardInterrupt, so it cleans up the same way."""
-
-    exit_code = 128 + signal.SIGTERM
-
-
-@contextmanager
-def catchable_interrupts() -> Iterator[None]:
-    """While the block runs in the main thread: SIGTERM raises :class:`Terminated`, and an interrupt
-    that Python would swallow is delivered again.
-
-    Python runs signal handlers between any two bytecodes, finalisers (``__del__``) included, and
-    an exception raised in a finaliser is only printed ("Exception ignored in ..."); the job would
-    then go on as if Ctrl-C or SIGTERM had never come. Such an interrupt is sent again (from
-    another thread), so it is raised again once the finaliser has returned. The previous handler
-    and hook are restored after. Elsewhere than in the main thread (where no handler can be
-    set), nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: object) -> None:
-        raise Terminated(f"stopped by {signal.Signals(signum).name}")
-
-    def redeliver(unraisable: "sys.UnraisableHookArgs") -> None:
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-            previous_hook(unraisable)
-            return
-        # Later and from another thread: a signal sent now would be handled here, and swallowed again.
-        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
-        resend = threading.Timer(REDELIVERY_DELAY_S, os.kill, args=(os.getpid(), signum))
-        resend.daemon = True
-        resend.start()
-
-    previous_handler, previous_hook = signal.signal(signal.SIGTERM, terminate), sys.unraisablehook
-    sys.unraisablehook = redeliver
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
 
 
 class _JobState:

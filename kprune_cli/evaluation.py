@@ -14,6 +14,7 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kprune_cli.console import console, make_progress
+from kprune_cli.interrupts import deferred_interrupts
 from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
 from kprune_cli.tasks.metrics import compute_metrics
 from kprune_cli.tasks.spec import TaskSpec
@@ -104,7 +105,9 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features
             begin = 0
             while begin < len(order):
                 indices = order[begin:begin + batch_size.size]
-                batch = collate(inputs.select(indices).to_list(), tokenizer)
+                with deferred_interrupts():  # datasets' fingerprinting would swallow Ctrl-C
+                    rows = inputs.select(indices).to_list()
+                batch = collate(rows, tokenizer)
                 lengths = batch["attention_mask"].sum(dim=1).tolist()
                 result = _forward(model, batch, device, retry=len(indices) > 1)
                 if result is None:

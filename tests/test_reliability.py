@@ -22,7 +22,7 @@ from transformers import BertForSequenceClassification, GPT2Config, GPT2ForSeque
 
 from conftest import kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data, write_tiny_checkpoint
 from kprune_cli.calibration import CalibrationSample
-from kprune_cli.cli import Terminated, catchable_interrupts
+from kprune_cli.interrupts import Terminated, catchable_interrupts, deferred_interrupts
 from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.loading import load_model
@@ -391,6 +391,30 @@ def test_interrupt_raised_inside_a_finaliser_is_delivered_again(signum, expected
         Finalised(signum)  # dropped at once: __del__ runs here and Python swallows what it raises
         wait_for_a_signal()
     assert "Exception ignored" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum, expected", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_interrupt_in_code_that_catches_everything_is_raised_when_the_deferral_ends(signum, expected,
+                                                                                    default_sigint):
+    """What datasets' fingerprinting does (a bare ``except:``) cannot swallow an interrupt held by the deferral."""
+    reached_the_end = False
+    with pytest.raises(expected), catchable_interrupts():
+        with deferred_interrupts():
+            try:
+                os.kill(os.getpid(), signum)
+                wait_for_a_signal(0.3)
+            except BaseException:  # noqa: BLE001  (the library's bare except)
+                pytest.fail("the interrupt was raised inside the deferred block")
+            reached_the_end = True
+        pytest.fail("the held interrupt was not raised when the block ended")
+    assert reached_the_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_without_a_held_interrupt_the_deferral_changes_nothing():
+    with catchable_interrupts(), deferred_interrupts():
+        value = sum(range(10))
+    assert value == 45
 
 
 @pytest.mark.parametrize("interrupt, code", [(KeyboardInterrupt(), 130), (Terminated("stopped by SIGTERM"), 143)])

@@ -30,6 +30,7 @@ from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from kprune_cli.errors import UserError
+from kprune_cli.interrupts import deferred_interrupts
 from kprune_cli.tasks.glue import tokenize_glue
 from kprune_cli.tasks.spec import TaskSpec
 from kprune_cli.tasks.squad import DOC_STRIDE, read_squad_json, split_squad_by_article, tokenize_squad
@@ -50,6 +51,7 @@ class TaskData(DatasetDict):
         self.notes = list(notes)
 
 
+@deferred_interrupts()  # datasets' fingerprinting would swallow Ctrl-C
 def load_task_data(task: TaskSpec, data_dir: str | Path | None = None,
                    data_files: dict[str, str | list[str]] | None = None, *,
                    splits: Sequence[str] | None = None, first_articles: int | None = None) -> TaskData:
@@ -201,6 +203,7 @@ def _check_split(task: TaskSpec, split: str, dataset: Dataset) -> None:
         raise UserError(f"split {split!r} of task {task.name} is empty")
 
 
+@deferred_interrupts()
 def tokenize_split(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *,
                    for_training: bool) -> Dataset:
     """Unpadded model features of ``dataset`` (see :func:`collate` for batching).
