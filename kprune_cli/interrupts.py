@@ -55,8 +55,10 @@ def deferred_interrupts() -> Iterator[None]:
         yield
     finally:
         _Deferral.depth -= 1
-    if not _Deferral.depth and _Deferral.pending is not None:
-        pending, _Deferral.pending = _Deferral.pending, None
+        pending = None
+        if not _Deferral.depth:  # the outermost block: the held interrupt leaves with it, raised or not
+            pending, _Deferral.pending = _Deferral.pending, None
+    if pending is not None:
         raise pending
 
 

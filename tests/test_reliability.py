@@ -417,6 +417,17 @@ def test_without_a_held_interrupt_the_deferral_changes_nothing():
     assert value == 45
 
 
+def test_a_block_ending_in_an_error_drops_its_held_interrupt():
+    """The job is unwinding already; the interrupt must not surface later, in the next job's data call."""
+    with catchable_interrupts():
+        with pytest.raises(ValueError), deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for_a_signal(0.3)
+            raise ValueError("the data call failed")
+        with deferred_interrupts():
+            pass  # nothing held any more
+
+
 @pytest.mark.parametrize("interrupt, code", [(KeyboardInterrupt(), 130), (Terminated("stopped by SIGTERM"), 143)])
 def test_interrupt_while_saving_leaves_a_failure_record_only(interrupt, code, monkeypatch, tiny_checkpoint, mrpc_dir,
                                                              tmp_path):
