@@ -10,9 +10,9 @@ For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
   ``K_pred = ½ · Σ_batches (∂ mean_{x∈batch} ℓ(x) / ∂m)² / N`` over the ``N`` sequences. The
   paper's ``λ_rep`` is tuned to this scale. ``gradient_batch=1`` gives the per-sample average
   ``½ · mean_x (∂ℓ(x)/∂m)²`` instead (the empirical Fisher); its values are at least
-  ``gradient_batch`` times larger (Jensen; about 650 times for 32 on MiniLM/SST-2, as per-sample
-  gradients of different signs cancel in a batch), so at the same ``λ_rep`` the predictive term
-  weighs that much more (the README compares the two).
+  ``gradient_batch`` times larger (Jensen), far more where per-sample gradients of different
+  signs cancel in a batch, so at the same ``λ_rep`` the predictive term weighs that much more
+  (the README compares the two).
   Per-sample gradients come from one backward pass of the loss summed over the micro-batch:
   with ``a`` ``(batch, seq, width)`` the projection's (masked) input,
   ``∂ℓ(x_b)/∂m_k = Σ_t ∂ℓ/∂a[b, t, k] · a[b, t, k]`` (the mask multiplies column ``k``; row
