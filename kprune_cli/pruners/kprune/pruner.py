@@ -32,6 +32,7 @@ from rich.progress import Progress
 
 from kprune_cli.console import make_progress
 from kprune_cli.errors import UserError
+from kprune_cli.hardware import describe_cpu, native_matmul
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
@@ -107,7 +108,7 @@ class KPrunePruner:
             # before any weight of layer l is tuned, so no copy of the model is needed.
             teacher_sums = ResidualSums(problem.model, teacher.batches) if self.tune else None
         masks = Masks.ones(problem.adapter, problem.device)
-        notes: list[str] = []
+        notes = self._precision_notes(problem.device)
         num_sublayers = 2 * problem.adapter.num_layers
         inputs = [batch.inputs for batch in teacher.batches]
         with timed(timing, "measure"):
@@ -137,6 +138,14 @@ class KPrunePruner:
                     on_step(s, masks)
                 progress.advance(bar)
         return PruneResult(masks=masks, notes=notes, timing=timing)
+
+    def _precision_notes(self, device: torch.device) -> list[str]:
+        """A note when ``autocast`` asks for a precision that ``device`` only emulates (slower than float32)."""
+        if not self.autocast or native_matmul(device, AUTOCAST_DTYPES[self.autocast]):
+            return []
+        where = f"this CPU ({describe_cpu()})" if device.type == "cpu" else str(device)
+        return [f"pruner.autocast={self.autocast}: {where} has no native {self.autocast} matrix units, so the "
+                f"measurement passes ran emulated, slower than in float32; pruner.autocast=false is faster here"]
 
     def _search(self, problem: PruneProblem, teacher: Teacher, masks: Masks, from_sublayer: int,
                 budget: float, timing: dict[str, float], hidden: list[torch.Tensor]) -> None:

@@ -1,0 +1,54 @@
+"""Native half-precision detection, and the note K-prune leaves when autocast would only be emulated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kprune_cli import hardware
+from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_helpers import make_problem, make_sample, sharpen
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    """Set the CPU flags that :func:`hardware.native_matmul` sees."""
+    def use(*names: str) -> None:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(names))
+    return use
+
+
+@pytest.mark.parametrize("present, bf16, fp16", [
+    (("avx2", "fma"), False, False),
+    (("avx512f", "avx512_bf16"), True, False),
+    (("avx512f", "amx_tile", "amx_bf16"), True, False),
+    (("amx_bf16", "amx_fp16"), True, True),
+])
+def test_native_matmul_reads_the_cpu_flags(flags, present, bf16, fp16):
+    flags(*present)
+    cpu = torch.device("cpu")
+    assert hardware.native_matmul(cpu, torch.bfloat16) is bf16
+    assert hardware.native_matmul(cpu, torch.float16) is fp16
+
+
+def test_cpu_flags_of_this_machine_are_read():
+    flags = hardware.cpu_flags()
+    assert not flags or "sse2" in flags or "fpu" in flags  # x86 Linux lists these; elsewhere: none
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_kprune_notes_an_emulated_autocast(tiny_model, flags, native):
+    flags("avx2", *(("amx_bf16",) if native else ()))
+    model = sharpen(tiny_model("bert"))
+    result = KPrunePruner(autocast="bf16").prune(make_problem(model, rate=0.5, sample=make_sample(model, num=8)))
+    emulated = [note for note in result.notes if "no native bf16" in note]
+    assert len(emulated) == (0 if native else 1)
+    if not native:
+        assert "pruner.autocast=false" in emulated[0]
+
+
+def test_kprune_in_float32_leaves_no_precision_note(tiny_model, flags):
+    flags("avx2")
+    model = sharpen(tiny_model("bert"))
+    result = KPrunePruner().prune(make_problem(model, rate=0.5, sample=make_sample(model, num=8)))
+    assert not any("autocast" in note for note in result.notes)
