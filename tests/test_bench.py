@@ -12,6 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from kprune_cli import hardware
 from kprune_cli.bench.cases import load_case, random_case, random_sample, truncate
 from kprune_cli.bench.inference import inference_speed
 from kprune_cli.bench.latency import interleaved_latency, measure_latency
@@ -118,7 +119,8 @@ def test_suite_end_to_end_in_process():
                         depth_tokens=100, rates=(0.5,), batch_sizes=(2,), repeats=2, isolate=False,
                         main_case=tiny_case, large_case=tiny_case)
     figures = run_suite(settings, console=Console(file=sys.stderr, quiet=True))
-    assert [len(result["runs"]) for result in figures["pruning"]] == [3, 2]  # + fast-bf16 on the main case
+    autocast = len(settings.autocast_variants)  # fast-bf16 on the main case where this CPU has native bf16
+    assert [len(result["runs"]) for result in figures["pruning"]] == [2 + autocast, 2]
     assert all(result["runs"][1]["masks_equal"] for result in figures["pruning"])
     assert [row["tokens"] for row in figures["scaling"]["tokens"]] == [
         tiny_case(100).sample.num_tokens, tiny_case(200).sample.num_tokens]
@@ -136,11 +138,28 @@ def test_busy_warning_only_when_the_load_exceeds_the_cores():
     assert busy_warning({"environment": {**env, "load_average": None, "load_average_after": None}}) is None
 
 
-def test_script_rejects_unknown_sections(capsys):
+@pytest.mark.parametrize("native", [False, True])
+def test_autocast_variants_only_where_the_cpu_multiplies_bf16_natively(monkeypatch, native):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", *(("amx_bf16",) if native else ())}))
+    assert Settings(device="cpu").autocast_variants == (("fast-bf16",) if native else ())
+
+
+@pytest.fixture
+def bench_script():
+    """``scripts/bench.py`` as a module."""
     sys.path.insert(0, str(SCRIPTS))
     try:
         import bench
     finally:
         sys.path.remove(str(SCRIPTS))
-    assert bench.main(["--sections", "pruning,speed"]) == 2
+    return bench
+
+
+def test_script_rejects_unknown_sections(bench_script, capsys):
+    assert bench_script.main(["--sections", "pruning,speed"]) == 2
     assert "speed" in capsys.readouterr().err
+
+
+def test_script_rejects_a_non_positive_main_token_count(bench_script, capsys):
+    assert bench_script.main(["--sections", "pruning", "--main-tokens", "0"]) == 2
+    assert "--main-tokens 0" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from rich.console import Console
 from kprune_cli.bench.cases import BERT_BASE_SHAPE, BenchCase, load_case, minilm_mrpc, random_case, truncate
 from kprune_cli.bench.inference import inference_speed
 from kprune_cli.bench.pruning import compare_schedules, fit_power, run_isolated, run_variant
+from kprune_cli.hardware import describe_cpu, native_matmul
 
 CaseFactory = Callable[[int], BenchCase]
 """Builds a case from a number of calibration tokens."""
@@ -56,7 +57,11 @@ class Settings:
 
     @property
     def autocast_variants(self) -> tuple[str, ...]:
-        return ("fast-bf16", "fast-fp16") if self.device == "cuda" else ("fast-bf16",)
+        """The fast schedule with autocast measurement, in each half precision the device multiplies
+        natively (elsewhere it is emulated and only slower: nothing worth timing)."""
+        device = torch.device(self.device)
+        return tuple(f"fast-{name}" for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                     if native_matmul(device, dtype) and (device.type == "cuda" or name == "bf16"))
 
     def describe(self) -> dict:
         return {
@@ -81,7 +86,8 @@ def environment() -> dict:
     return {
         "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads": torch.get_num_threads(), "cpu_capability": describe_cpu(),
+        "cpu_native_bf16": native_matmul(torch.device("cpu"), torch.bfloat16),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average": load_average(),
     }
