@@ -10,8 +10,9 @@ Rules (what sweeps and scripts may rely on):
 - a run killed outright (SIGKILL, power loss) cannot clean up: it leaves its lock file and no
   ``report.json`` (their presence and absence are the signal), perhaps a hidden staging
   directory; a ``pruned/`` is never half-written (it appears by renaming a complete staging
-  directory). The lock names the process (``pid host``); once that process is gone,
-  ``overwrite=true`` reuses the directory.
+  directory). The lock names its holder and is kept fresh by a heartbeat; once the holder is
+  gone (kprune_cli/locks.py: ended on this host, requeued by the scheduler, or silent for
+  ``STALE_AFTER_S``), ``overwrite=true`` reuses the directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import traceback
 import uuid
 from contextlib import contextmanager
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kprune_cli.errors import UserError
+from kprune_cli.locks import STALE_AFTER_S, DirectoryLock, read_holder
 
 LOCK_NAME = ".kprune.lock"
 FAILED_NAME = "FAILED.json"
@@ -59,53 +60,30 @@ class OutputDir:
     def __init__(self, path: Path, overwrite: bool) -> None:
         self.path = path
         self.overwrite = overwrite
-        self._lock = path / LOCK_NAME
+        self._lock = DirectoryLock(path / LOCK_NAME)
         self._claimed = False
 
     def claim(self) -> None:
-        """Create (or, with overwrite, clear) the directory and take its lock."""
-        stale = self._stale_lock_holder()
-        if self._lock.exists() and stale is None:
-            raise UserError(f"output_dir={self.path} is in use by another kprune job (lock file {self._lock}); "
+        """Create (or, with overwrite, clear) the directory and take its lock (kprune_cli/locks.py:
+        a lock whose holder is gone is taken over)."""
+        holder = read_holder(self._lock.path)
+        if holder is not None and not holder.is_gone():
+            raise UserError(f"output_dir={self.path} is in use by another kprune job ({holder.describe()}; "
+                            f"a lock counts as stale {STALE_AFTER_S:.0f} s after its last heartbeat): "
                             f"choose another output_dir")
         if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
-            killed = f" (it holds the lock of a killed kprune job, {stale})" if stale else ""
+            killed = f" (it holds the lock of a killed kprune job, {holder.describe()})" if holder else ""
             raise UserError(f"output_dir={self.path} exists and is not empty{killed}: choose another output_dir "
                             f"or pass overwrite=true")
         self.path.mkdir(parents=True, exist_ok=True)
-        if stale:
-            self._lock.unlink(missing_ok=True)
-        try:
-            fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise UserError(f"output_dir={self.path} is in use by another kprune job; choose another output_dir") from None
-        with os.fdopen(fd, "w") as lock:
-            lock.write(f"{os.getpid()} {socket.gethostname()}\n")
+        self._lock.acquire(take_over=holder)
         self._claimed = True
         self._remove_results()
-
-    def _stale_lock_holder(self) -> str | None:
-        """``"pid N on HOST"`` when the lock was left by a process of this host that has ended, else
-        None (no lock, an unreadable one, another host's, or a live process's: the lock stands)."""
-        try:
-            pid, host = self._lock.read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            return None
-        if host != socket.gethostname():
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return f"pid {pid} on {host}"
-        except PermissionError:
-            return None  # alive, another user's
-        return None
 
     def release(self) -> None:
         """Drop the lock (the results stay)."""
         if self._claimed:
-            self._lock.unlink(missing_ok=True)
+            self._lock.release()
             self._claimed = False
 
     def fail(self, error: BaseException, config: Any) -> None:

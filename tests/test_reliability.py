@@ -22,11 +22,13 @@ from transformers import BertForSequenceClassification, GPT2Config, GPT2ForSeque
 
 from conftest import kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data, write_tiny_checkpoint
 from kprune_cli.calibration import CalibrationSample
+from kprune_cli import locks
 from kprune_cli.interrupts import Terminated, catchable_interrupts, deferred_interrupts
 from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.masks import Masks
+from kprune_cli.locks import STALE_AFTER_S
 from kprune_cli.outputs import FAILED_NAME, LOCK_NAME, OutputDir
 from kprune_cli.safeguards import prune_with_memory_retry
 from kprune_cli.pruners.base import PruneProblem, PruneResult
@@ -345,6 +347,56 @@ def test_lock_of_a_killed_job_is_reused_only_with_overwrite(tiny_checkpoint, mrp
     assert "killed" in err and "overwrite=true" in err
     assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude", "overwrite=true")) == 0
     assert (output / "report.json").exists() and not (output / LOCK_NAME).exists()
+
+
+def _foreign_lock(output: Path, age_s: float, job: str | None = None) -> None:
+    """A lock written by a job on another host whose last heartbeat was ``age_s`` seconds ago."""
+    output.mkdir()
+    lock = output / LOCK_NAME
+    lock.write_text(json.dumps({"pid": 4242, "host": "other-node", "job": job}) + "\n")
+    beat = time.time() - age_s
+    os.utime(lock, (beat, beat))
+
+
+def test_lock_from_another_host_stands_while_it_beats_and_is_stale_after(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    fresh, stale = tmp_path / "fresh", tmp_path / "stale"
+    _foreign_lock(fresh, age_s=5)
+    _foreign_lock(stale, age_s=STALE_AFTER_S + 1)
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, fresh, "pruner=magnitude", "overwrite=true")) == 2
+    err = capsys.readouterr().err
+    assert "in use" in err and "other-node" in err and f"{STALE_AFTER_S:.0f} s" in err
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, stale, "pruner=magnitude", "overwrite=true")) == 0
+    assert (stale / "report.json").exists() and not (stale / LOCK_NAME).exists()
+
+
+def test_lock_of_the_same_scheduler_job_is_taken_over_at_once(monkeypatch, tiny_checkpoint, mrpc_dir, tmp_path):
+    """A requeued SLURM job (same job id, another node) reclaims its directory without waiting."""
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    output = tmp_path / "out"
+    _foreign_lock(output, age_s=1, job="slurm:777")
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude", "overwrite=true")) == 0
+    monkeypatch.setenv("SLURM_JOB_ID", "778")  # another job's lock, beating: it stands
+    other = tmp_path / "other"
+    _foreign_lock(other, age_s=1, job="slurm:777")
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, other, "pruner=magnitude", "overwrite=true")) == 2
+
+
+def test_a_held_lock_beats_until_released(monkeypatch, tmp_path):
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.02)
+    output = OutputDir(tmp_path / "out", overwrite=False)
+    output.claim()
+    lock = output.path / LOCK_NAME
+    old = time.time() - 1000
+    os.utime(lock, (old, old))
+    deadline = time.monotonic() + 30
+    while lock.stat().st_mtime == old and time.monotonic() < deadline:
+        time.sleep(0.01)
+    holder = locks.read_holder(lock)
+    assert holder.age_s < 100 and holder.pid == os.getpid() and holder.host == socket.gethostname()
+    assert not holder.is_gone()
+    output.release()
+    assert not lock.exists() and not any(thread.name == "kprune-lock-heartbeat" for thread in threading.enumerate())
 
 
 # Interruptions.
