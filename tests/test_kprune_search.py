@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kprune_cli.flops import FlopsModel
-from kprune_cli.pruners.kprune.search import kpms
+from kprune_cli.pruners.common.kpms import kpms
 from kprune_helpers import TINY_FLOPS
 
 

@@ -1,4 +1,4 @@
-"""K-prune's schedule over its three stages (DESIGN.md §2-3).
+"""K-prune's schedule over its three stages (docs/design.md §3).
 
 Iterative (the paper): for each sub-layer ``s`` = MHA_0, FFN_0, ..., FFN_{L-1}:
 measure the knowledge of every unit of the sub-layers ``≥ s`` on the current model, search
@@ -39,7 +39,7 @@ from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import OFFICIAL_GRADIENT_BATCH, measure, score
-from kprune_cli.pruners.kprune.search import kpms
+from kprune_cli.pruners.common.kpms import kpms
 from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.timing import timed
 

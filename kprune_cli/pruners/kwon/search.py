@@ -24,7 +24,7 @@ import torch
 
 from kprune_cli.flops import FlopsModel
 from kprune_cli.pruners.common import sublayer_kind
-from kprune_cli.pruners.kprune.search import BUDGET_TOLERANCE
+from kprune_cli.pruners.common.kpms import BUDGET_TOLERANCE
 
 
 def search_masks(importance: Mapping[int, torch.Tensor], flops: FlopsModel,

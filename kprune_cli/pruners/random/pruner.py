@@ -13,7 +13,7 @@ import torch
 
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import keep_masks
-from kprune_cli.pruners.kprune.search import kpms
+from kprune_cli.pruners.common.kpms import kpms
 
 
 class RandomPruner:

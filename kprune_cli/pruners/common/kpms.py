@@ -1,4 +1,4 @@
-"""Knowledge-preserving mask search, KPMS (K-prune step 2; DESIGN.md §3).
+"""Knowledge-preserving mask search, KPMS (K-prune step 2; docs/design.md §3).
 
 Keep the highest-scoring units, across all candidate sub-layers at once, as long as their
 FLOPs fit the budget: sort the per-FLOP scores in descending order, take cumulative costs and
