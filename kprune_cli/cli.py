@@ -81,7 +81,7 @@ def _run(cfg: DictConfig) -> None:
 
 
 def _finetune(cfg: DictConfig) -> None:
-    from kprune_cli.finetune import run_finetune
+    from kprune_cli.finetune_command import run_finetune
 
     run_finetune(cfg)
 

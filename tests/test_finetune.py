@@ -19,7 +19,8 @@ from transformers import AutoModelForSequenceClassification, BertTokenizer, PreT
 from kprune_cli.config_dir import CONFIG_DIR
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import evaluate_model
-from kprune_cli.finetune import FinetuneRecipe, finetune, read_settings, run_finetune
+from kprune_cli.finetune import FinetuneRecipe, finetune
+from kprune_cli.finetune_command import read_settings, run_finetune
 from kprune_cli.outputs import atomic_directory
 from kprune_cli.tasks.data import collate, load_task_data, tokenize_split
 from kprune_cli.tasks.demo import write_demo_data

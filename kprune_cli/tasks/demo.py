@@ -19,20 +19,18 @@ ceiling the noise allows.
 The files follow the GLUE parquet layout the data loader reads: ``<dir>/train/0000.parquet`` and
 ``<dir>/validation/0000.parquet`` with columns ``sentence`` (str), ``label`` (int) and ``idx`` (int).
 
-:func:`ensure_demo_model` fine-tunes the packaged all-MiniLM-L6-v2 on it once and caches the result,
-giving every command of the CLI a fine-tuned model to prune without a download.
+:func:`~kprune_cli.demo_model.ensure_demo_model` fine-tunes the packaged all-MiniLM-L6-v2 on it once
+and caches the result, giving every command of the CLI a fine-tuned model to prune without a download.
 """
 
 from __future__ import annotations
 
 import random
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 # Bump when the generator or the fine-tuning recipe (configs/finetune.yaml as written) changes:
 # cached demo models are keyed by it.
@@ -139,11 +137,11 @@ def write_demo_data(directory: Path, seed: int = 0, num_train: int = 2000, num_v
     return directory
 
 
-def _cache_root(cache_dir: Path) -> Path:
+def cache_root(cache_dir: Path) -> Path:
     return Path(cache_dir).expanduser() / f"demo-v{DEMO_VERSION}"
 
 
-def _build_once(target: Path, build: Callable[[Path], None]) -> None:
+def build_once(target: Path, build: Callable[[Path], None]) -> None:
     """Run ``build`` into a staging directory that becomes ``target``, unless ``target`` exists.
 
     Two processes may build at once (e.g. parallel jobs of a sweep): the first to finish wins,
@@ -163,41 +161,6 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> None:
 
 def ensure_demo_data(cache_dir: Path) -> Path:
     """The demo data (default seed and sizes), written once under ``cache_dir``; its directory."""
-    data_dir = _cache_root(cache_dir) / "data"
-    _build_once(data_dir, write_demo_data)
+    data_dir = cache_root(cache_dir) / "data"
+    build_once(data_dir, write_demo_data)
     return data_dir
-
-
-def ensure_demo_model(cache_dir: Path, device: torch.device | str) -> tuple[Path, Path]:
-    """The demo data and MiniLM fine-tuned on it, made once under ``cache_dir``: ``(model_dir, data_dir)``.
-
-    Both are written into a temporary directory and renamed into place, so an interrupted run leaves
-    no half-written cache; the next call starts over.
-    """
-    from kprune_cli.console import console
-
-    data_dir = ensure_demo_data(cache_dir)
-    model_dir = _cache_root(cache_dir) / "minilm-demo"
-    if not model_dir.is_dir():
-        console.print(f"[bold]kprune:[/] preparing the demo model once: fine-tuning MiniLM on the demo task "
-                      f"(~2 min on CPU) into {model_dir}", highlight=False)
-        _build_once(model_dir, partial(_finetune_demo_model, data_dir=data_dir, device=device))
-    return model_dir, data_dir
-
-
-def _finetune_demo_model(staging: Path, data_dir: Path, device: torch.device | str) -> None:
-    """Fine-tune the packaged MiniLM on the demo data with the recipe of configs/finetune.yaml
-    (:func:`~kprune_cli.finetune.default_recipe`); save it in ``staging``."""
-    from kprune_cli.console import make_progress
-    from kprune_cli.finetune import default_recipe, finetune, load_seeded, write_finetuned
-    from kprune_cli.resolve import packaged_minilm
-    from kprune_cli.tasks.data import load_task_data
-    from kprune_cli.tasks.spec import get_task
-
-    task = get_task("demo")
-    recipe = default_recipe()
-    model, tokenizer = load_seeded(str(packaged_minilm()), task, device, recipe.seed)
-    datasets = load_task_data(task, data_dir=str(data_dir))
-    with make_progress() as progress:
-        metrics = finetune(model, tokenizer, task, datasets, recipe, device=device, progress=progress)
-    write_finetuned(model, tokenizer, metrics, staging)
