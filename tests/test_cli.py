@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from transformers import AutoModelForSequenceClassification
 
 from conftest import kprune
+from kprune_cli.config_dir import CONFIG_DIR
 from kprune_cli.flops import FlopsModel
 from kprune_cli.models.loading import load_model
+from kprune_cli.pipeline import build_pruner
 from kprune_cli.tasks.spec import get_task
 
 
@@ -113,8 +116,23 @@ def test_unknown_command_and_help(capsys):
     assert "commands:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("pruner", ["kprune", "kprune_no_tune", "kprune_pred_only", "kprune_rep_only",
-                                    "kprune_oneshot", "magnitude"])
+PRUNER_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "pruner").glob("*.yaml"))
+
+
+def test_the_pruner_config_group_is_found():
+    assert {"kprune", "kwon", "magnitude", "random"} <= set(PRUNER_CONFIGS)
+
+
+@pytest.mark.parametrize("pruner", PRUNER_CONFIGS)
 def test_every_pruner_config_composes(pruner, capsys):
     assert kprune("run", f"pruner={pruner}", "--cfg", "job") == 0
     assert "_target_: kprune_cli.pruners." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pruner", PRUNER_CONFIGS)
+def test_every_pruner_config_builds_its_pruner(pruner):
+    """Every key of the config is a constructor argument of its ``_target_`` (none ignored)."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("run", overrides=[f"pruner={pruner}"])
+    built = build_pruner(cfg.pruner, pruner)
+    assert f"{type(built).__module__}.{type(built).__name__}" == cfg.pruner._target_
