@@ -1,8 +1,8 @@
-"""The FLOPs model of the paper and both official codes (DESIGN.md §3).
+"""The FLOPs model of the paper and both official codes (docs/design.md, "FLOPs").
 
 Only the prunable units are counted: per head the Q/K/V projections, the attention
 scores and weighted sum, and its share of the output projection; per FFN neuron its
-input and output projections. Embeddings, biases, LayerNorms, activations and the task
+input row(s) and output column (a gated FFN's neuron has two input rows, value and gate). Embeddings, biases, LayerNorms, activations and the task
 head are not counted. ``seq_len`` is the task's average sequence length.
 """
 
@@ -14,11 +14,13 @@ from typing import Iterable, Mapping
 
 @dataclass(frozen=True)
 class FlopsModel:
-    """FLOPs of one head and one neuron at sequence length ``seq_len``."""
+    """FLOPs of one head and one neuron at sequence length ``seq_len``; ``neuron_inputs``: input
+    rows per neuron (1, or 2 in a gated FFN)."""
 
     hidden_size: int
     head_size: int
     seq_len: float
+    neuron_inputs: int = 1
 
     @property
     def head(self) -> float:
@@ -28,8 +30,8 @@ class FlopsModel:
 
     @property
     def neuron(self) -> float:
-        """F_neuron = 2·2·S·d."""
-        return 2 * 2 * self.seq_len * self.hidden_size
+        """F_neuron = 2·(r + 1)·S·d with ``r = neuron_inputs`` (2·2·S·d in the paper's ungated FFN)."""
+        return 2 * (self.neuron_inputs + 1) * self.seq_len * self.hidden_size
 
     def cost(self, kind: str) -> float:
         """FLOPs of one unit of an ``"mha"`` or ``"ffn"`` sub-layer."""

@@ -32,7 +32,6 @@ from kprune_cli.config_values import (
 )
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import evaluate_model, measure_avg_seq_len
-from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, resolve_device, stored_dtype
@@ -141,7 +140,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         seq_len = task.avg_seq_len
         if seq_len is None:
             seq_len = measure_avg_seq_len(task, data[task.eval_splits[0]], tokenizer)
-        flops = FlopsModel(adapter.hidden_size, adapter.head_size, seq_len)
+        flops = adapter.flops(seq_len)
         dense_structure = adapter.structure()
         dense_params = count_parameters(model)
 

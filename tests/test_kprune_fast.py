@@ -14,7 +14,7 @@ from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
-from kprune_cli.pruners.kprune.search import kpms
+from kprune_cli.pruners.common.kpms import kpms
 from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
 
 

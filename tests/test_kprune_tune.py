@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks, apply_masks
-from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
+from kprune_cli.pruners.common.hooks import capture_taps, forward_until
 from kprune_cli.pruners.common.lstsq import solve_ridge
 from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
 from kprune_cli.pruners.kprune.tune import kpwt
@@ -29,11 +29,11 @@ def _setup(tiny_model, sharp: bool = False):
 def _reconstruction_error(model, adapter, masks, teacher, sublayer) -> float:
     """Σ over real tokens of ||student pre-LN sum − teacher pre-LN sum||² at ``sublayer``."""
     parts = adapter.layers()[sublayer // 2]
-    norm = parts.norm("mha" if sublayer % 2 == 0 else "ffn")
+    tap = parts.sum_tap("mha" if sublayer % 2 == 0 else "ffn")
     error = 0.0
     for batch, target in zip(teacher.batches, teacher.residual_sums(sublayer)):
-        with apply_masks(adapter, masks), capture_inputs({"sum": norm}) as store:
-            forward_until(model, batch.inputs, norm)
+        with apply_masks(adapter, masks), capture_taps({"sum": tap}) as store:
+            forward_until(model, batch.inputs, tap)
         error += float((store["sum"][batch.token_mask] - target).pow(2).sum())
     return error
 

@@ -14,7 +14,7 @@ from kprune_cli.pruners.magnitude.pruner import MagnitudePruner, unit_magnitudes
 def test_unit_magnitudes_sum_the_weights_each_unit_owns(family, tiny_model):
     parts = get_adapter(tiny_model(family)).layers()[0]
     head = slice(8, 16)  # head 1 of size 8
-    expected_head = sum(float(w[head].pow(2).sum()) for w in (parts.query.weight, parts.key.weight, parts.value.weight))
+    expected_head = sum(float(w[head].pow(2).sum()) for w in (p.weight for p in parts.head_projections))
     expected_head += float(parts.attn_out.weight[:, head].pow(2).sum())
     expected_neuron = float(parts.ffn_in.weight[5].pow(2).sum() + parts.ffn_out.weight[:, 5].pow(2).sum())
 

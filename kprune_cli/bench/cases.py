@@ -53,7 +53,7 @@ class BenchCase:
     @property
     def flops(self) -> FlopsModel:
         adapter = get_adapter(self.model)
-        return FlopsModel(adapter.hidden_size, adapter.head_size, self.task.avg_seq_len)
+        return adapter.flops(self.task.avg_seq_len)
 
     def problem(self, device: torch.device | str = "cpu") -> PruneProblem:
         """The pruning problem of this case, with the model moved to ``device``."""

@@ -11,7 +11,6 @@ from kprune_cli.bench.latency import interleaved_latency
 from kprune_cli.config_values import check_int, check_optional_int
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
-from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.loading import load_model, resolve_device
 from kprune_cli.resolve import resolve_model_path
@@ -33,7 +32,7 @@ def run_bench(cfg: DictConfig) -> list[dict]:
         model, _ = load_model(resolve_model_path(path, task, device)[0], task, device)
         adapter = get_adapter(model)
         models[role] = model
-        flops[role] = FlopsModel(adapter.hidden_size, adapter.head_size, seq_len).total(adapter.structure())
+        flops[role] = adapter.flops(seq_len).total(adapter.structure())
 
     rows = []
     for batch_size in batch_sizes:

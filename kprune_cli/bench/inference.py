@@ -45,7 +45,7 @@ def inference_speed(model: PreTrainedModel, task: TaskSpec, rates: Sequence[floa
     ``speedup`` (dense median latency / this one) and ``target_met`` (speedup ≥
     :data:`SPEEDUP_TARGET` × FLOPs ratio)."""
     adapter = get_adapter(model)
-    flops = FlopsModel(adapter.hidden_size, adapter.head_size, task.avg_seq_len)
+    flops = adapter.flops(task.avg_seq_len)
     models = [model, *(magnitude_pruned(model, task, flops, rate) for rate in rates)]
     ratios = [flops.total(adapter.structure()) / flops.total(get_adapter(m).structure()) for m in models]
     rows = []

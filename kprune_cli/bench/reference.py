@@ -22,11 +22,11 @@ from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
-from kprune_cli.pruners.common.hooks import capture_inputs, forward_until
+from kprune_cli.pruners.common.hooks import capture_taps, forward_until
 from kprune_cli.pruners.common.teacher import DistillBatch, Teacher
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.pruner import AUTOCAST_DTYPES, KPrunePruner
-from kprune_cli.pruners.kprune.search import BUDGET_TOLERANCE
+from kprune_cli.pruners.common.kpms import BUDGET_TOLERANCE
 from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.timing import timed
 
@@ -34,7 +34,7 @@ from kprune_cli.timing import timed
 def kpms_scan(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -> dict[int, torch.Tensor]:
     """KPMS by scanning candidate cuts: for ``k = 1, 2, ...`` re-sum the costs of the ``k`` best
     units and stop at the first ``k`` over the budget. Same result as
-    :func:`~kprune_cli.pruners.kprune.search.kpms` (same order and tie-breaking), in O(n²)."""
+    :func:`~kprune_cli.pruners.common.kpms.kpms` (same order and tie-breaking), in O(n²)."""
     sublayers = sorted(scores)
     values = torch.cat([scores[s].double() for s in sublayers])  # (n,)
     costs = torch.cat([torch.full_like(scores[s], flops.cost(sublayer_kind(s)), dtype=torch.float64)
@@ -57,8 +57,8 @@ def truncated_teacher_sums(original: PreTrainedModel, batches: list[DistillBatch
     parts = get_adapter(original).layers()[layer]
     sums: dict[str, list[torch.Tensor]] = {"mha": [], "ffn": []}
     for batch in batches:
-        with capture_inputs({"mha": parts.attn_norm, "ffn": parts.ffn_norm}) as store:
-            forward_until(original, batch.inputs, parts.ffn_norm)
+        with capture_taps({kind: parts.sum_tap(kind) for kind in sums}) as store:
+            forward_until(original, batch.inputs, parts.sum_tap("ffn"))
         for kind, values in sums.items():
             values.append(store[kind][batch.token_mask])
     return sums

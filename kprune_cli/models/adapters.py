@@ -1,30 +1,38 @@
-"""Architecture adapters: where the prunable units of each encoder family live.
+"""The model adapter: where the prunable units of a model live, asked for by role.
 
-One adapter per family says, for every layer, which modules hold the attention's
-Q/K/V/output projections, the FFN's input/output projections and the LayerNorms
-after each residual. Everything else (masks, measurement, slicing, tuning) is written
-once against :class:`LayerParts`.
+What a family looks like is written once, as a :class:`~kprune_cli.models.modeling_kprune.Layout`
+in :mod:`kprune_cli.models.modeling_kprune` (the file that ships with every pruned checkpoint).
+:class:`ModelAdapter` reads it for one model and hands out :class:`LayerParts`: per layer the
+projections that hold each unit's rows and columns, and the places of the forward pass where a
+sub-layer's input and its residual sum can be read (:class:`Tap`), whatever the family calls them
+and wherever its LayerNorms sit. Everything else (masks, measurement, slicing, tuning) is written
+once against these roles.
 
-Sub-layer numbering follows DESIGN.md §3: sub-layer ``2 * l`` is the MHA of layer ``l``,
-sub-layer ``2 * l + 1`` its FFN.
+Sub-layer numbering follows docs/design.md §3: sub-layer ``2 * l`` is the MHA
+of layer ``l``, sub-layer ``2 * l + 1`` its FFN.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from kprune_cli.errors import UserError
-from kprune_cli.models.modeling_kprune import (  # noqa: F401  (re-exported: the empty sub-layer modules)
-    EmptyAttentionHeads,
-    EmptyDistilBertAttention,
-    empty_attention,
-)
+from kprune_cli.flops import FlopsModel
+from kprune_cli.models.modeling_kprune import LAYOUTS, Layout, find_module, head_projections, layout_of
 
-SUPPORTED_FAMILIES = ("bert", "roberta", "electra", "distilbert")
+SUPPORTED_FAMILIES = tuple(LAYOUTS)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A place of the forward pass where a tensor ``(batch, seq, d)`` can be read: the first
+    positional input of ``module``, or its output (the first element of a tuple) when ``after``."""
+
+    module: nn.Module
+    after: bool = False
 
 
 @dataclass
@@ -33,21 +41,23 @@ class LayerParts:
 
     ``attn_out`` consumes the concatenated head outputs ``(..., heads * head_size)``;
     ``ffn_out`` consumes the FFN activations ``(..., neurons)``. Masks multiply those
-    inputs; physical pruning slices their columns (and the matching Q/K/V or ``ffn_in`` rows).
-    ``attn_norm`` / ``ffn_norm`` are the LayerNorms whose input is the pre-LN residual sum
-    (sub-layer input + sub-layer output).
+    inputs; physical pruning slices their columns and the matching rows of ``head_projections``
+    (``qkv_blocks`` blocks of heads each) and ``ffn_in`` (``ffn_blocks`` blocks of neurons).
+    ``attn_norm`` / ``ffn_norm``: each sub-layer's LayerNorm, after its residual sum (post-LN) or
+    before the sub-layer (``pre_norm``).
     """
 
     layer: nn.Module
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
+    head_projections: list[nn.Linear]
     attn_out: nn.Linear
-    attn_norm: nn.LayerNorm
+    attn_norm: nn.Module
     ffn_in: nn.Linear
     ffn_out: nn.Linear
-    ffn_norm: nn.LayerNorm
+    ffn_norm: nn.Module
     head_size: int
+    qkv_blocks: int
+    ffn_blocks: int
+    pre_norm: bool
 
     @property
     def num_heads(self) -> int:
@@ -63,32 +73,70 @@ class LayerParts:
         """Output projection of the ``"mha"`` or ``"ffn"`` sub-layer."""
         return self.attn_out if kind == "mha" else self.ffn_out
 
-    def norm(self, kind: str) -> nn.LayerNorm:
-        """LayerNorm after the ``"mha"`` or ``"ffn"`` residual sum."""
-        return self.attn_norm if kind == "mha" else self.ffn_norm
+    def unit_inputs(self, kind: str) -> list[tuple[nn.Linear, int]]:
+        """The projections that hold the rows of the ``kind`` sub-layer's units, with their block
+        counts (see :func:`~kprune_cli.models.modeling_kprune.unit_rows`)."""
+        if kind == "mha":
+            return [(projection, self.qkv_blocks) for projection in self.head_projections]
+        return [(self.ffn_in, self.ffn_blocks)]
+
+    def input_tap(self, kind: str) -> Tap:
+        """Where the sub-layer's input ``X`` (the residual stream entering it) is read."""
+        if kind == "mha":
+            return Tap(self.layer)
+        return Tap(self.ffn_norm if self.pre_norm else self.ffn_in)
+
+    def sum_tap(self, kind: str) -> Tap:
+        """Where the sub-layer's residual sum ``X + out_proj(A) + b`` is read: the input of the
+        LayerNorm after it (post-LN); in a pre-norm layer the next sub-layer's LayerNorm input (MHA)
+        or the layer's output (FFN)."""
+        if not self.pre_norm:
+            return Tap(self.attn_norm if kind == "mha" else self.ffn_norm)
+        return Tap(self.ffn_norm) if kind == "mha" else Tap(self.layer, after=True)
 
 
 class ModelAdapter:
-    """Base adapter: subclasses name the modules of their family."""
+    """The units of ``model``, per its family's :class:`~kprune_cli.models.modeling_kprune.Layout`."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self.family: str = model.config.model_type
+        self.layout: Layout = layout_of(model.config)
 
     @property
     def backbone(self) -> nn.Module:
         """The encoder model without the task head (``model.bert``, ``model.distilbert`` ...)."""
         return getattr(self.model, self.model.base_model_prefix)
 
+    @property
+    def embeddings(self) -> nn.Module:
+        """The module whose output enters the first layer."""
+        return find_module(self.backbone, self.layout.embeddings)
+
     def layer_modules(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The list of transformer layers that the backbone loops over."""
+        return find_module(self.backbone, self.layout.layers)
+
+    def replace_layer_modules(self, layers: nn.ModuleList) -> None:
+        """Make ``layers`` the list the backbone loops over."""
+        owner_path, _, name = self.layout.layers.rpartition(".")
+        setattr(find_module(self.backbone, owner_path) if owner_path else self.backbone, name, layers)
 
     def parts(self, layer: nn.Module) -> LayerParts:
-        raise NotImplementedError
-
-    def empty_attention(self, layer: nn.Module) -> None:
-        """Replace the attention of ``layer`` (left with no heads) by its residual path."""
-        empty_attention(layer, self.model.config)
+        layout = self.layout
+        return LayerParts(
+            layer=layer,
+            head_projections=head_projections(layer, layout),
+            attn_out=find_module(layer, layout.attn_out),
+            attn_norm=find_module(layer, layout.attn_norm),
+            ffn_in=find_module(layer, layout.ffn_in),
+            ffn_out=find_module(layer, layout.ffn_out),
+            ffn_norm=find_module(layer, layout.ffn_norm),
+            head_size=layout.head_size(self.model.config),
+            qkv_blocks=layout.qkv_blocks,
+            ffn_blocks=layout.ffn_blocks,
+            pre_norm=layout.pre_norm,
+        )
 
     def layers(self) -> list[LayerParts]:
         """The parts of every layer, bottom-up."""
@@ -104,83 +152,21 @@ class ModelAdapter:
 
     @property
     def head_size(self) -> int:
-        return self.layers()[0].head_size
+        return self.layout.head_size(self.model.config)
+
+    def flops(self, seq_len: float) -> FlopsModel:
+        """The FLOPs model of this family at sequence length ``seq_len``."""
+        return FlopsModel(self.hidden_size, self.head_size, seq_len, neuron_inputs=self.layout.ffn_blocks)
 
     def structure(self) -> list[dict[str, int]]:
         """Surviving units per layer: ``[{"heads": h, "neurons": n}, ...]``."""
         return [{"heads": p.num_heads, "neurons": p.num_neurons} for p in self.layers()]
 
 
-class BertLayoutAdapter(ModelAdapter):
-    """BERT, RoBERTa, ELECTRA and MiniLM: ``encoder.layer[i].attention.self.query`` ..."""
-
-    def layer_modules(self) -> nn.ModuleList:
-        return self.backbone.encoder.layer
-
-    def parts(self, layer: nn.Module) -> LayerParts:
-        config = self.model.config
-        attention = layer.attention
-        self_attn = attention.self
-        # An emptied attention keeps its projections' empty shells on the output side only.
-        query = getattr(self_attn, "query", None) or _empty_linear(config.hidden_size)
-        key = getattr(self_attn, "key", None) or _empty_linear(config.hidden_size)
-        value = getattr(self_attn, "value", None) or _empty_linear(config.hidden_size)
-        return LayerParts(
-            layer=layer,
-            query=query,
-            key=key,
-            value=value,
-            attn_out=attention.output.dense,
-            attn_norm=attention.output.LayerNorm,
-            ffn_in=layer.intermediate.dense,
-            ffn_out=layer.output.dense,
-            ffn_norm=layer.output.LayerNorm,
-            head_size=config.hidden_size // config.num_attention_heads,
-        )
-
-
-class DistilBertAdapter(ModelAdapter):
-    """DistilBERT: ``transformer.layer[i].attention.q_lin``, ``ffn.lin1`` ..."""
-
-    def layer_modules(self) -> nn.ModuleList:
-        return self.backbone.transformer.layer
-
-    def parts(self, layer: nn.Module) -> LayerParts:
-        config = self.model.config
-        attention = layer.attention
-        return LayerParts(
-            layer=layer,
-            query=getattr(attention, "q_lin", None) or _empty_linear(config.dim),
-            key=getattr(attention, "k_lin", None) or _empty_linear(config.dim),
-            value=getattr(attention, "v_lin", None) or _empty_linear(config.dim),
-            attn_out=attention.out_lin,
-            attn_norm=layer.sa_layer_norm,
-            ffn_in=layer.ffn.lin1,
-            ffn_out=layer.ffn.lin2,
-            ffn_norm=layer.output_layer_norm,
-            head_size=config.dim // config.n_heads,
-        )
-
-
-def _empty_linear(in_features: int) -> nn.Linear:
-    """A ``Linear(in_features, 0)`` placeholder for the Q/K/V of an emptied attention."""
-    with warnings.catch_warnings():  # torch warns that initialising its empty weight is a no-op
-        warnings.simplefilter("ignore", UserWarning)
-        return nn.Linear(in_features, 0)
-
-
-_ADAPTERS: dict[str, type[ModelAdapter]] = {
-    "bert": BertLayoutAdapter,
-    "roberta": BertLayoutAdapter,
-    "electra": BertLayoutAdapter,
-    "distilbert": DistilBertAdapter,
-}
-
-
 def check_supported(config: PretrainedConfig) -> None:
     """Raise a :class:`UserError` naming the supported families unless ``config``'s family is one."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in _ADAPTERS:
+    if model_type not in LAYOUTS:
         raise UserError(
             f"unsupported architecture {model_type!r}: supported families are "
             f"{', '.join(SUPPORTED_FAMILIES)} (MiniLM uses the bert layout)"
@@ -190,4 +176,4 @@ def check_supported(config: PretrainedConfig) -> None:
 def get_adapter(model: PreTrainedModel) -> ModelAdapter:
     """The adapter for ``model``'s family; a :class:`UserError` names the supported ones."""
     check_supported(model.config)
-    return _ADAPTERS[model.config.model_type](model)
+    return ModelAdapter(model)

@@ -1,7 +1,7 @@
 """Unit masks: one value per attention head and per FFN neuron, applied through scoped hooks.
 
 A mask multiplies a unit's output where it enters the sub-layer's output projection
-(DESIGN.md §3): the ``(..., heads * head_size)`` input of ``attn_out`` and the
+(docs/design.md §3): the ``(..., heads * head_size)`` input of ``attn_out`` and the
 ``(..., neurons)`` input of ``ffn_out``. Hooks live only inside :func:`apply_masks`.
 """
 

@@ -1,4 +1,5 @@
-"""Pruned BERT-family encoders whose layers keep different numbers of heads and FFN neurons.
+"""Pruned encoders whose layers keep different numbers of heads and FFN neurons, and the one home of
+every supported family's layout.
 
 This file is self-contained (it imports only torch and transformers): kprune copies it beside the
 weights of every pruned checkpoint, so stock transformers loads the checkpoint with::
@@ -6,19 +7,22 @@ weights of every pruned checkpoint, so stock transformers loads the checkpoint w
     AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)
 
 The config keeps its stock ``model_type`` and adds ``kprune_structure`` (per layer
-``{"heads": h, "neurons": n}``) and an ``auto_map`` naming one of the classes at the bottom. Each
-class builds the stock model from the config, then shrinks every layer to the saved structure, so the
-weights load with matching shapes. kprune itself prunes models with the same :func:`prune_layer`.
+``{"heads": h, "neurons": n}``) and an ``auto_map`` naming one of the ``KPrune...`` classes made at
+the bottom. Each class builds the stock model from the config, then shrinks every layer to the saved
+structure, so the weights load with matching shapes. kprune itself prunes models with the same
+:func:`prune_layer`.
 
-Layouts: BERT, RoBERTa, ELECTRA (and MiniLM) keep ``layer.attention.self.{query,key,value}``,
-``layer.attention.output.dense``, ``layer.intermediate.dense`` and ``layer.output.dense``; DistilBERT
-keeps ``layer.attention.{q_lin,k_lin,v_lin,out_lin}`` and ``layer.ffn.{lin1,lin2}``. Attention modules
-infer the head count from the projection width (``view(..., -1, head_size)``), so slicing whole heads
-out of Q/K/V is enough. A sub-layer left with no units reduces to its residual path:
-``LayerNorm(input + output bias)``.
+A family is one :class:`Layout` in :data:`LAYOUTS`: where its layers live, which projections hold a
+head's rows or a neuron's row(s), where its LayerNorms sit, and the stock task classes. Attention
+modules infer the head count from the projection width (``view(..., -1, head_size)``) or read the
+counters that :func:`prune_layer` updates, so slicing whole heads out of the projections is enough.
+A sub-layer left with no units reduces to its residual path: ``LayerNorm(input + output bias)`` in a
+post-LN family, ``input + output bias`` in a pre-norm one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,67 +40,173 @@ from transformers import (
 )
 
 STRUCTURE_KEY = "kprune_structure"
+HEAD_COUNTERS = ("num_attention_heads", "n_heads", "all_head_size")
+"""Attributes of a stock attention module that count its heads (or their width), kept truthful."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one encoder family keeps what pruning touches. Paths are dotted attribute names:
+    ``layers`` and ``embeddings`` from the backbone (``model.<base_model_prefix>``), the others from
+    one layer.
+
+    - ``attention``: the module an attention with no heads left is replaced by (its residual path);
+      when ``attn_out`` lies inside it, the replacement keeps that projection (its bias survives).
+    - ``head_projections``: projections whose output rows come in blocks of heads (``head_size`` rows
+      each), e.g. Q, K, V; paths a model lacks (optional positional projections) are skipped.
+      ``qkv_blocks``: blocks of all heads per projection (3 for a fused QKV projection).
+    - ``attn_out`` / ``ffn_out``: the output projections; a unit is a set of their input columns.
+    - ``ffn_in``: the FFN's input projection; ``ffn_blocks`` blocks of all neurons (2 for a gated
+      FFN: value rows, then gate rows).
+    - ``attn_norm`` / ``ffn_norm``: each sub-layer's LayerNorm: after its residual sum (post-LN) or
+      before the sub-layer (``pre_norm``).
+    - ``positions_after_padding``: position ids start at ``pad_token_id + 1`` (RoBERTa's scheme).
+    - ``task_classes``: the stock classes a pruned checkpoint may be, one ``KPrune...`` class each.
+    """
+
+    layers: str
+    attention: str
+    head_projections: tuple[str, ...]
+    attn_out: str
+    attn_norm: str
+    ffn_in: str
+    ffn_out: str
+    ffn_norm: str
+    task_classes: tuple[type[PreTrainedModel], ...]
+    embeddings: str = "embeddings"
+    qkv_blocks: int = 1
+    ffn_blocks: int = 1
+    pre_norm: bool = False
+    positions_after_padding: bool = False
+
+    @staticmethod
+    def head_size(config: PretrainedConfig) -> int:
+        """Width of one head."""
+        return getattr(config, "attention_head_size", None) or config.hidden_size // config.num_attention_heads
+
+    @property
+    def attention_owns_output(self) -> bool:
+        """Whether ``attn_out`` is a child of ``attention`` (DistilBERT's ``out_lin``, ...)."""
+        return self.attn_out.startswith(self.attention + ".")
+
+
+def _bert_layout(*task_classes: type[PreTrainedModel], **changes) -> Layout:
+    """BERT's layout (``encoder.layer[i].attention.self.query`` ...), shared by several families."""
+    fields = dict(
+        layers="encoder.layer", attention="attention.self",
+        head_projections=("attention.self.query", "attention.self.key", "attention.self.value"),
+        attn_out="attention.output.dense", attn_norm="attention.output.LayerNorm",
+        ffn_in="intermediate.dense", ffn_out="output.dense", ffn_norm="output.LayerNorm",
+    )
+    return Layout(**{**fields, **changes}, task_classes=task_classes)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "bert": _bert_layout(BertForSequenceClassification, BertForQuestionAnswering),
+    "roberta": _bert_layout(RobertaForSequenceClassification, RobertaForQuestionAnswering,
+                            positions_after_padding=True),
+    "electra": _bert_layout(ElectraForSequenceClassification, ElectraForQuestionAnswering),
+    "distilbert": Layout(
+        layers="transformer.layer", attention="attention",
+        head_projections=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+        attn_out="attention.out_lin", attn_norm="sa_layer_norm",
+        ffn_in="ffn.lin1", ffn_out="ffn.lin2", ffn_norm="output_layer_norm",
+        task_classes=(DistilBertForSequenceClassification, DistilBertForQuestionAnswering),
+    ),
+}
+"""Every supported family by ``model_type``. MiniLM checkpoints are ``bert``."""
+
+
+def layout_of(config: PretrainedConfig) -> Layout:
+    """The layout of ``config``'s family (``KeyError`` for an unsupported one)."""
+    return LAYOUTS[config.model_type]
+
+
+def find_module(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule of ``root`` at dotted ``path``, or ``None`` if it has none there."""
+    module = root
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
 
 
 class EmptyAttentionHeads(nn.Module):
-    """Stands in for a BERT-layout self-attention that has no heads left.
+    """Stands in for a self-attention that has no heads left and whose output projection lives
+    outside it (BERT layout).
 
     Returns a ``(batch, seq, 0)`` tensor, so the output projection (now ``Linear(0, d)``) adds only
-    its bias and the sub-layer reduces to ``LayerNorm(input + bias)``.
+    its bias and the sub-layer reduces to its residual path.
     """
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
 
 
-class EmptyDistilBertAttention(nn.Module):
-    """Stands in for a DistilBERT attention (which owns its output projection) with no heads.
+class EmptyAttention(nn.Module):
+    """Stands in for an attention with no heads left that owns its output projection (DistilBERT).
 
-    Keeps the projection (``Linear(0, d)``) so that its bias, the only thing left, is saved and
-    loaded under its usual name.
+    Keeps the projection (``Linear(0, d)``) under its stock attribute name, so that its bias, the only
+    thing left, is saved and loaded under its usual key.
     """
 
-    def __init__(self, out_lin: nn.Linear) -> None:
+    def __init__(self, name: str, projection: nn.Linear) -> None:
         super().__init__()
-        self.out_lin = out_lin
+        self.projection_name = name
+        self.add_module(name, projection)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)  # (batch, seq, 0)
-        return self.out_lin(empty), None
+        return getattr(self, self.projection_name)(empty), None
 
 
-def _is_distilbert(config: PretrainedConfig) -> bool:
-    return config.model_type == "distilbert"
-
-
-def empty_attention(layer: nn.Module, config: PretrainedConfig) -> None:
+def empty_attention(layer: nn.Module, layout: Layout) -> None:
     """Replace the attention of ``layer`` (left with no heads) by its residual path."""
-    if _is_distilbert(config):
-        layer.attention = EmptyDistilBertAttention(layer.attention.out_lin)
+    parent_path, _, name = layout.attention.rpartition(".")
+    parent = find_module(layer, parent_path) if parent_path else layer
+    if layout.attention_owns_output:
+        projection_name = layout.attn_out[len(layout.attention) + 1:]
+        setattr(parent, name, EmptyAttention(projection_name, find_module(layer, layout.attn_out)))
     else:
-        layer.attention.self = EmptyAttentionHeads()
+        setattr(parent, name, EmptyAttentionHeads())
 
 
-def keep_units(inputs: list[nn.Linear], output: nn.Linear, index: torch.Tensor,
+def unit_rows(index: torch.Tensor, width: int, blocks: int = 1) -> torch.Tensor:
+    """Rows of a projection whose output holds ``blocks`` blocks of ``width`` unit features each
+    (Q|K|V of a fused projection, value|gate of a gated FFN) that belong to the features ``index``
+    ``(k,)`` of one block: ``(blocks * k,)``, block by block."""
+    offsets = torch.arange(blocks, device=index.device)[:, None] * width  # (blocks, 1)
+    return (offsets + index[None, :]).flatten()
+
+
+def keep_units(inputs: list[tuple[nn.Linear, int]], output: nn.Linear, index: torch.Tensor,
                scale: torch.Tensor | None = None) -> None:
     """Keep only the units at ``index`` (k,) of a sub-layer, in place.
 
-    A unit is an output feature of every ``inputs`` projection (a weight row and a bias entry) and an
-    input feature of ``output`` (a weight column). ``scale`` (k,) multiplies the kept columns of
-    ``output``: a real-valued mask folded into the weights. ``output`` keeps its bias.
+    A unit is an output feature of every ``inputs`` projection (a weight row and a bias entry per
+    block, see :func:`unit_rows`; ``inputs`` pairs each projection with its block count) and an input
+    feature of ``output`` (a weight column). ``scale`` (k,) multiplies the kept columns of ``output``:
+    a real-valued mask folded into the weights. ``output`` keeps its bias.
     """
+    width = output.in_features
     with torch.no_grad():
-        for linear in inputs:
-            rows = index.to(linear.weight.device)
-            linear.weight = nn.Parameter(linear.weight[rows], linear.weight.requires_grad)  # (k, d_in)
+        for linear, blocks in inputs:
+            rows = unit_rows(index.to(linear.weight.device), width, blocks)
+            linear.weight = nn.Parameter(linear.weight[rows], linear.weight.requires_grad)  # (blocks*k, d_in)
             if linear.bias is not None:
-                linear.bias = nn.Parameter(linear.bias[rows], linear.bias.requires_grad)  # (k,)
-            linear.out_features = len(index)
+                linear.bias = nn.Parameter(linear.bias[rows], linear.bias.requires_grad)  # (blocks*k,)
+            linear.out_features = len(rows)
         columns = output.weight[:, index.to(output.weight.device)]  # (d_out, k)
         if scale is not None:
             columns = columns * scale.to(columns)
         output.weight = nn.Parameter(columns, output.weight.requires_grad)
         output.in_features = len(index)
+
+
+def head_projections(layer: nn.Module, layout: Layout) -> list[nn.Linear]:
+    """The projections of ``layer`` whose output rows come per head (none once its attention is emptied)."""
+    return [module for path in layout.head_projections if (module := find_module(layer, path)) is not None]
 
 
 def prune_layer(layer: nn.Module, config: PretrainedConfig, heads: torch.Tensor, neurons: torch.Tensor,
@@ -106,32 +216,27 @@ def prune_layer(layer: nn.Module, config: PretrainedConfig, heads: torch.Tensor,
     ``head_scale`` (k,) and ``neuron_scale`` (m,) multiply the kept units' outputs. A sub-layer left
     with no units becomes its residual path (its output projection keeps its bias).
     """
-    head_size = config.hidden_size // config.num_attention_heads
+    layout = layout_of(config)
+    head_size = layout.head_size(config)
     offsets = torch.arange(head_size, device=heads.device)
     columns = (heads[:, None] * head_size + offsets).flatten()  # (k * head_size,)
     column_scale = head_scale.repeat_interleave(head_size) if head_scale is not None else None
-    if _is_distilbert(config):
-        attention, names, attn_out = layer.attention, ("q_lin", "k_lin", "v_lin"), layer.attention.out_lin
-        ffn_in, ffn_out = layer.ffn.lin1, layer.ffn.lin2
-    else:
-        attention, names, attn_out = layer.attention.self, ("query", "key", "value"), layer.attention.output.dense
-        ffn_in, ffn_out = layer.intermediate.dense, layer.output.dense
-    qkv = [getattr(attention, name) for name in names if hasattr(attention, name)]  # none once emptied
-    keep_units(qkv, attn_out, columns, column_scale)
+    qkv = [(projection, layout.qkv_blocks) for projection in head_projections(layer, layout)]
+    keep_units(qkv, find_module(layer, layout.attn_out), columns, column_scale)
     if len(heads) == 0:
-        empty_attention(layer, config)
+        empty_attention(layer, layout)
     else:
-        for attribute, value in (("num_attention_heads", len(heads)), ("n_heads", len(heads)),
-                                 ("all_head_size", len(columns))):
+        attention = find_module(layer, layout.attention)
+        for attribute, value in zip(HEAD_COUNTERS, (len(heads), len(heads), len(columns))):
             if hasattr(attention, attribute):  # keep the stock head counts truthful
                 setattr(attention, attribute, value)
-    keep_units([ffn_in], ffn_out, neurons, neuron_scale)
+    ffn_in = find_module(layer, layout.ffn_in)
+    keep_units([(ffn_in, layout.ffn_blocks)], find_module(layer, layout.ffn_out), neurons, neuron_scale)
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The transformer layers of ``model``, bottom-up."""
-    backbone = getattr(model, model.base_model_prefix)
-    return backbone.transformer.layer if _is_distilbert(model.config) else backbone.encoder.layer
+    return find_module(getattr(model, model.base_model_prefix), layout_of(model.config).layers)
 
 
 def resize_to_structure(model: PreTrainedModel, structure: list[dict[str, int]]) -> None:
@@ -154,23 +259,12 @@ def _pruned_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
                                                     "__doc__": f"{base.__name__} with pruned layers."})
 
 
-KPruneBertForSequenceClassification = _pruned_class(BertForSequenceClassification)
-KPruneBertForQuestionAnswering = _pruned_class(BertForQuestionAnswering)
-KPruneRobertaForSequenceClassification = _pruned_class(RobertaForSequenceClassification)
-KPruneRobertaForQuestionAnswering = _pruned_class(RobertaForQuestionAnswering)
-KPruneElectraForSequenceClassification = _pruned_class(ElectraForSequenceClassification)
-KPruneElectraForQuestionAnswering = _pruned_class(ElectraForQuestionAnswering)
-KPruneDistilBertForSequenceClassification = _pruned_class(DistilBertForSequenceClassification)
-KPruneDistilBertForQuestionAnswering = _pruned_class(DistilBertForQuestionAnswering)
-
 PRUNED_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {
-    cls.__base__: cls for cls in (
-        KPruneBertForSequenceClassification, KPruneBertForQuestionAnswering,
-        KPruneRobertaForSequenceClassification, KPruneRobertaForQuestionAnswering,
-        KPruneElectraForSequenceClassification, KPruneElectraForQuestionAnswering,
-        KPruneDistilBertForSequenceClassification, KPruneDistilBertForQuestionAnswering,
-    )
+    stock: _pruned_class(stock) for layout in LAYOUTS.values() for stock in layout.task_classes
 }
+"""The pruned class of every stock task class; each is also a module attribute (``KPruneBertFor...``),
+which is what a checkpoint's ``auto_map`` names."""
+globals().update({pruned.__name__: pruned for pruned in PRUNED_CLASSES.values()})
 
 
 def auto_map_for(model: PreTrainedModel) -> dict[str, str]:

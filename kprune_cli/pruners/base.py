@@ -1,4 +1,4 @@
-"""The contract between the pipeline and a pruner (DESIGN.md §2).
+"""The contract between the pipeline and a pruner (docs/design.md §2).
 
 The pipeline hands a pruner a :class:`PruneProblem` (plain objects: model, sample, FLOPs
 model, budget) and gets back the keep-masks it chose; a pruner may also adjust the

@@ -11,7 +11,7 @@ class TaskSpec:
 
     ``kind`` is ``"classification"``, ``"regression"`` (STS-B) or ``"qa"`` (SQuAD).
     ``avg_seq_len`` is the dev-set average sequence length the FLOPs model uses
-    (DESIGN.md §3); ``None`` means: measure it on the dev split.
+    (docs/design.md §4); ``None`` means: measure it on the dev split.
     """
 
     name: str
@@ -50,7 +50,7 @@ def _glue(name: str, keys: tuple[str, ...], num_labels: int, metric: str, metric
     )
 
 
-# Sequence lengths: dev-set averages used by the official K-prune code (DESIGN.md §3).
+# Sequence lengths: dev-set averages used by the official K-prune code (docs/design.md §4).
 TASKS: dict[str, TaskSpec] = {
     "cola": _glue("cola", ("sentence",), 2, "matthews_correlation", ("matthews_correlation",), 11.67),
     "sst2": _glue("sst2", ("sentence",), 2, "accuracy", ("accuracy",), 25.16),

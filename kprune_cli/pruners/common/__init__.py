@@ -1,6 +1,7 @@
 """Building blocks shared by the pruning methods: scoped hooks (``hooks.py``), the ridge
 least-squares solve (``lstsq.py``), a sub-layer's reconstruction system (``reconstruction.py``),
-teacher signals (``teacher.py``); here: the sub-layer numbering of DESIGN.md §3, keep-masks from
+teacher signals (``teacher.py``), forward passes over a window of layers (``window.py``), the
+budgeted mask search KPMS (``kpms.py``); here: the sub-layer numbering of docs/design.md §3, keep-masks from
 search results, and stage timing.
 
 Sub-layer ``s`` is the MHA of layer ``s // 2`` when ``s`` is even and its FFN when ``s`` is odd.

@@ -1,10 +1,12 @@
 """Scoped hooks: every hook lives inside a context manager and is removed on exit, also on errors.
 
 - :func:`capture_inputs` records what a module receives (e.g. the ``(batch, seq, heads * d_h)``
-  input of an output projection, or the pre-LN residual sum entering a LayerNorm);
+  input of an output projection);
+- :func:`capture_taps` records the tensors at :class:`~kprune_cli.models.adapters.Tap` places (a
+  sub-layer's input, its residual sum), module inputs or outputs alike;
 - :func:`scale_inputs` multiplies a module's input by a tensor (unit masks, gradient probes);
 - :func:`grad_leaf_input` makes a module's input a leaf that requires grad (where a backward pass stops);
-- :func:`forward_until` runs a model only up to a module (truncated forward pass);
+- :func:`forward_until` runs a model only up to a module, or just past it (truncated forward pass);
 - :func:`frozen` switches a model's parameters to ``requires_grad=False`` for a while.
 """
 
@@ -15,6 +17,8 @@ from typing import Hashable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from kprune_cli.models.adapters import Tap
 
 
 class StopForward(Exception):
@@ -37,6 +41,33 @@ def capture_inputs(modules: Mapping[Hashable, nn.Module]) -> Iterator[dict[Hasha
         return hook
 
     handles = [module.register_forward_pre_hook(recorder(key)) for key, module in modules.items()]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture_taps(taps: Mapping[Hashable, Tap]) -> Iterator[dict[Hashable, torch.Tensor]]:
+    """Record the tensor at each tap as ``store[key]`` (the latest call wins): a module's first
+    positional input (after earlier pre-hooks), or its output (the first element of a tuple)."""
+    store: dict[Hashable, torch.Tensor] = {}
+
+    def before(key: Hashable):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            store[key] = args[0]
+
+        return hook
+
+    def after(key: Hashable):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            store[key] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [tap.module.register_forward_hook(after(key)) if tap.after
+               else tap.module.register_forward_pre_hook(before(key)) for key, tap in taps.items()]
     try:
         yield store
     finally:
@@ -85,17 +116,21 @@ def grad_leaf_input(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def forward_until(model: nn.Module, inputs: Mapping[str, torch.Tensor], module: nn.Module) -> None:
-    """Run ``model(**inputs)`` until ``module`` is about to run, then stop.
+def forward_until(model: nn.Module, inputs: Mapping[str, torch.Tensor], module: nn.Module | Tap) -> None:
+    """Run ``model(**inputs)`` until ``module`` is about to run (or, for a :class:`Tap` with
+    ``after``, has run), then stop.
 
-    Pre-hooks on ``module`` registered before this call (e.g. by :func:`capture_inputs`) still
-    fire, so its input can be recorded. Raises ``RuntimeError`` if the model never reaches it.
+    Hooks on the module registered before this call (e.g. by :func:`capture_inputs` or
+    :func:`capture_taps`) still fire, so its input or output can be recorded. Raises
+    ``RuntimeError`` if the model never reaches it.
     """
+    tap = module if isinstance(module, Tap) else Tap(module)
+    module = tap.module
 
-    def stop(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    def stop(*args) -> None:
         raise StopForward
 
-    handle = module.register_forward_pre_hook(stop)
+    handle = module.register_forward_hook(stop) if tap.after else module.register_forward_pre_hook(stop)
     try:
         model(**inputs)
     except StopForward:

@@ -1,8 +1,10 @@
 """The reconstruction system of one sub-layer, shared by K-prune's weight-tuning and Kwon et al.'s mask tuning.
 
 After pruning, a sub-layer ``s`` of the student should still produce the reference model's
-pre-LayerNorm residual sum ``Y`` on the sample's tokens. With ``X`` ``(tokens, d)`` the sub-layer's
-input, ``A`` ``(tokens, k)`` the surviving units' activations (the output projection's input, masks
+residual sum ``Y`` on the sample's tokens (the input of the LayerNorm after the sub-layer in a
+post-LN family; in a pre-norm one, the residual stream after the sub-layer: see
+:meth:`~kprune_cli.models.adapters.LayerParts.sum_tap`). With ``X`` ``(tokens, d)`` the sub-layer's
+input (the residual stream entering it), ``A`` ``(tokens, k)`` the surviving units' activations (the output projection's input, masks
 applied) and ``b`` the projection's bias, both methods fit a least-squares problem whose normal
 equations are built from
 
@@ -22,10 +24,10 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from kprune_cli.models.adapters import ModelAdapter
+from kprune_cli.models.adapters import ModelAdapter, Tap
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common import sublayer_parts, unit_width
-from kprune_cli.pruners.common.hooks import capture_inputs
+from kprune_cli.pruners.common.hooks import capture_taps
 from kprune_cli.pruners.common.window import LayerWindow
 
 
@@ -45,7 +47,7 @@ class TokenBatch:
 @dataclass
 class SublayerActivations:
     """On the selected tokens: the sub-layer's input ``x`` ``(tokens, d)``, its output projection's
-    input ``a`` ``(tokens, width)`` (masks applied) and the pre-LN residual sum ``y`` ``(tokens, d)``."""
+    input ``a`` ``(tokens, width)`` (masks applied) and the residual sum ``y`` ``(tokens, d)``."""
 
     x: torch.Tensor
     a: torch.Tensor
@@ -73,14 +75,13 @@ def kept_columns(adapter: ModelAdapter, masks: Masks, sublayer: int) -> torch.Te
 def sublayer_activations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batch: TokenBatch,
                          sublayer: int, hidden: torch.Tensor | None = None) -> SublayerActivations:
     """What ``sublayer`` sees and produces on ``batch``'s selected tokens with ``masks`` applied,
-    from a forward pass that stops at the sub-layer's LayerNorm. The pass starts at the
-    embeddings, or with ``hidden`` ``(batch, seq, d)`` entering the sub-layer's layer."""
+    from a forward pass that stops where the sub-layer's residual sum is read. The pass starts at
+    the embeddings, or with ``hidden`` ``(batch, seq, d)`` entering the sub-layer's layer."""
     parts, kind = sublayer_parts(adapter, sublayer)
-    sublayer_input = parts.query if kind == "mha" else parts.ffn_in
-    modules = {"x": sublayer_input, "a": parts.out_proj(kind), "y": parts.norm(kind)}
+    taps = {"x": parts.input_tap(kind), "a": Tap(parts.out_proj(kind)), "y": parts.sum_tap(kind)}
     start = sublayer // 2 if hidden is not None else 0
-    with apply_masks(adapter, masks), capture_inputs(modules) as acts, LayerWindow(model, adapter, start) as window:
-        window.until(batch.inputs, parts.norm(kind), hidden)
+    with apply_masks(adapter, masks), capture_taps(taps) as acts, LayerWindow(model, adapter, start) as window:
+        window.until(batch.inputs, taps["y"], hidden)
     return SublayerActivations(*(acts[key][batch.token_mask] for key in ("x", "a", "y")))
 
 
@@ -89,7 +90,7 @@ def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks
                      hidden: Sequence[torch.Tensor] | None = None) -> NormalEquations:
     """Accumulate the normal equations of ``sublayer`` over the micro-batches.
 
-    ``targets[i]``: the reference pre-LN residual sum ``Y`` on the selected tokens of ``batches[i]``;
+    ``targets[i]``: the reference residual sum ``Y`` on the selected tokens of ``batches[i]``;
     ``hidden[i]`` (optional): the hidden states entering the sub-layer's layer on ``batches[i]``,
     with ``masks`` applied, so the passes start there instead of at the embeddings.
     """

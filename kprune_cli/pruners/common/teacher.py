@@ -29,7 +29,7 @@ from kprune_cli.calibration import DRAW_INDEX, CalibrationSample
 from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.pruners.common import sublayer_kind
-from kprune_cli.pruners.common.hooks import capture_inputs
+from kprune_cli.pruners.common.hooks import capture_taps
 from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
 from kprune_cli.tasks.data import TARGET_KEYS
@@ -156,7 +156,7 @@ class ResidualSums:
             hidden = advance(self.model, adapter, None, current, inputs, hidden)
         parts = adapter.layers()[layer]
         sums: dict[str, list[torch.Tensor]] = {"mha": [], "ffn": []}
-        with capture_inputs({"mha": parts.attn_norm, "ffn": parts.ffn_norm}) as store, \
+        with capture_taps({kind: parts.sum_tap(kind) for kind in sums}) as store, \
                 LayerWindow(self.model, adapter, layer, layer + 1) as window:
             for index, batch in enumerate(self.batches):
                 hidden[index] = window(batch.inputs, hidden[index])  # (batch, seq, d) entering layer + 1

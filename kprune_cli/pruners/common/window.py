@@ -3,12 +3,13 @@
 A sub-layer-wise schedule visits the same sample once per sub-layer, and everything below the
 target layer is final by then: the hidden states entering layer ``l`` can be computed once and
 every pass can start there instead of at the embeddings. :class:`LayerWindow` does this for
-every family without re-implementing their forward: while it is open, the encoder's layer list
-(``encoder.layer``, looped over by BERT's encoder and DistilBERT's transformer alike) holds only
-layers ``[start, stop)``, and a pre-hook on the encoder replaces the hidden states it receives
-(the embeddings' output) with the cached ones. The base model still builds the attention mask
-from ``attention_mask``; position and token-type embeddings do not matter since the embeddings'
-output is replaced. The embeddings themselves still run (a lookup and a LayerNorm).
+every family without re-implementing their forward: while it is open, the backbone's layer list
+(the adapter's ``layer_modules()``, which every family's encoder loops over) holds only layers
+``[start, stop)``, and a hook on the embeddings replaces their output with the cached hidden
+states. The base model still builds the attention mask (and relative positions, rotary
+embeddings) from the inputs and the shape of those states; the embeddings themselves still run
+(a lookup and a LayerNorm). A window that stops early ends the pass right after layer
+``stop - 1`` (or after the embeddings, when it is empty).
 
 Results are those of a full forward pass, bit for bit: each layer runs the same operations on
 the same tensors.
@@ -17,24 +18,15 @@ the same tensors.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from kprune_cli.models.adapters import ModelAdapter
+from kprune_cli.models.adapters import ModelAdapter, Tap
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.hooks import StopForward, forward_until
-
-
-def encoder_of(adapter: ModelAdapter) -> nn.Module:
-    """The module whose ``layer`` attribute is the model's list of transformer layers."""
-    layers = adapter.layer_modules()
-    for module in adapter.backbone.children():
-        if getattr(module, "layer", None) is layers:
-            return module
-    raise RuntimeError(f"no child of {type(adapter.backbone).__name__} holds the layer list as `.layer`")
 
 
 class LayerWindow:
@@ -47,7 +39,7 @@ class LayerWindow:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, start: int = 0, stop: int | None = None) -> None:
         self.model = model
-        self.encoder = encoder_of(adapter)
+        self.adapter = adapter
         self.layers = adapter.layer_modules()
         self.start, self.stop = start, stop
         self._hidden: torch.Tensor | None = None
@@ -55,27 +47,28 @@ class LayerWindow:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> "LayerWindow":
-        self._handles.append(self.encoder.register_forward_pre_hook(self._feed, with_kwargs=True))
-        if self.stop is not None:
-            self._handles.append(self.encoder.register_forward_hook(self._leave))
-        self.encoder.layer = nn.ModuleList(list(self.layers)[self.start:self.stop])
+        window = nn.ModuleList(list(self.layers)[self.start:self.stop])
+        self._handles.append(self.adapter.embeddings.register_forward_hook(self._feed))
+        if self.stop is not None and len(window):
+            self._handles.append(window[-1].register_forward_hook(self._leave))
+        self.adapter.replace_layer_modules(window)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.encoder.layer = self.layers
+        self.adapter.replace_layer_modules(self.layers)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def _feed(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self._hidden is None:
-            return None
-        if args:
-            return (self._hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self._hidden}
+    def _feed(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """The cached hidden states in place of the embeddings' output; the end of an empty window."""
+        hidden = output if self._hidden is None else self._hidden
+        if self.stop is not None and self.stop <= self.start:
+            self._leave(module, args, hidden)
+        return None if self._hidden is None else hidden
 
-    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._output = output[0] if isinstance(output, tuple) else output.last_hidden_state
+    def _leave(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+        self._output = output[0] if isinstance(output, tuple) else output
         raise StopForward
 
     def __call__(self, inputs: Mapping[str, torch.Tensor], hidden: torch.Tensor | None = None
@@ -92,7 +85,8 @@ class LayerWindow:
         finally:
             self._hidden = None
 
-    def until(self, inputs: Mapping[str, torch.Tensor], module: nn.Module, hidden: torch.Tensor | None = None) -> None:
+    def until(self, inputs: Mapping[str, torch.Tensor], module: nn.Module | Tap,
+              hidden: torch.Tensor | None = None) -> None:
         """Run until ``module`` is about to run (see :func:`~kprune_cli.pruners.common.hooks.forward_until`)."""
         self._hidden = hidden
         try:

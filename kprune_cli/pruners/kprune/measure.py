@@ -1,4 +1,4 @@
-"""Knowledge measurement (K-prune step 1; DESIGN.md §3).
+"""Knowledge measurement (K-prune step 1; docs/design.md §3).
 
 For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
 

@@ -1,4 +1,4 @@
-"""Knowledge-preserving weight-tuning, KPWT (K-prune step 3; DESIGN.md §3).
+"""Knowledge-preserving weight-tuning, KPWT (K-prune step 3; docs/design.md §3).
 
 After the search fixed which units of sub-layer ``s`` survive, re-fit the columns of its output
 projection that belong to the survivors so that the student's pre-LN residual sum matches the

@@ -1,6 +1,6 @@
 """Kwon et al. (NeurIPS 2022), "A Fast Post-Training Pruning Framework for Transformers", one stage per file.
 
-The one-shot baseline of K-prune's comparison tables (DESIGN.md §3):
+The one-shot baseline of K-prune's comparison tables (docs/design.md §3):
 
 - ``fisher.py``: per-batch gradients of the labelled task loss w.r.t. every unit mask, and their
   diagonal Fisher information (the importance of each head and neuron);

@@ -1,6 +1,6 @@
 """Fisher importance of every unit mask (Kwon et al., step a).
 
-The model runs with an all-ones mask on every head's and neuron's output (DESIGN.md §3) and with
+The model runs with an all-ones mask on every head's and neuron's output (docs/design.md §3) and with
 the sample's gold targets, so it returns its own task loss ``outputs.loss`` (a batch mean:
 cross-entropy for classification, squared error for regression, the mean of the start- and
 end-position cross-entropies for QA). For every gradient batch ``b`` (``pruner.batch_size``

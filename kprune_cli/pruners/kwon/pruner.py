@@ -1,4 +1,4 @@
-"""Kwon et al.'s one-shot schedule (DESIGN.md §2-3): measure once, search once, rearrange, tune bottom-up.
+"""Kwon et al.'s one-shot schedule (docs/design.md §3): measure once, search once, rearrange, tune bottom-up.
 
 1. Fisher: per-batch gradients of the labelled task loss w.r.t. every unit mask, at full masks;
 2. search: the split between heads and neurons that keeps the most diagonal-Fisher importance

@@ -16,19 +16,24 @@ import torch
 from kprune_cli.models.adapters import LayerParts
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
-from kprune_cli.pruners.common import sublayer_kind, sublayer_parts
-from kprune_cli.pruners.kprune.search import kpms
+from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
+from kprune_cli.pruners.common.kpms import kpms
 
 
 def unit_magnitudes(parts: LayerParts, kind: str) -> torch.Tensor:
-    """Total squared weight per unit: ``(heads,)`` for ``"mha"``, ``(neurons,)`` for ``"ffn"``."""
-    if kind == "mha":
-        width = parts.head_size
-        rows = torch.cat([parts.query.weight, parts.key.weight, parts.value.weight], dim=1)  # (H*d_h, 3d)
-        owned = torch.cat([rows, parts.attn_out.weight.T], dim=1)  # (H*d_h, 4d)
-        return owned.pow(2).reshape(parts.num_heads, width * owned.shape[1]).sum(dim=1)
-    owned = torch.cat([parts.ffn_in.weight, parts.ffn_out.weight.T], dim=1)  # (N, 2d)
-    return owned.pow(2).sum(dim=1)
+    """Total squared weight per unit: ``(heads,)`` for ``"mha"``, ``(neurons,)`` for ``"ffn"``.
+
+    A unit owns its rows of every input projection (Q/K/V, or a fused QKV's three blocks; a
+    neuron's input row, or its value and gate rows) and its columns of the output projection.
+    """
+    proj = parts.out_proj(kind)
+    width = unit_width(parts, kind)
+    units = proj.in_features // width
+    total = proj.weight.pow(2).sum(dim=0).view(units, width).sum(dim=1)  # (units,)
+    for linear, blocks in parts.unit_inputs(kind):
+        rows = linear.weight.pow(2).sum(dim=1)  # (blocks * units * width,)
+        total = total + rows.view(blocks, units, width).sum(dim=(0, 2))
+    return total
 
 
 class MagnitudePruner:
