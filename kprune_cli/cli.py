@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.markup import escape
 
 from kprune_cli.config_dir import CONFIG_DIR
+from kprune_cli.config_keys import check_known_keys
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.interrupts import catchable_interrupts
@@ -74,6 +75,12 @@ def _bench(cfg: DictConfig) -> None:
     run_bench(cfg)
 
 
+def _check_run(cfg: DictConfig) -> None:
+    from kprune_cli.run_settings import check_run_config
+
+    check_run_config(cfg)
+
+
 def _run(cfg: DictConfig) -> None:
     from kprune_cli.pipeline import run_pruning
 
@@ -106,6 +113,9 @@ def _compare(args: list[str]) -> None:
 
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {"run": _run, "finetune": _finetune, "eval": _eval,
                                                      "bench": _bench}
+# Checks of a command's config values that import nothing heavy: they run before torch, transformers
+# and datasets load, so that a bad value is reported in about a second.
+EARLY_CHECKS: dict[str, Callable[[DictConfig], None]] = {"run": _check_run}
 # Commands that are not Hydra apps: they take their arguments as they are.
 PLAIN_COMMANDS: dict[str, Callable[[list[str]], None]] = {"compare": _compare, "summarize": _summarize}
 # Commands whose output_dir is the Hydra job directory (see _route_output_dir).
@@ -127,14 +137,18 @@ class _Job:
     that run jobs in other processes (submitit) pickle it, by reference.
     """
 
-    def __init__(self, command: Callable[[DictConfig], None]) -> None:
+    def __init__(self, command: Callable[[DictConfig], None],
+                 check: Callable[[DictConfig], None] | None = None) -> None:
         self.command = command
+        self.check = check
 
     def __call__(self, cfg: DictConfig) -> None:
         _JobState.started = True
-        _quiet_third_party_progress()
         try:
             with catchable_interrupts():
+                if self.check is not None:
+                    self.check(cfg)
+                _quiet_third_party_progress()
                 self.command(cfg)
         except UserError as error:
             _print_error(error)
@@ -264,6 +278,7 @@ def run_hydra_command(command: str, overrides: list[str]) -> None:
     overrides = _multirun_first(overrides)
     try:
         _check_group_choices(overrides)
+        check_known_keys(CONFIG_DIR, command, overrides)
         if command in JOB_DIR_COMMANDS:
             overrides = _route_output_dir(overrides)
     except UserError as error:
@@ -271,7 +286,8 @@ def run_hydra_command(command: str, overrides: list[str]) -> None:
         sys.exit(UserError.exit_code)
     _JobState.started = False
     sys.argv = [f"kprune {command}", *overrides]
-    app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(_Job(COMMANDS[command]))
+    app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(
+        _Job(COMMANDS[command], EARLY_CHECKS.get(command)))
     try:
         app()
     except SystemExit as exit_:

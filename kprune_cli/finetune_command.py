@@ -18,8 +18,8 @@ from rich.table import Table
 
 from kprune_cli.config_values import check_bool, check_optional_int, required_keys, resolve_config
 from kprune_cli.console import console, make_progress
+from kprune_cli.devices import resolve_device
 from kprune_cli.finetune import FinetuneRecipe, finetune, load_seeded, read_recipe, write_finetuned
-from kprune_cli.models.loading import resolve_device
 from kprune_cli.outputs import atomic_directory, check_output_dir
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
 from kprune_cli.tasks.data import load_task_data

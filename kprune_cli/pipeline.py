@@ -11,7 +11,6 @@ retried with smaller batches, and the report says so.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,65 +20,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kprune_cli.calibration import CalibrationSample, draw_calibration_sample
-from kprune_cli.config_values import (
-    SEED_LIMIT,
-    check_argument_types,
-    check_bool,
-    check_int,
-    check_rate,
-    required_keys,
-    resolve_config,
-)
+from kprune_cli.config_values import check_argument_types, required_keys
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import evaluate_model, measure_avg_seq_len
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import save_pruned
-from kprune_cli.models.loading import count_parameters, load_model, resolve_device, stored_dtype
+from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
 from kprune_cli.models.slicing import prune_physically
 from kprune_cli.outputs import OutputDir
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.report import Report, build_report, peak_memory_mb, print_summary, write_reports
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
+from kprune_cli.run_settings import read_settings
 from kprune_cli.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
 from kprune_cli.tasks.data import load_task_data
-from kprune_cli.tasks.spec import TaskSpec, get_task
 from kprune_cli.timing import timed
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The plain, checked values of a ``kprune run`` config (configs/run.yaml)."""
-
-    task: TaskSpec
-    rate: float
-    seed: int
-    device: torch.device
-    model_path: str
-    data_dir: str | None
-    eval_batch_size: int
-    num_tokens: int
-    calibration_batch_size: int
-    calibration_seed: int
-    overwrite: bool
-
-
-def read_settings(cfg: DictConfig) -> RunSettings:
-    """The values of ``cfg`` the pipeline uses; a :class:`UserError` names the first bad one."""
-    resolve_config(cfg)
-    with required_keys():
-        return RunSettings(
-            task=get_task(str(cfg.task.name)),
-            rate=check_rate(cfg.rate),
-            seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
-            device=resolve_device(str(cfg.device)),
-            model_path=str(cfg.model.path),
-            data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
-            eval_batch_size=check_int("eval_batch_size", cfg.eval_batch_size, 1),
-            num_tokens=check_int("calibration.num_tokens", cfg.calibration.num_tokens, 1),
-            calibration_batch_size=check_int("calibration.batch_size", cfg.calibration.batch_size, 1),
-            calibration_seed=check_int("calibration.seed", cfg.calibration.seed, 0, SEED_LIMIT),
-            overwrite=check_bool("overwrite", cfg.overwrite),
-        )
 
 
 def build_pruner(cfg: DictConfig, name: str) -> Pruner:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,35 @@ def test_every_pruner_config_builds_its_pruner(pruner):
         cfg = compose("run", overrides=[f"pruner={pruner}"])
     built = build_pruner(cfg.pruner, pruner)
     assert f"{type(built).__module__}.{type(built).__name__}" == cfg.pruner._target_
+
+
+@pytest.mark.parametrize("override, closest", [
+    ("rtae=0.5", "rate"),
+    ("calibration.num_token=5", "calibration.num_tokens"),
+    ("pruner.gradient_batchx=3", "pruner.gradient_batch"),
+])
+def test_mistyped_key_is_one_line_naming_the_closest_keys(override, closest, tmp_path, capsys):
+    assert kprune("run", override, f"output_dir={tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err.strip()
+    key = override.split("=")[0]
+    assert len(err.splitlines()) == 1 and f"unknown key {key!r}" in err and f"did you mean {closest}" in err
+    assert "+" + key not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_keys_of_a_chosen_group_option_and_added_keys_are_known(capsys):
+    assert kprune("run", "pruner=kwon", "pruner.rearrange=false", "--cfg", "job") == 0
+    assert kprune("run", "+extra_note=1", "--cfg", "job") == 0
+    assert "extra_note: 1" in capsys.readouterr().out
+
+
+def test_a_bad_value_is_reported_before_torch_is_imported(tmp_path):
+    """The run's checks come before the heavy imports (torch, transformers, datasets)."""
+    probe = ("import sys\nfrom kprune_cli.cli import main\n"
+             f"sys.argv = ['kprune', 'run', 'rate=2', 'output_dir={tmp_path / 'out'}']\n"
+             "try:\n    main()\nexcept SystemExit as exit_:\n"
+             "    print(exit_.code, sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert "rate=2 is out of range" in result.stderr
+    assert not (tmp_path / "out").exists()

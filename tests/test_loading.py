@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 from transformers import BertModel, BertTokenizer, GPT2Config, GPT2ForSequenceClassification
 
 from conftest import tiny_config
+from kprune_cli.devices import resolve_device
 from kprune_cli.errors import UserError
 from kprune_cli.models.loading import (
     count_parameters,
     load_for_finetuning,
     load_model,
-    resolve_device,
     stored_dtype,
 )
 from kprune_cli.tasks.spec import get_task

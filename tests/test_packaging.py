@@ -1,7 +1,8 @@
 """The wheel holds what a non-editable install (``pip install .``, ``pip install git+...``) needs.
 
-pyproject.toml lists the packages by hand (so that ``configs/`` can be installed as
-``kprune_cli/configs``): a new sub-package or config file missing from the wheel fails here.
+setup.py discovers the packages (``configs/`` is installed as ``kprune_cli/configs``): a new
+sub-package or config file missing from the wheel fails here, and so does a build that warns
+(setuptools' ``BuildBackendWarning`` for a config directory left undeclared).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def wheel_build(tmp_path_factory) -> tuple[Path, str]:
+    """The built wheel and the build's output (stdout and stderr)."""
     pytest.importorskip("setuptools")
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -25,7 +27,18 @@ def wheel(tmp_path_factory) -> Path:
     if build.returncode != 0:
         pytest.fail(f"building the wheel failed:\n{build.stderr[-2000:]}")
     (built,) = out.glob("*.whl")
-    return built
+    return built, build.stdout + build.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(wheel_build) -> Path:
+    return wheel_build[0]
+
+
+def test_wheel_builds_without_setuptools_warnings(wheel_build):
+    output = wheel_build[1]
+    for warning in ("BuildBackendWarning", "would be ignored", "SetuptoolsDeprecationWarning"):
+        assert warning not in output
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from kprune_cli.config_values import check_int, check_optional_int
 from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import get_adapter
-from kprune_cli.models.loading import load_model, resolve_device
+from kprune_cli.devices import resolve_device
+from kprune_cli.models.loading import load_model
 from kprune_cli.resolve import resolve_model_path
 from kprune_cli.tasks.spec import get_task
 

@@ -31,24 +31,12 @@ from kprune_cli.models.adapters import check_supported
 from kprune_cli.models.modeling_kprune import STRUCTURE_KEY
 from kprune_cli.tasks.spec import TaskSpec
 
-DEVICES = ("auto", "cpu", "cuda")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # Files of which a local directory needs one for AutoTokenizer to load a real vocabulary
 # (transformers 5 silently builds an empty tokenizer otherwise).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda"``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available: use device=cpu or device=auto")
-    if name not in DEVICES:
-        raise UserError(f"unknown device {name!r}: choose one of {'|'.join(DEVICES)}")
-    return torch.device(name)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
