@@ -10,8 +10,8 @@ from rich.table import Table
 
 from kprune_cli.config_values import check_int, resolve_config
 from kprune_cli.console import console
-from kprune_cli.evaluation import evaluate_model
 from kprune_cli.devices import resolve_device
+from kprune_cli.evaluation import evaluate_model
 from kprune_cli.models.loading import count_parameters, load_model
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
 from kprune_cli.tasks.data import load_task_data
