@@ -45,23 +45,41 @@ class BatchSize:
 
 def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
                    datasets: DatasetDict, device: torch.device | str, batch_size: int = 64,
-                   progress: Progress | None = None, notes: list[str] | None = None) -> dict[str, float]:
+                   progress: Progress | None = None, notes: list[str] | None = None,
+                   max_examples: int | None = None) -> dict[str, float]:
     """Every metric of ``task`` on every split of ``task.eval_splits``, as fractions.
 
     The first split's metrics keep their plain names (``{"accuracy": 0.87, "f1": 0.9}``);
     later splits' names get a prefix (MNLI mismatched: ``mm_accuracy``). ``progress``: a
     rich progress display to add the bars to; by default a transient one of our own.
     A batch that runs out of GPU memory is retried in halves (the metrics do not change);
-    ``notes`` (optional) gets a line for the report each time.
+    ``notes`` (optional) gets a line for the report each time. ``max_examples``: evaluate on
+    the first that many examples of each split only (a quick check, not a result).
     """
     metrics = {}
     sizes = BatchSize(batch_size, notes if notes is not None else [])
     with _progress_display(progress) as display:
         for position, split in enumerate(task.eval_splits):
             prefix = "" if position == 0 else SPLIT_PREFIXES.get(split, f"{split}_")
-            scores = evaluate_split(model, tokenizer, task, datasets[split], device, sizes, display, split)
+            scores = evaluate_split(model, tokenizer, task, first_examples(datasets[split], max_examples), device,
+                                    sizes, display, split)
             metrics.update({prefix + name: value for name, value in scores.items()})
     return metrics
+
+
+def first_examples(dataset: Dataset, max_examples: int | None) -> Dataset:
+    """The first ``max_examples`` rows of ``dataset`` (all of them for None)."""
+    if max_examples is None or max_examples >= len(dataset):
+        return dataset
+    return dataset.select(range(max_examples))
+
+
+def capped_evaluation_note(task: TaskSpec, datasets: DatasetDict, max_examples: int | None) -> list[str]:
+    """The report's note when ``eval_max_examples`` leaves out examples of an evaluation split."""
+    cut = [f"{split} {max_examples} of {len(datasets[split])}" for split in task.eval_splits
+           if max_examples is not None and max_examples < len(datasets[split])]
+    return [f"evaluated on the first examples of each split only (eval_max_examples={max_examples}: "
+            f"{', '.join(cut)}): the metrics are a quick check, not a result"] if cut else []
 
 
 def evaluate_split(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,

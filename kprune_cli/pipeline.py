@@ -22,14 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from kprune_cli.calibration import CalibrationSample, draw_calibration_sample
 from kprune_cli.config_values import check_argument_types, required_keys
 from kprune_cli.errors import UserError
-from kprune_cli.evaluation import evaluate_model, measure_avg_seq_len
+from kprune_cli.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
 from kprune_cli.models.adapters import get_adapter
-from kprune_cli.models.checkpoint import save_pruned
+from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
 from kprune_cli.models.slicing import prune_physically
 from kprune_cli.outputs import OutputDir
 from kprune_cli.pruners.base import PruneProblem, Pruner
-from kprune_cli.report import Report, build_report, peak_memory_mb, print_summary, write_reports
+from kprune_cli.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
 from kprune_cli.run_settings import read_settings
 from kprune_cli.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
@@ -90,7 +90,9 @@ def run_pruning(cfg: DictConfig) -> Report:
                 raise UserError(f"model {model_path!r} has NaN or infinite values in {listed(broken)}: "
                                 f"pass a model with finite weights")
             adapter = get_adapter(model)
-        notes += data.notes
+        notes += data.notes + capped_evaluation_note(task, data, settings.eval_max_examples)
+        if settings.smoke:
+            notes.append(SMOKE_NOTE)
 
         seq_len = task.avg_seq_len
         if seq_len is None:
@@ -101,7 +103,7 @@ def run_pruning(cfg: DictConfig) -> Report:
 
         with timed(timing, "evaluate_dense"):
             dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
-                                           notes=notes)
+                                           notes=notes, max_examples=settings.eval_max_examples)
         with timed(timing, "calibration"):
             sample = draw_calibration_sample(
                 task, data[task.train_split], tokenizer, num_tokens=settings.num_tokens,
@@ -119,10 +121,15 @@ def run_pruning(cfg: DictConfig) -> Report:
                                    + (f" (pruner notes: {'; '.join(result.notes)})" if result.notes else ""))
         with timed(timing, "evaluate_pruned"):
             pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
-                                            batch_size=settings.eval_batch_size, notes=notes)
+                                            batch_size=settings.eval_batch_size, notes=notes,
+                                            max_examples=settings.eval_max_examples)
         with timed(timing, "save"):
             checkpoint_dir = output.path / "pruned"
             checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path))
+        if settings.check_reload:
+            with timed(timing, "check_reload"):
+                notes.append(check_reload(model, checkpoint_dir, task, sample.model_inputs(sample.batches[0], device),
+                                          dtype=stored_dtype(model_path)))
 
         report = build_report(
             cfg=cfg, task=task, pruner=pruner_name, rate=settings.rate, device=device,
@@ -131,7 +138,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             params=(dense_params, count_parameters(model)),
             checkpoint=(checkpoint_dir, checkpoint_bytes),
             sample=sample, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
-            notes=notes, peak_memory=peak_memory_mb(device),
+            notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
         )
         write_reports(report, output.path)
         output.release()

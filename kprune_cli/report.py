@@ -10,7 +10,8 @@ Schema of ``report.json`` (``schema_version`` 1; metric values are fractions, 0.
      "layers": [{"heads", "neurons"}, ...],                   # survivors per layer
      "dense_layers": [{"heads", "neurons"}, ...],             # units per layer before pruning
      "sample": {"examples", "tokens"},
-     "timing": {"<stage>": seconds, ...}, "peak_memory_mb", "notes": [...]}
+     "timing": {"<stage>": seconds, ...}, "peak_memory_mb", "notes": [...],
+     "smoke": false}                                          # true: a smoke run, its metric no result
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from kprune_cli.tasks.spec import TaskSpec
 
 SCHEMA_VERSION = 1
 Report = dict[str, Any]
+SMOKE_NOTE = ("smoke run (smoke=true, e.g. preset=smoke): a check that the model prunes, saves and reloads; "
+              "its metrics come from a small sample and evaluation and are not a result")
 
 
 def versions() -> dict[str, str]:
@@ -75,7 +78,8 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
                  dense_metrics: Mapping[str, float], pruned_metrics: Mapping[str, float], flops: FlopsModel,
                  dense_structure: Sequence[Mapping[str, int]], pruned_structure: Sequence[Mapping[str, int]],
                  params: tuple[int, int], checkpoint: tuple[Path, int], sample: CalibrationSample,
-                 timing: Mapping[str, float], notes: Sequence[str], peak_memory: float) -> Report:
+                 timing: Mapping[str, float], notes: Sequence[str], peak_memory: float,
+                 smoke: bool = False) -> Report:
     """Assemble the report dictionary (see the module docstring for its schema)."""
     dense_flops, pruned_flops = flops.total(dense_structure), flops.total(pruned_structure)
     return {
@@ -108,6 +112,7 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
         "timing": {name: round(seconds, 3) for name, seconds in timing.items()},
         "peak_memory_mb": round(peak_memory, 1),
         "notes": list(notes),
+        "smoke": smoke,
     }
 
 
@@ -117,6 +122,7 @@ def render_markdown(report: Report) -> str:
     lines = [
         f"# kprune report: {report['task']}, {report['pruner']}, rate {report['rate']}",
         "",
+        *(["**Smoke run: the metrics below are a quick check, not a result.**", ""] if report.get("smoke") else []),
         "| | dense | pruned |",
         "|---|---|---|",
         f"| {metric['name']} | {metric['dense']:.4f} | {metric['pruned']:.4f} |",

@@ -16,6 +16,7 @@ from kprune_cli.config_values import (
     SEED_LIMIT,
     check_bool,
     check_int,
+    check_optional_int,
     check_rate,
     required_keys,
     resolve_config,
@@ -40,10 +41,13 @@ class RunSettings:
     model_path: str
     data_dir: str | None
     eval_batch_size: int
+    eval_max_examples: int | None
     num_tokens: int
     calibration_batch_size: int
     calibration_seed: int
     overwrite: bool
+    check_reload: bool
+    smoke: bool
 
 
 def read_settings(cfg: DictConfig) -> RunSettings:
@@ -57,10 +61,13 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             model_path=str(cfg.model.path),
             data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
             eval_batch_size=check_int("eval_batch_size", cfg.eval_batch_size, 1),
+            eval_max_examples=check_optional_int("eval_max_examples", cfg.eval_max_examples, 1),
             num_tokens=check_int("calibration.num_tokens", cfg.calibration.num_tokens, 1),
             calibration_batch_size=check_int("calibration.batch_size", cfg.calibration.batch_size, 1),
             calibration_seed=check_int("calibration.seed", cfg.calibration.seed, 0, SEED_LIMIT),
             overwrite=check_bool("overwrite", cfg.overwrite),
+            check_reload=check_bool("check_reload", cfg.check_reload),
+            smoke=check_bool("smoke", cfg.smoke),
             device=resolve_device(str(cfg.device)),  # last: it imports torch
         )
 

@@ -22,8 +22,8 @@ from rich.console import Console
 
 from kprune_cli.bench.suite import FULL, QUICK, Settings, busy_warning, run_suite
 from kprune_cli.bench.tables import render
-from kprune_cli.errors import UserError
 from kprune_cli.devices import resolve_device
+from kprune_cli.errors import UserError
 
 SECTIONS = ("pruning", "scaling", "inference")
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, BertTokenizer
 
-from conftest import FAMILIES
+from conftest import FAMILIES, make_tiny_model
 from kprune_cli.models.adapters import get_adapter
-from kprune_cli.models.checkpoint import save_pruned
+from kprune_cli.models.checkpoint import ReloadMismatch, check_reload, save_pruned
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.masks import Masks
 from kprune_cli.models.slicing import prune_physically
@@ -164,3 +165,17 @@ def test_loaded_pruned_checkpoint_can_be_pruned_and_saved_again(tiny_model, tiny
     assert get_adapter(again).structure() == masks.kept() == [{"heads": 0, "neurons": 0},
                                                               {"heads": 1, "neurons": 48}]
     torch.testing.assert_close(outputs(again, tiny_inputs), outputs(loaded, tiny_inputs), atol=1e-5, rtol=0)
+
+
+def test_check_reload_finds_a_checkpoint_that_is_not_the_model(tokenizer, tmp_path):
+    """A saved checkpoint reloads as the model; one whose weights changed on disk is refused."""
+    model = make_tiny_model("bert", num_labels=2)
+    save_pruned(model, tokenizer, tmp_path / "saved")
+    inputs = {"input_ids": torch.randint(5, 90, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    assert "checkpoint reloaded and compared" in check_reload(model, tmp_path / "saved", get_task("mrpc"), inputs)
+    weights = load_file(tmp_path / "saved" / "model.safetensors")
+    name = next(key for key in weights if key.endswith("classifier.weight"))
+    weights[name] = weights[name] + 0.1
+    save_file(weights, tmp_path / "saved" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ReloadMismatch, match="outputs up to"):
+        check_reload(model, tmp_path / "saved", get_task("mrpc"), inputs)

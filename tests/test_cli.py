@@ -170,3 +170,34 @@ def test_a_bad_value_is_reported_before_torch_is_imported(tmp_path):
     assert result.stdout.strip() == "2 []", result.stderr
     assert "rate=2 is out of range" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_smoke_preset_caps_evaluation_reloads_and_marks_the_report(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "preset=smoke", "eval_max_examples=10")) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert report["smoke"] is True and report["config"]["calibration"]["num_tokens"] == 300  # the command line wins
+    notes = " ".join(report["notes"])
+    assert "smoke run" in notes and "eval_max_examples=10: validation 10 of 24" in notes
+    assert "checkpoint reloaded and compared" in notes and "check_reload" in report["timing"]
+    assert "**Smoke run" in (output / "report.md").read_text()
+    capsys.readouterr()
+    assert kprune("eval", f"checkpoint={output / 'pruned'}", "task=mrpc", f"data_dir={mrpc_dir}", "device=cpu",
+                  "eval_max_examples=10") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["metrics"] == pytest.approx(report["metric"]["all"]["pruned"])
+
+
+def test_smoke_preset_sets_a_small_sample_and_capped_evaluation(capsys):
+    assert kprune("run", "task=squad", "preset=smoke", "--cfg", "job") == 0
+    composed = capsys.readouterr().out
+    assert "num_tokens: 2000" in composed and "eval_max_examples: 100" in composed
+    assert "check_reload: true" in composed and "smoke: true" in composed
+
+
+def test_a_plain_run_is_no_smoke_run(tiny_checkpoint, mrpc_dir, tmp_path):
+    output = tmp_path / "out"
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude")) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert report["smoke"] is False and not any("smoke" in note or "reloaded" in note for note in report["notes"])
+    assert "Smoke run" not in (output / "report.md").read_text()

@@ -2,7 +2,8 @@
 
 A checkpoint holds ``model.safetensors``, ``config.json`` (stock ``model_type`` plus
 ``kprune_structure`` and an ``auto_map`` entry), the tokenizer files and ``modeling_kprune.py``;
-``AutoModelFor...from_pretrained(directory, trust_remote_code=True)`` rebuilds the pruned layers.
+``AutoModelFor...from_pretrained(directory, trust_remote_code=True)`` rebuilds the pruned layers;
+:func:`check_reload` proves that a saved one does.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kprune_cli.models import modeling_kprune
 from kprune_cli.models.adapters import get_adapter
+from kprune_cli.models.loading import load_model
 from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, auto_map_for
 from kprune_cli.outputs import atomic_directory
+from kprune_cli.tasks.spec import TaskSpec
 
 
 def save_pruned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
@@ -52,3 +55,36 @@ def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory
     config.save_pretrained(directory)  # replaces the stock config that save_pretrained wrote
     tokenizer.save_pretrained(directory)
     shutil.copyfile(modeling_kprune.__file__, directory / "modeling_kprune.py")
+
+
+RELOAD_TOLERANCE = 1e-4
+"""Largest absolute output difference allowed between a reloaded checkpoint and the pruned model
+(with its weights rounded as stored): float32 round-off, not a weight that was lost."""
+
+
+class ReloadMismatch(RuntimeError):
+    """The saved checkpoint, loaded back, is not the pruned model."""
+
+
+def check_reload(model: PreTrainedModel, directory: Path, task: TaskSpec, inputs: dict[str, torch.Tensor],
+                 dtype: torch.dtype | None = None) -> str:
+    """Load ``directory`` back (as a user would) and compare it with ``model``, which it was saved
+    from with weights in ``dtype``: the same heads and neurons per layer, and outputs on ``inputs``
+    (``(batch, seq)`` tensors on the model's device) within :data:`RELOAD_TOLERANCE` of ``model``'s
+    with its weights rounded to ``dtype``. Returns a line for the report; raises
+    :class:`ReloadMismatch` otherwise."""
+    device = next(model.parameters()).device
+    reloaded, _ = load_model(str(directory), task, device)
+    saved, loaded = get_adapter(model).structure(), get_adapter(reloaded).structure()
+    if loaded != saved:
+        raise ReloadMismatch(f"the checkpoint in {directory} reloads with heads and neurons per layer {loaded}, "
+                             f"not the pruned model's {saved}")
+    stored = copy.deepcopy(model).to(dtype or torch.float32).float().eval()
+    with torch.inference_mode():
+        expected, found = stored(**inputs).to_tuple(), reloaded(**inputs).to_tuple()
+    difference = max(float((a.float() - b.float()).abs().max()) for a, b in zip(expected, found))
+    if not difference <= RELOAD_TOLERANCE:
+        raise ReloadMismatch(f"the checkpoint in {directory} reloads with outputs up to {difference:.3g} away from "
+                             f"the pruned model's (allowed: {RELOAD_TOLERANCE:g})")
+    return (f"checkpoint reloaded and compared: same heads and neurons per layer, outputs within {difference:.1e} "
+            f"of the pruned model's")
