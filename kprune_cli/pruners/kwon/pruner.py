@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 from rich.progress import Progress
 
-from kprune_cli.console import make_progress
+from kprune_cli.console import make_progress, track
 from kprune_cli.errors import UserError
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
@@ -71,14 +71,14 @@ class KwonPruner:
         with progress if owned else nullcontext():
             with timed(timing, "fisher"):
                 bar = progress.add_task("Kwon et al.: Fisher", total=len(batches))
-                grads = mask_gradients(model, adapter, progress.track(batches, task_id=bar))
+                grads = mask_gradients(model, adapter, track(progress, batches, bar))
                 importance = fisher_importance(grads)
             with timed(timing, "search"):
                 keep = search_masks(importance, problem.flops, problem.budget)
             if self.rearrange:
                 with timed(timing, "rearrange"):
                     bar = progress.add_task("Kwon et al.: rearrange", total=num_sublayers)
-                    for s in progress.track(range(num_sublayers), task_id=bar):
+                    for s in track(progress, range(num_sublayers), bar):
                         keep[s] = rearrange_units(keep[s], grads[s])
             masks = keep_masks(adapter, keep, problem.device)
             if self.tune:
@@ -92,7 +92,7 @@ class KwonPruner:
                     ]
                     tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind)
                     bar = progress.add_task("Kwon et al.: mask tuning", total=adapter.num_layers)
-                    for layer in progress.track(range(adapter.num_layers), task_id=bar):
+                    for layer in track(progress, range(adapter.num_layers), bar):
                         notes += tuning.tune_layer(layer)
         return PruneResult(masks=masks, notes=notes, timing=timing)
 
