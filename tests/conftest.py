@@ -23,10 +23,12 @@ from transformers import (
     BertTokenizer,
     DistilBertConfig,
     ElectraConfig,
+    MPNetConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     RobertaConfig,
+    XLMRobertaConfig,
 )
 
 from kprune_cli.cli import main
@@ -36,14 +38,17 @@ torch.set_num_threads(1)
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 FAMILIES = ("bert", "roberta", "electra", "distilbert")
+OTHER_FAMILIES = ("xlm-roberta", "mpnet")
+"""Families tested by tests/test_families.py alone (the suites over FAMILIES stay small)."""
 
 
-def tiny_config(family: str, num_labels: int = 2) -> PretrainedConfig:
+def tiny_config(family: str, num_labels: int = 2, max_positions: int = 64) -> PretrainedConfig:
     """A 2-layer, 4-head, hidden-32 config of ``family`` (no download)."""
-    common = dict(vocab_size=100, max_position_embeddings=64, num_labels=num_labels)
+    common = dict(vocab_size=100, max_position_embeddings=max_positions, num_labels=num_labels)
     if family == "distilbert":
         return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common)
-    config_class = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig}[family]
+    config_class = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig,
+                    "xlm-roberta": XLMRobertaConfig, "mpnet": MPNetConfig}[family]
     extra = {"embedding_size": 32} if family == "electra" else {}
     return config_class(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -52,10 +57,10 @@ def tiny_config(family: str, num_labels: int = 2) -> PretrainedConfig:
 
 
 def make_tiny_model(family: str = "bert", head: str = "classification", num_labels: int = 2,
-                    seed: int = 0) -> PreTrainedModel:
+                    seed: int = 0, max_positions: int = 64) -> PreTrainedModel:
     """A tiny randomly initialised model in eval mode; ``head`` is "classification" or "qa"."""
     torch.manual_seed(seed)
-    config = tiny_config(family, num_labels)
+    config = tiny_config(family, num_labels, max_positions)
     auto = AutoModelForQuestionAnswering if head == "qa" else AutoModelForSequenceClassification
     return auto.from_config(config).eval()
 

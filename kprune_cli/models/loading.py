@@ -28,7 +28,7 @@ from transformers import (
 
 from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import check_supported
-from kprune_cli.models.modeling_kprune import STRUCTURE_KEY
+from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, layout_of
 from kprune_cli.tasks.spec import TaskSpec
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -66,10 +66,10 @@ def load_model(path: str, task: TaskSpec, device: torch.device | str = "cpu"
 
 
 def _limit_sequence_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
-    """Never tokenise longer than the model has position embeddings for (RoBERTa's start at
-    ``pad_token_id + 1``)."""
+    """Never tokenise longer than the model has position embeddings for (RoBERTa's, XLM-RoBERTa's and
+    MPNet's start at ``pad_token_id + 1``)."""
     positions = config.max_position_embeddings
-    if config.model_type == "roberta":
+    if layout_of(config).positions_after_padding:
         positions -= config.pad_token_id + 1
     tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
 

@@ -33,11 +33,16 @@ from transformers import (
     DistilBertForSequenceClassification,
     ElectraForQuestionAnswering,
     ElectraForSequenceClassification,
+    MPNetForQuestionAnswering,
+    MPNetForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
     RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
+    XLMRobertaForQuestionAnswering,
+    XLMRobertaForSequenceClassification,
 )
+from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
 
 STRUCTURE_KEY = "kprune_structure"
 HEAD_COUNTERS = ("num_attention_heads", "n_heads", "all_head_size")
@@ -61,6 +66,9 @@ class Layout:
     - ``attn_norm`` / ``ffn_norm``: each sub-layer's LayerNorm: after its residual sum (post-LN) or
       before the sub-layer (``pre_norm``).
     - ``positions_after_padding``: position ids start at ``pad_token_id + 1`` (RoBERTa's scheme).
+    - ``kept_heads_attention``: for a family whose layers share one per-head tensor (MPNet's
+      relative-position bias), the subclass its pruned attention modules become; it selects the
+      heads each layer kept (see :func:`record_kept_heads`).
     - ``task_classes``: the stock classes a pruned checkpoint may be, one ``KPrune...`` class each.
     """
 
@@ -78,6 +86,7 @@ class Layout:
     ffn_blocks: int = 1
     pre_norm: bool = False
     positions_after_padding: bool = False
+    kept_heads_attention: type[nn.Module] | None = None
 
     @staticmethod
     def head_size(config: PretrainedConfig) -> int:
@@ -88,6 +97,18 @@ class Layout:
     def attention_owns_output(self) -> bool:
         """Whether ``attn_out`` is a child of ``attention`` (DistilBERT's ``out_lin``, ...)."""
         return self.attn_out.startswith(self.attention + ".")
+
+
+class MPNetSelfAttentionKeptHeads(MPNetSelfAttention):
+    """MPNet's self-attention after head pruning. The encoder computes the relative-position bias
+    once for all the stock heads, ``(batch, heads, q, k)``; this layer adds only the rows of the
+    heads it kept, ``kept_heads`` ``(k,)`` (a buffer, saved with the weights)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_bias: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, ...]:
+        if position_bias is not None:
+            position_bias = position_bias[:, self.kept_heads]  # (batch, k, q, k_len)
+        return super().forward(hidden_states, attention_mask, position_bias, **kwargs)
 
 
 def _bert_layout(*task_classes: type[PreTrainedModel], **changes) -> Layout:
@@ -106,6 +127,16 @@ LAYOUTS: dict[str, Layout] = {
     "roberta": _bert_layout(RobertaForSequenceClassification, RobertaForQuestionAnswering,
                             positions_after_padding=True),
     "electra": _bert_layout(ElectraForSequenceClassification, ElectraForQuestionAnswering),
+    "xlm-roberta": _bert_layout(XLMRobertaForSequenceClassification, XLMRobertaForQuestionAnswering,
+                                positions_after_padding=True),
+    "mpnet": Layout(
+        layers="encoder.layer", attention="attention.attn",
+        head_projections=("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+        attn_out="attention.attn.o", attn_norm="attention.LayerNorm",
+        ffn_in="intermediate.dense", ffn_out="output.dense", ffn_norm="output.LayerNorm",
+        task_classes=(MPNetForSequenceClassification, MPNetForQuestionAnswering),
+        positions_after_padding=True, kept_heads_attention=MPNetSelfAttentionKeptHeads,
+    ),
     "distilbert": Layout(
         layers="transformer.layer", attention="attention",
         head_projections=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
@@ -114,7 +145,8 @@ LAYOUTS: dict[str, Layout] = {
         task_classes=(DistilBertForSequenceClassification, DistilBertForQuestionAnswering),
     ),
 }
-"""Every supported family by ``model_type``. MiniLM checkpoints are ``bert``."""
+"""Every supported family by ``model_type``. MiniLM checkpoints are ``bert``; XLM-RoBERTa keeps
+RoBERTa's layout."""
 
 
 def layout_of(config: PretrainedConfig) -> Layout:
@@ -204,6 +236,16 @@ def keep_units(inputs: list[tuple[nn.Linear, int]], output: nn.Linear, index: to
         output.in_features = len(index)
 
 
+def record_kept_heads(attention: nn.Module, heads: torch.Tensor, subclass: type[nn.Module]) -> None:
+    """Make ``attention`` a ``subclass`` that remembers which of the stock heads it keeps:
+    ``heads`` ``(k,)`` index its current heads (already a selection after an earlier pruning)."""
+    if isinstance(attention, subclass):
+        heads = attention.kept_heads[heads.to(attention.kept_heads.device)]
+    else:
+        attention.__class__ = subclass
+    attention.register_buffer("kept_heads", heads.clone())
+
+
 def head_projections(layer: nn.Module, layout: Layout) -> list[nn.Linear]:
     """The projections of ``layer`` whose output rows come per head (none once its attention is emptied)."""
     return [module for path in layout.head_projections if (module := find_module(layer, path)) is not None]
@@ -230,6 +272,8 @@ def prune_layer(layer: nn.Module, config: PretrainedConfig, heads: torch.Tensor,
         for attribute, value in zip(HEAD_COUNTERS, (len(heads), len(heads), len(columns))):
             if hasattr(attention, attribute):  # keep the stock head counts truthful
                 setattr(attention, attribute, value)
+        if layout.kept_heads_attention is not None:
+            record_kept_heads(attention, heads, layout.kept_heads_attention)
     ffn_in = find_module(layer, layout.ffn_in)
     keep_units([(ffn_in, layout.ffn_blocks)], find_module(layer, layout.ffn_out), neurons, neuron_scale)
 
