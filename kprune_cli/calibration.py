@@ -1,4 +1,5 @@
-"""The calibration sample: a fixed-seed draw of ~num_tokens tokens from the train split."""
+"""The calibration sample: a fixed-seed draw from the train split, of ~num_tokens tokens
+(:func:`draw_calibration_sample`) or of num_examples examples (:func:`draw_calibration_examples`)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,12 @@ class CalibrationSample:
     """
 
     batches: list[dict[str, torch.Tensor]]
+    example_indices: tuple[int, ...] | None = None
+    """The drawn rows of the train split, in draw order (a question of SQuAD may give several
+    sequences, its windows); None for a sample made by hand, whose every sequence counts as one example."""
 
     def draw_indices(self) -> list[torch.Tensor]:
-        """Per batch ``(batch,)``: each sequence's place in the draw order, ``0 .. num_examples - 1``.
+        """Per batch ``(batch,)``: each sequence's place in the draw order, ``0 .. num_sequences - 1``.
         A sample made without them (by hand) counts its sequences in batch order."""
         indices, offset = [], 0
         for batch in self.batches:
@@ -52,8 +56,14 @@ class CalibrationSample:
         return indices
 
     @property
-    def num_examples(self) -> int:
+    def num_sequences(self) -> int:
+        """Model input sequences: one per example for GLUE, one per window for SQuAD."""
         return sum(int(b["input_ids"].shape[0]) for b in self.batches)
+
+    @property
+    def num_examples(self) -> int:
+        """Drawn rows of the train split (SQuAD: questions)."""
+        return self.num_sequences if self.example_indices is None else len(self.example_indices)
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +88,7 @@ class CalibrationSample:
                      else torch.stack([row[key] for _, row in chunk])
                      for key, first in chunk[0][1].items()}
             batches.append({**batch, DRAW_INDEX: torch.tensor([index for index, _ in chunk])})
-        return CalibrationSample(batches)
+        return CalibrationSample(batches, self.example_indices)
 
     def model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
         """The model's inputs of ``batch`` (no targets), on ``device``."""
@@ -122,12 +132,43 @@ def draw_calibration_sample(task: TaskSpec, train: Dataset, tokenizer: PreTraine
     cumulative = np.cumsum(np.concatenate(example_tokens))
     kept_examples = min(int(np.searchsorted(cumulative, num_tokens)) + 1, len(cumulative))
     features = concatenate_datasets(chunks).select(np.flatnonzero(np.concatenate(example_of) < kept_examples))
+    return _length_sorted_sample(features, order[:kept_examples], tokenizer, batch_size)
+
+
+@deferred_interrupts()  # datasets' fingerprinting would swallow Ctrl-C
+def draw_calibration_examples(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBase,
+                              num_examples: int, seed: int, batch_size: int = 32) -> CalibrationSample:
+    """The first ``num_examples`` rows of a seeded random permutation of ``train``, all their features.
+
+    A sample counted in examples, as the official code of Kwon et al. draws it (2,048 training
+    examples). Examples are drawn *without* replacement (the official code draws with replacement);
+    a SQuAD question counts once, with all its windows (the official code draws windows). If the
+    split has fewer rows, all of it is used and a warning is logged. Features are batched as by
+    :func:`draw_calibration_sample`, and the same seed draws the same permutation: a sample of
+    ``n`` examples is the first ``n`` of the order both functions use.
+    """
+    if num_examples <= 0 or batch_size <= 0:
+        raise UserError(f"num_examples={num_examples}, batch_size={batch_size}: both must be positive")
+    if len(train) == 0:
+        raise UserError(f"the train split of task {task.name} is empty: no calibration sample can be drawn")
+    if len(train) < num_examples:
+        logger.warning("the train split has %d examples, fewer than the %d asked for: "
+                       "the calibration sample uses all of it", len(train), num_examples)
+    order = np.random.default_rng(seed).permutation(len(train))[:num_examples]
+    features = tokenize_split(task, train.select(order), tokenizer, for_training=True)
+    return _length_sorted_sample(features, order, tokenizer, batch_size)
+
+
+def _length_sorted_sample(features: Dataset, example_indices: np.ndarray, tokenizer: PreTrainedTokenizerBase,
+                          batch_size: int) -> CalibrationSample:
+    """``features`` (in draw order) sorted by length, longest first, and padded per batch of
+    ``batch_size``; each keeps its place in the draw order (:data:`DRAW_INDEX`)."""
     by_length = np.argsort(-feature_lengths(features), kind="stable")
     return CalibrationSample([
         {**collate(features.select(by_length[begin:begin + batch_size]).to_list(), tokenizer),
          DRAW_INDEX: torch.from_numpy(by_length[begin:begin + batch_size].copy())}
         for begin in range(0, len(by_length), batch_size)
-    ])
+    ], tuple(int(index) for index in example_indices))
 
 
 def _example_index(features: Dataset) -> np.ndarray:

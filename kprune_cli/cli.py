@@ -53,7 +53,7 @@ commands:
 common keys (Hydra overrides; `kprune <command> --help` lists all):
   task=cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|squad|squad_v2|demo
   model.path=<dir or hub id>   rate=0.5   pruner=kprune|magnitude|...
-  calibration.num_tokens=100000   data_dir=<local data>   device=auto|cpu|cuda
+  calibration.num_tokens=100000 | calibration.num_examples=2048   data_dir=<local data>   device=auto|cpu|cuda
   output_dir=<dir> (with -m: the sweep's directory)   overwrite=true   seed=0
   hydra/launcher=local|slurm   run a sweep's jobs in parallel processes or on SLURM (pip install -e .[cluster])
 

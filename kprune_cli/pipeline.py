@@ -14,12 +14,14 @@ import importlib
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
-from kprune_cli.calibration import CalibrationSample, draw_calibration_sample
+from kprune_cli.calibration import CalibrationSample, draw_calibration_examples, draw_calibration_sample
 from kprune_cli.config_values import check_argument_types, required_keys
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
@@ -31,9 +33,10 @@ from kprune_cli.outputs import OutputDir
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
-from kprune_cli.run_settings import read_settings
+from kprune_cli.run_settings import SampleSize, read_settings
 from kprune_cli.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
 from kprune_cli.tasks.data import load_task_data
+from kprune_cli.tasks.spec import TaskSpec
 from kprune_cli.timing import timed
 
 
@@ -57,12 +60,19 @@ def build_pruner(cfg: DictConfig, name: str) -> Pruner:
         raise UserError(f"pruner={name}: its config does not fit {cfg._target_} ({cause or error})") from None
 
 
-def sample_shortfall(sample: CalibrationSample, num_tokens: int) -> list[str]:
-    """A note when the train split had fewer tokens than ``calibration.num_tokens`` asked for."""
-    if sample.num_tokens >= num_tokens:
-        return []
-    return [f"calibration.num_tokens={num_tokens} is more than the train split holds: the calibration sample "
-            f"is the whole split, {sample.num_tokens} tokens in {sample.num_examples} examples"]
+def draw_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBase, size: SampleSize,
+                seed: int, batch_size: int) -> tuple[CalibrationSample, list[str]]:
+    """The calibration sample of ``size``, and a note for the report when the train split holds less."""
+    if size.unit == "examples":
+        sample = draw_calibration_examples(task, train, tokenizer, size.count, seed, batch_size)
+        drawn = sample.num_examples
+    else:
+        sample = draw_calibration_sample(task, train, tokenizer, size.count, seed, batch_size)
+        drawn = sample.num_tokens
+    if drawn >= size.count:
+        return sample, []
+    return sample, [f"{size} is more than the train split holds: the calibration sample is the whole split, "
+                    f"{sample.num_tokens} tokens in {sample.num_examples} examples"]
 
 
 def run_pruning(cfg: DictConfig) -> Report:
@@ -105,11 +115,9 @@ def run_pruning(cfg: DictConfig) -> Report:
             dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
                                            notes=notes, max_examples=settings.eval_max_examples)
         with timed(timing, "calibration"):
-            sample = draw_calibration_sample(
-                task, data[task.train_split], tokenizer, num_tokens=settings.num_tokens,
-                seed=settings.calibration_seed, batch_size=settings.calibration_batch_size,
-            )
-        notes += sample_shortfall(sample, settings.num_tokens)
+            sample, shortfall = draw_sample(task, data[task.train_split], tokenizer, settings.sample_size,
+                                            settings.calibration_seed, settings.calibration_batch_size)
+        notes += shortfall
         problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
                                rate=settings.rate, device=device, seed=settings.seed)
         with timed(timing, "prune"):
@@ -137,7 +145,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             flops=flops, dense_structure=dense_structure, pruned_structure=adapter.structure(),
             params=(dense_params, count_parameters(model)),
             checkpoint=(checkpoint_dir, checkpoint_bytes),
-            sample=sample, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
+            sample=sample, sample_size=str(settings.sample_size), pruner_settings=result.settings, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
         )
         write_reports(report, output.path)

@@ -9,7 +9,11 @@ Schema of ``report.json`` (``schema_version`` 1; metric values are fractions, 0.
      "params": {"dense", "pruned"}, "checkpoint": {"path", "bytes"},
      "layers": [{"heads", "neurons"}, ...],                   # survivors per layer
      "dense_layers": [{"heads", "neurons"}, ...],             # units per layer before pruning
-     "sample": {"examples", "tokens"},
+     "sample": {"examples", "windows", "tokens", "asked"},     # drawn train rows (SQuAD: questions), model
+                                                             # input sequences (SQuAD: windows), real tokens;
+                                                             # asked: the size setting, "calibration.num_tokens=100000"
+     "pruner_settings": {...},                                # what the pruner ran with, those it chose for
+                                                             # the task included ({"gradient_batch": 12})
      "timing": {"<stage>": seconds, ...}, "peak_memory_mb", "notes": [...],
      "smoke": false}                                          # true: a smoke run, its metric no result
 """
@@ -78,7 +82,8 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
                  dense_metrics: Mapping[str, float], pruned_metrics: Mapping[str, float], flops: FlopsModel,
                  dense_structure: Sequence[Mapping[str, int]], pruned_structure: Sequence[Mapping[str, int]],
                  params: tuple[int, int], checkpoint: tuple[Path, int], sample: CalibrationSample,
-                 timing: Mapping[str, float], notes: Sequence[str], peak_memory: float,
+                 sample_size: str, pruner_settings: Mapping[str, Any], timing: Mapping[str, float],
+                 notes: Sequence[str], peak_memory: float,
                  smoke: bool = False) -> Report:
     """Assemble the report dictionary (see the module docstring for its schema)."""
     dense_flops, pruned_flops = flops.total(dense_structure), flops.total(pruned_structure)
@@ -108,7 +113,9 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
         "checkpoint": {"path": str(checkpoint[0]), "bytes": checkpoint[1]},
         "layers": [dict(layer) for layer in pruned_structure],
         "dense_layers": [dict(layer) for layer in dense_structure],
-        "sample": {"examples": sample.num_examples, "tokens": sample.num_tokens},
+        "sample": {"examples": sample.num_examples, "windows": sample.num_sequences, "tokens": sample.num_tokens,
+                   "asked": sample_size},
+        "pruner_settings": dict(pruner_settings),
         "timing": {name: round(seconds, 3) for name, seconds in timing.items()},
         "peak_memory_mb": round(peak_memory, 1),
         "notes": list(notes),
@@ -119,6 +126,7 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
 def render_markdown(report: Report) -> str:
     """``report.md``: the same facts as report.json, for people."""
     metric, flops, params = report["metric"], report["flops"], report["params"]
+    pruner_settings = "".join(f"Pruner {key}: {value}. " for key, value in report["pruner_settings"].items())
     lines = [
         f"# kprune report: {report['task']}, {report['pruner']}, rate {report['rate']}",
         "",
@@ -136,7 +144,7 @@ def render_markdown(report: Report) -> str:
         "",
         f"FLOPs reduction: {flops['reduction']:.4f} (target {report['rate']}). "
         f"Checkpoint: `{report['checkpoint']['path']}` ({report['checkpoint']['bytes'] / 2**20:.1f} MiB). "
-        f"Calibration sample: {report['sample']['examples']} examples, {report['sample']['tokens']} tokens. "
+        f"Calibration sample: {_sample_line(report['sample'])}. {pruner_settings}"
         f"Seed {report['seed']}, device {report['device']}, peak memory {report['peak_memory_mb']:.0f} MB.",
         "",
         "## Surviving units per layer",
@@ -155,6 +163,12 @@ def render_markdown(report: Report) -> str:
         lines += ["", "## Notes", "", *[f"- {note}" for note in report["notes"]]]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _sample_line(sample: Mapping[str, Any]) -> str:
+    """``2048 examples (2103 windows), 331,620 tokens (calibration.num_examples=2048)``."""
+    windows = f" ({sample['windows']} windows)" if sample["windows"] != sample["examples"] else ""
+    return f"{sample['examples']} examples{windows}, {sample['tokens']:,} tokens ({sample['asked']})"
 
 
 def write_reports(report: Report, directory: Path) -> None:

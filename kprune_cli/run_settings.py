@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kprune_cli.config_values import (
     SEED_LIMIT,
@@ -31,6 +32,52 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class SampleSize:
+    """How much calibration data to draw: ``count`` examples (``unit="examples"``) or ``count`` tokens
+    (``unit="tokens"``); the config key is ``calibration.num_<unit>``."""
+
+    count: int
+    unit: str
+
+    def __str__(self) -> str:
+        return f"calibration.num_{self.unit}={self.count}"
+
+
+SAMPLE_SIZE_KEYS = ("calibration.num_tokens", "calibration.num_examples")
+
+
+def prefer_given_sample_size(calibration: DictConfig, given_keys: set[str]) -> None:
+    """Where the pruner's config set one sample size and the command line the other, keep the command
+    line's: ``pruner=kwon`` draws 2,048 examples, ``pruner=kwon calibration.num_tokens=8000`` 8,000 tokens.
+    ``given_keys``: the keys the command line overrode."""
+    given = [key for key in SAMPLE_SIZE_KEYS if key in given_keys]
+    if len(given) == 1 and OmegaConf.select(calibration, given[0].rpartition(".")[2]) is not None:
+        other = next(key for key in SAMPLE_SIZE_KEYS if key not in given).rpartition(".")[2]
+        with open_dict(calibration):
+            calibration[other] = None
+
+
+def command_line_keys() -> set[str]:
+    """The config keys this job's command line overrode (``calibration.num_tokens=8000`` gives
+    ``calibration.num_tokens``); empty outside a Hydra job."""
+    if not HydraConfig.initialized():
+        return set()
+    overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)  # strings, as typed
+    return {override.lstrip("+~").partition("=")[0] for override in overrides}
+
+
+def read_sample_size(calibration: DictConfig) -> SampleSize:
+    """The one of ``calibration.num_tokens`` / ``calibration.num_examples`` that is set (the other null)."""
+    tokens = check_optional_int("calibration.num_tokens", calibration.num_tokens, 1)
+    examples = check_optional_int("calibration.num_examples", calibration.get("num_examples"), 1)
+    if (tokens is None) == (examples is None):
+        given = "both are set" if tokens is not None else "neither is set"
+        raise UserError(f"calibration.num_tokens={tokens} and calibration.num_examples={examples}: {given}; give one "
+                        f"and set the other to null (e.g. calibration.num_tokens=100000 calibration.num_examples=null)")
+    return SampleSize(examples, "examples") if examples is not None else SampleSize(tokens, "tokens")
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """The plain, checked values of a ``kprune run`` config (configs/run.yaml)."""
 
@@ -42,7 +89,7 @@ class RunSettings:
     data_dir: str | None
     eval_batch_size: int
     eval_max_examples: int | None
-    num_tokens: int
+    sample_size: SampleSize
     calibration_batch_size: int
     calibration_seed: int
     overwrite: bool
@@ -51,9 +98,13 @@ class RunSettings:
 
 
 def read_settings(cfg: DictConfig) -> RunSettings:
-    """The values of ``cfg`` the pipeline uses; a :class:`UserError` names the first bad one."""
+    """The values of ``cfg`` the pipeline uses; a :class:`UserError` names the first bad one.
+
+    First settles the sample size in ``cfg`` itself (:func:`prefer_given_sample_size`), so that the
+    report's config shows the size that was drawn."""
     resolve_config(cfg)
     with required_keys():
+        prefer_given_sample_size(cfg.calibration, command_line_keys())
         return RunSettings(
             task=get_task(str(cfg.task.name)),
             rate=check_rate(cfg.rate),
@@ -62,7 +113,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
             eval_batch_size=check_int("eval_batch_size", cfg.eval_batch_size, 1),
             eval_max_examples=check_optional_int("eval_max_examples", cfg.eval_max_examples, 1),
-            num_tokens=check_int("calibration.num_tokens", cfg.calibration.num_tokens, 1),
+            sample_size=read_sample_size(cfg.calibration),
             calibration_batch_size=check_int("calibration.batch_size", cfg.calibration.batch_size, 1),
             calibration_seed=check_int("calibration.seed", cfg.calibration.seed, 0, SEED_LIMIT),
             overwrite=check_bool("overwrite", cfg.overwrite),

@@ -1,4 +1,5 @@
-"""The calibration sample: seeded draw without replacement up to a token count, bounded work."""
+"""The calibration sample: seeded draw without replacement up to a token count or of an example
+count, bounded work."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from datasets import Dataset
 
 from kprune_cli import calibration
-from kprune_cli.calibration import DRAW_INDEX, CalibrationSample, draw_calibration_sample
+from kprune_cli.calibration import DRAW_INDEX, CalibrationSample, draw_calibration_examples, draw_calibration_sample
 from kprune_cli.errors import UserError
 from kprune_cli.tasks.data import load_task_data, tokenize_split
 from kprune_cli.tasks.spec import get_task
@@ -126,13 +127,49 @@ def test_squad_counts_every_window_of_a_question(shared_dir, minilm_tokenizer):
     task = dataclasses.replace(get_task("squad"), max_length=96, extra={"doc_stride": 32})
     train = read_squad_json(shared_dir / "data/squad/dev-v1.1.json").select(range(400))
     sample = draw_calibration_sample(task, train, minilm_tokenizer, num_tokens=5_000, seed=0)
-    windows = tokens = 0
+    windows = tokens = questions = 0
     for row in np.random.default_rng(0).permutation(len(train)):
         if tokens >= 5_000:
             break
         features = tokenize_split(task, train.select([int(row)]), minilm_tokenizer, for_training=True)
         windows += len(features)
         tokens += sum(len(ids) for ids in features["input_ids"])
-    assert sample.num_examples == windows and sample.num_tokens == tokens
+        questions += 1
+    assert sample.num_sequences == windows and sample.num_tokens == tokens
+    assert sample.num_examples == questions < windows  # a question counts once, with all its windows
     assert all({"start_positions", "end_positions"} <= set(batch) for batch in sample.batches)
     assert any(bool((batch["start_positions"] > 0).any()) for batch in sample.batches)
+
+
+def test_an_example_count_draws_the_first_rows_of_the_same_permutation(char_tokenizer):
+    tokenizer, train = char_tokenizer(), sentences(300)
+    sample = draw_calibration_examples(TASK, train, tokenizer, num_examples=50, seed=3, batch_size=16)
+    order = np.random.default_rng(3).permutation(len(train))[:50]
+    assert sample.example_indices == tuple(int(row) for row in order)
+    expected = [tuple(tokenizer(train[int(row)]["sentence"], truncation=True, max_length=32)["input_ids"])
+                for row in order]
+    assert sorted(rows_of(sample)) == sorted(expected)
+    assert sample.num_examples == sample.num_sequences == 50
+    widths = [batch["input_ids"].shape[1] for batch in sample.batches]
+    assert widths == sorted(widths, reverse=True)
+    # The token-counted draw of the same seed takes a prefix of the same order.
+    by_tokens = draw_calibration_sample(TASK, train, tokenizer, num_tokens=300, seed=3, batch_size=16)
+    assert by_tokens.example_indices == sample.example_indices[:by_tokens.num_examples]
+    assert by_tokens.in_draw_order(4).example_indices == by_tokens.example_indices
+
+
+def test_an_example_count_beyond_the_split_takes_all_of_it(char_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING):
+        sample = draw_calibration_examples(TASK, sentences(10), char_tokenizer(), num_examples=2048, seed=0)
+    assert sample.num_examples == 10 and "fewer than the 2048 asked" in caplog.text
+    with pytest.raises(UserError, match="num_examples=0"):
+        draw_calibration_examples(TASK, sentences(10), char_tokenizer(), num_examples=0, seed=0)
+
+
+def test_squad_examples_are_questions_with_all_their_windows(shared_dir, minilm_tokenizer):
+    task = dataclasses.replace(get_task("squad"), max_length=96, extra={"doc_stride": 32})
+    train = read_squad_json(shared_dir / "data/squad/dev-v1.1.json").select(range(200))
+    sample = draw_calibration_examples(task, train, minilm_tokenizer, num_examples=30, seed=0)
+    order = np.random.default_rng(0).permutation(len(train))[:30]
+    windows = len(tokenize_split(task, train.select(order), minilm_tokenizer, for_training=True))
+    assert sample.num_examples == 30 and sample.num_sequences == windows > 30

@@ -251,4 +251,5 @@ def test_pruner_config(tmp_path):
         config = compose("main", overrides=[f"hydra.searchpath=[file://{CONFIGS}]"])
     pruner = instantiate(config.pruner)
     assert isinstance(pruner, KwonPruner) and pruner.name == "kwon"
-    assert (pruner.batch_size, pruner.rearrange, pruner.tune, pruner.teacher) == (32, True, True, "intermediate")
+    # batch_size None: the task's official gradient batch (tests/test_official_settings.py)
+    assert (pruner.batch_size, pruner.rearrange, pruner.tune, pruner.teacher) == (None, True, True, "intermediate")

@@ -49,12 +49,14 @@ class PruneResult:
     """The chosen masks, plus what the report should say about how they were found.
 
     ``notes`` holds human-readable remarks the report must show (e.g. a least-squares
-    solve that fell back to a larger ridge); ``timing`` seconds per stage.
+    solve that fell back to a larger ridge); ``timing`` seconds per stage; ``settings`` the
+    method's settings as it ran, those its config left to the task included (``{"gradient_batch": 12}``).
     """
 
     masks: Masks
     notes: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, int | float | str] = field(default_factory=dict)
 
 
 class Pruner(Protocol):

@@ -2,8 +2,11 @@
 
 A comparison is a sweep of ``kprune run`` over pruner × rate (Hydra multirun, so any launcher
 works and any other run key may be given or swept, e.g. ``seed=0,1,2``), followed by
-``kprune summarize`` of the sweep directory. Jobs with the same seed draw the same calibration
-sample (``calibration.seed`` follows ``seed``), so the pruners see the same data.
+``kprune summarize`` of the sweep directory. Each pruner runs at its own official settings: its
+calibration sample (K-prune 100K tokens, Kwon et al. 2,048 examples) and its gradient batch, both
+from its configs, as a plain ``kprune run pruner=...`` would. Jobs with the same seed draw from the
+same seeded order (``calibration.seed`` follows ``seed``); ``calibration.num_tokens=N`` or
+``calibration.num_examples=N`` gives every pruner the same sample instead.
 
     kprune compare task=mrpc model.path=... data_dir=... pruners=kprune,kwon,magnitude rate=0.4,0.6,0.8
 """
@@ -23,13 +26,15 @@ ALIASES = {"pruners": "pruner", "rates": "rate"}
 USAGE = f"""\
 usage: kprune compare [key=value ...]
 
-Run every pruner at every rate on the same calibration sample (a `kprune run -m` sweep), then
-write summary.csv/.md/.json and a metric-vs-FLOPs plot into the sweep's directory.
+Run every pruner at every rate, each at its own official settings (calibration sample, gradient
+batch), as a `kprune run -m` sweep; then write summary.csv/.md/.json and a metric-vs-FLOPs plot
+into the sweep's directory.
 
   pruners=a,b,...   pruners to compare (default {DEFAULTS['pruner']})
   rate=r1,r2,...    FLOPs reduction rates (default {DEFAULTS['rate']})
   output_dir=DIR    the comparison's directory (default outputs/compare-<task>-<time>)
-  any `kprune run` key (task=, model.path=, data_dir=, calibration.num_tokens=, seed=0,1,2,
+  calibration.num_tokens=N | calibration.num_examples=N   one sample size for every pruner
+  any `kprune run` key (task=, model.path=, data_dir=, seed=0,1,2,
   hydra/launcher=local|slurm, ...); `kprune run --help` lists them.
 """
 

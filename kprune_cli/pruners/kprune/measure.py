@@ -6,7 +6,8 @@ For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
   teacher's soft targets; ``m`` is a mask entry on one input column of the sub-layer's output
   projection. For a head, the mean over its ``d_h`` columns. As in the official code, the
   expectation is taken over *gradient batches*: the sample, in the (random) order it was drawn,
-  is cut into batches of ``gradient_batch`` sequences (32, the official code's batch size), and
+  is cut into batches of ``gradient_batch`` sequences (the official code's batch size, 32 for GLUE and
+  12 for SQuAD: :mod:`~kprune_cli.pruners.common.gradient_batch`), and
   ``K_pred = ½ · Σ_batches (∂ mean_{x∈batch} ℓ(x) / ∂m)² / N`` over the ``N`` sequences. The
   paper's ``λ_rep`` is tuned to this scale. ``gradient_batch=1`` gives the per-sample average
   ``½ · mean_x (∂ℓ(x)/∂m)²`` instead (the empirical Fisher); its values are at least
@@ -42,13 +43,10 @@ from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import ModelAdapter
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
+from kprune_cli.pruners.common.gradient_batch import GLUE_GRADIENT_BATCH
 from kprune_cli.pruners.common.hooks import capture_inputs, frozen, grad_leaf_input, scale_inputs
 from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
 from kprune_cli.pruners.common.window import LayerWindow
-
-
-OFFICIAL_GRADIENT_BATCH = 32
-"""Sequences per gradient batch in the official code (its sample batch size for GLUE)."""
 
 
 class SquaredBatchGradients:
@@ -97,7 +95,7 @@ class Knowledge:
 
 def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher: Teacher,
             from_sublayer: int, hidden: Sequence[torch.Tensor] | None = None,
-            autocast: torch.dtype | None = None, gradient_batch: int = OFFICIAL_GRADIENT_BATCH) -> Knowledge:
+            autocast: torch.dtype | None = None, gradient_batch: int = GLUE_GRADIENT_BATCH) -> Knowledge:
     """Measure the knowledge of every unit of the sub-layers ``≥ from_sublayer`` (one pass over the sample).
 
     The model runs with ``masks`` applied and its parameters frozen, so the backward pass

@@ -38,8 +38,9 @@ from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
-from kprune_cli.pruners.kprune.measure import OFFICIAL_GRADIENT_BATCH, measure, score
+from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.timing import timed
 
@@ -59,8 +60,9 @@ class KPrunePruner:
     default off) runs the measurement passes in that precision (faster on GPUs, slightly
     different scores; see :func:`~kprune_cli.pruners.kprune.measure.measure`);
     ``gradient_batch`` is the number of sequences per squared gradient of predictive knowledge
-    (32 as in the official code, to which ``lambda_rep`` is tuned; 1 = per-sample, see
-    :mod:`~kprune_cli.pruners.kprune.measure`).
+    (``None``: the official code's for the task, 32 for GLUE and 12 for SQuAD, to which ``lambda_rep``
+    is tuned, see :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`;
+    1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`).
     """
 
     name = "kprune"
@@ -68,7 +70,7 @@ class KPrunePruner:
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
                  batch_size: int | None = 32, autocast: bool | str | None = False,
-                 gradient_batch: int = OFFICIAL_GRADIENT_BATCH) -> None:
+                 gradient_batch: int | None = None) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -79,8 +81,8 @@ class KPrunePruner:
                 raise UserError(f"pruner.{key}={value}: must be > 0")
         if batch_size is not None and batch_size < 1:
             raise UserError(f"pruner.batch_size={batch_size}: must be a positive integer or null")
-        if gradient_batch < 1:
-            raise UserError(f"pruner.gradient_batch={gradient_batch}: must be a positive integer")
+        if gradient_batch is not None and gradient_batch < 1:
+            raise UserError(f"pruner.gradient_batch={gradient_batch}: must be a positive integer or null")
         self.lambda_pred = lambda_pred
         self.lambda_rep = lambda_rep
         self.mu = mu
@@ -109,6 +111,7 @@ class KPrunePruner:
             teacher_sums = ResidualSums(problem.model, teacher.batches) if self.tune else None
         masks = Masks.ones(problem.adapter, problem.device)
         notes = self._precision_notes(problem.device)
+        gradient_batch = self.gradient_batch or official_gradient_batch(problem.task, problem.adapter.hidden_size)
         num_sublayers = 2 * problem.adapter.num_layers
         inputs = [batch.inputs for batch in teacher.batches]
         with timed(timing, "measure"):
@@ -118,13 +121,13 @@ class KPrunePruner:
         with progress if owned else nullcontext():
             bar = progress.add_task("K-prune", total=num_sublayers)
             if not self.iterative:
-                self._search(problem, teacher, masks, 0, problem.budget, timing, hidden)
+                self._search(problem, teacher, masks, 0, problem.budget, timing, hidden, gradient_batch)
             budget = problem.budget
             for s in range(num_sublayers):
                 kind, layer = sublayer_kind(s), s // 2
                 progress.update(bar, description=f"K-prune {kind.upper()} {layer}")
                 if self.iterative:
-                    self._search(problem, teacher, masks, s, budget, timing, hidden)
+                    self._search(problem, teacher, masks, s, budget, timing, hidden, gradient_batch)
                     budget -= float(masks.of(kind)[layer].count_nonzero()) * problem.flops.cost(kind)
                 if teacher_sums is not None:
                     with timed(timing, "teacher"):
@@ -137,7 +140,7 @@ class KPrunePruner:
                 if on_step is not None:
                     on_step(s, masks)
                 progress.advance(bar)
-        return PruneResult(masks=masks, notes=notes, timing=timing)
+        return PruneResult(masks=masks, notes=notes, timing=timing, settings={"gradient_batch": gradient_batch})
 
     def _precision_notes(self, device: torch.device) -> list[str]:
         """A note when ``autocast`` asks for a precision that ``device`` only emulates (slower than float32)."""
@@ -148,13 +151,13 @@ class KPrunePruner:
                 f"measurement passes ran emulated, slower than in float32; pruner.autocast=false is faster here"]
 
     def _search(self, problem: PruneProblem, teacher: Teacher, masks: Masks, from_sublayer: int,
-                budget: float, timing: dict[str, float], hidden: list[torch.Tensor]) -> None:
+                budget: float, timing: dict[str, float], hidden: list[torch.Tensor], gradient_batch: int) -> None:
         """Measure sub-layers ``≥ from_sublayer`` (``hidden``: the student's hidden states entering
-        their first layer), search, and write the masks of the sub-layers it decides: only
-        ``from_sublayer`` when iterative, all of them when one-shot."""
+        their first layer; ``gradient_batch`` sequences per squared gradient), search, and write the
+        masks of the sub-layers it decides: only ``from_sublayer`` when iterative, all of them when one-shot."""
         with timed(timing, "measure"):
             knowledge = measure(problem.model, problem.adapter, masks, teacher, from_sublayer, hidden,
-                                AUTOCAST_DTYPES.get(self.autocast), self.gradient_batch)
+                                AUTOCAST_DTYPES.get(self.autocast), gradient_batch)
         with timed(timing, "search"):
             scores = score(knowledge, masks, problem.flops, self.lambda_pred, self.lambda_rep, self.mu)
             keep = kpms(scores, problem.flops, budget)

@@ -11,10 +11,10 @@ loss, squared and summed, exactly as the official code does. The per-batch gradi
 mask rearrangement builds the block-diagonal Fisher from them.
 
 Sample size: the official code draws 2,048 training examples (with replacement) in batches of 32
-(12 for SQuAD). The pipeline passes the calibration sample, so a config for this pruner should
-draw about 2K examples (``calibration.num_tokens`` ≈ 2,048 × the task's tokens per example) and
-keep ``pruner.batch_size`` at 32 (12 for SQuAD): both the batching and the sample size change
-the Fisher values.
+(12 for SQuAD). The pipeline passes the calibration sample; this pruner's config draws 2,048
+examples (``configs/pruner_calibration/kwon.yaml``) and leaves ``pruner.batch_size`` to the task's
+official size (:func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`): both the
+batching and the sample size change the Fisher values.
 """
 
 from __future__ import annotations

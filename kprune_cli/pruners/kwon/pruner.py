@@ -24,6 +24,7 @@ from kprune_cli.errors import UserError
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import keep_masks
+from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.kwon.fisher import fisher_importance, labelled_batches, mask_gradients
 from kprune_cli.pruners.kwon.rearrange import rearrange_units
@@ -39,7 +40,9 @@ class KwonPruner:
     """Kwon et al. (NeurIPS 2022): Fisher-based mask search, rearrangement and mask tuning, without retraining.
 
     ``batch_size``: sequences per gradient batch; the Fisher sums squared *per-batch* gradients,
-    so this is part of the method (official: 32, 12 for SQuAD), not only a memory knob.
+    so this is part of the method, not only a memory knob (``None``: the official code's for the
+    task, 32 for GLUE and 12 for SQuAD, see
+    :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`).
     ``rearrange`` / ``tune`` enable steps 3 / 4. ``teacher``: what mask tuning reconstructs,
     ``"intermediate"`` (official: the model pruned to the milder budget ``sqrt`` of the kept
     fraction) or ``"original"`` (the unpruned model).
@@ -47,7 +50,7 @@ class KwonPruner:
 
     name = "kwon"
 
-    def __init__(self, batch_size: int | None = 32, rearrange: bool = True, tune: bool = True,
+    def __init__(self, batch_size: int | None = None, rearrange: bool = True, tune: bool = True,
                  teacher: str = "intermediate") -> None:
         if batch_size is not None and batch_size < 1:
             raise UserError(f"pruner.batch_size={batch_size}: must be a positive integer or null")
@@ -64,7 +67,8 @@ class KwonPruner:
         model, adapter = problem.model, problem.adapter
         num_sublayers = 2 * adapter.num_layers
         timing = {"fisher": 0.0, "search": 0.0, "rearrange": 0.0, "tune": 0.0}
-        batches = labelled_batches(problem.sample, self.batch_size, problem.device)
+        batch_size = self.batch_size or official_gradient_batch(problem.task, adapter.hidden_size)
+        batches = labelled_batches(problem.sample, batch_size, problem.device)
         notes: list[str] = []
         owned = progress is None
         progress = make_progress() if owned else progress
@@ -94,7 +98,7 @@ class KwonPruner:
                     bar = progress.add_task("Kwon et al.: mask tuning", total=adapter.num_layers)
                     for layer in track(progress, range(adapter.num_layers), bar):
                         notes += tuning.tune_layer(layer)
-        return PruneResult(masks=masks, notes=notes, timing=timing)
+        return PruneResult(masks=masks, notes=notes, timing=timing, settings={"gradient_batch": batch_size})
 
     def _reference(self, problem: PruneProblem, importance: Mapping[int, torch.Tensor]) -> Masks:
         """The masks of the model that mask tuning reconstructs (see the class docstring)."""
