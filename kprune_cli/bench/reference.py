@@ -89,7 +89,7 @@ class ReferenceKPrune:
             kind, layer = sublayer_kind(s), s // 2
             with timed(timing, "measure"):
                 knowledge = measure(problem.model, problem.adapter, masks, teacher, s,
-                                    autocast=AUTOCAST_DTYPES.get(p.autocast), gradient_batch=p.gradient_batch)
+                                    autocast=AUTOCAST_DTYPES.get(p.autocast), gradient_batch=p.gradient_batch_of(problem))
             with timed(timing, "search"):
                 scores = score(knowledge, masks, problem.flops, p.lambda_pred, p.lambda_rep, p.mu)
                 masks.of(kind)[layer] = kpms_scan(scores, problem.flops, budget)[s].to(masks.heads[0].dtype)

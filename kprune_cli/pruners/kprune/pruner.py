@@ -111,7 +111,7 @@ class KPrunePruner:
             teacher_sums = ResidualSums(problem.model, teacher.batches) if self.tune else None
         masks = Masks.ones(problem.adapter, problem.device)
         notes = self._precision_notes(problem.device)
-        gradient_batch = self.gradient_batch or official_gradient_batch(problem.task, problem.adapter.hidden_size)
+        gradient_batch = self.gradient_batch_of(problem)
         num_sublayers = 2 * problem.adapter.num_layers
         inputs = [batch.inputs for batch in teacher.batches]
         with timed(timing, "measure"):
@@ -141,6 +141,10 @@ class KPrunePruner:
                     on_step(s, masks)
                 progress.advance(bar)
         return PruneResult(masks=masks, notes=notes, timing=timing, settings={"gradient_batch": gradient_batch})
+
+    def gradient_batch_of(self, problem: PruneProblem) -> int:
+        """Sequences per squared gradient on ``problem``: ``gradient_batch``, else the task's official size."""
+        return self.gradient_batch or official_gradient_batch(problem.task, problem.adapter.hidden_size)
 
     def _precision_notes(self, device: torch.device) -> list[str]:
         """A note when ``autocast`` asks for a precision that ``device`` only emulates (slower than float32)."""
