@@ -1,7 +1,7 @@
 """Benchmarks: K-prune's pruning cost (fast vs reference schedule), its scaling, and pruned models' speed.
 
     python scripts/bench.py [--quick | --full] [--out bench.json] [--device cpu|cuda|auto]
-                            [--threads N] [--sections pruning,scaling,inference] [--in-process]
+                            [--threads N] [--sections pruning,scaling,inference,profile] [--in-process]
                             [--main-tokens N]
 
 Prints tables and writes every figure to a JSON file. The default run takes about 10 minutes
@@ -25,7 +25,7 @@ from kprune_cli.bench.tables import render
 from kprune_cli.devices import resolve_device
 from kprune_cli.errors import UserError
 
-SECTIONS = ("pruning", "scaling", "inference")
+SECTIONS = ("pruning", "scaling", "inference", "profile")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -16,6 +16,7 @@ from kprune_cli import hardware
 from kprune_cli.bench.cases import load_case, random_case, random_sample, truncate
 from kprune_cli.bench.inference import inference_speed
 from kprune_cli.bench.latency import interleaved_latency, measure_latency
+from kprune_cli.bench.profile import op_group, profile_pruning
 from kprune_cli.bench.pruning import agreement, compare_schedules, fit_power, run_isolated, run_variant
 from kprune_cli.bench.suite import Settings, busy_warning, run_suite
 from kprune_cli.bench.tables import render
@@ -127,8 +128,29 @@ def test_suite_end_to_end_in_process():
     assert [row["layers"] for row in figures["scaling"]["depth"]] == [1, 2]
     assert isinstance(figures["scaling"]["tokens_exponent"], float)
     assert len(figures["inference"]) == 2
+    assert figures["profile"]["case"]["tokens"] == tiny_case(200).sample.num_tokens
+    assert figures["profile"]["plain_matmul_gflops_s"] > 0
     json.dumps(figures)
     render(figures, Console(file=sys.stderr, quiet=True))
+
+
+def test_profile_splits_the_pruning_by_operator_group():
+    figures = profile_pruning(tiny_case(200))
+    groups = figures["groups"]
+    assert sum(group["share"] for group in groups.values()) == pytest.approx(1.0)
+    assert sum(group["s"] for group in groups.values()) == pytest.approx(figures["self_s"])
+    assert groups["matmul"]["s"] > 0 and figures["matmul_tflop"] > 0 and figures["matmul_gflops_s"] > 0
+    assert figures["top_ops"] == sorted(figures["top_ops"], key=lambda op: -op["s"])
+    assert set(figures["stages"]) == {"teacher", "measure", "search", "tune"}
+
+
+@pytest.mark.parametrize("name, group", [
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::gelu_backward", "activation"),
+    ("aten::native_layer_norm_backward", "layer norm"), ("aten::copy_", "copies and casts"), ("aten::mul", "other"),
+])
+def test_op_group_names_the_operator_family(name, group):
+    assert op_group(name) == group
 
 
 def test_busy_warning_only_when_the_load_exceeds_the_cores():

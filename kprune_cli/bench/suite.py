@@ -7,6 +7,8 @@
    fitted growth exponent (time ∝ tokensᵇ; b ≈ 1 expected).
 3. **Inference**: latency and throughput of magnitude-pruned models against the dense one, next
    to their FLOPs ratio.
+4. **Profile**: where the fast schedule's time goes on the main case (operator groups from
+   ``torch.profiler``), and the matmul throughput its passes reach against plain matmuls.
 
 :func:`run_suite` returns every figure as one JSON-able dict.
 """
@@ -28,8 +30,10 @@ from rich.console import Console
 
 from kprune_cli.bench.cases import BERT_BASE_SHAPE, BenchCase, load_case, minilm_mrpc, random_case, truncate
 from kprune_cli.bench.inference import inference_speed
+from kprune_cli.bench.profile import matmul_throughput, profile_pruning
 from kprune_cli.bench.pruning import compare_schedules, fit_power, run_isolated, run_variant
 from kprune_cli.hardware import describe_cpu, native_matmul
+from kprune_cli.models.adapters import get_adapter
 
 CaseFactory = Callable[[int], BenchCase]
 """Builds a case from a number of calibration tokens."""
@@ -189,12 +193,26 @@ class Suite:
                            f"{list(s.batch_sizes)}, sequence length {seq_len}")
         return inference_speed(case.model, case.task, s.rates, s.batch_sizes, seq_len, s.device, s.repeats, dtypes)
 
+    def profile(self) -> dict:
+        """The fast schedule on the main case under the profiler, and plain matmuls of the shape of
+        its FFN projections (the largest micro-batch's positions × hidden × intermediate)."""
+        s = self.settings
+        case = s.main_case(s.main_tokens)
+        self.console.print(f"[bold]profile[/]: {case.name}, {case.sample.num_tokens} tokens, fast schedule")
+        positions = max(int(batch["attention_mask"].numel()) for batch in case.sample.batches)
+        ffn = get_adapter(case.model).layers()[0].out_proj("ffn")
+        shape = (positions, ffn.out_features, ffn.in_features)
+        figures = profile_pruning(case, s.device)
+        figures.update(case=case.describe(), plain_matmul_shape=list(shape),
+                       plain_matmul_gflops_s=matmul_throughput(shape, s.device))
+        return figures
+
 
 def _exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return fit_power(xs, ys) if len(xs) > 1 else None
 
 
-def run_suite(settings: Settings, sections: Sequence[str] = ("pruning", "scaling", "inference"),
+def run_suite(settings: Settings, sections: Sequence[str] = ("pruning", "scaling", "inference", "profile"),
               console: Console | None = None) -> dict:
     """Run the chosen ``sections`` and return their figures with the settings and environment."""
     if settings.threads:
@@ -208,6 +226,8 @@ def run_suite(settings: Settings, sections: Sequence[str] = ("pruning", "scaling
             figures["scaling"] = suite.scaling()
         if "inference" in sections:
             figures["inference"] = suite.inference()
+        if "profile" in sections:
+            figures["profile"] = suite.profile()
     finally:
         suite.close()
     figures["environment"]["load_average_after"] = load_average()

@@ -70,6 +70,22 @@ def inference_table(rows: list[dict]) -> Table:
     return table
 
 
+def profile_table(figures: dict) -> Table:
+    """Self time by operator group, with the matmul throughput against plain matmuls in the title."""
+    case = figures["case"]
+    reached, plain = figures["matmul_gflops_s"], figures["plain_matmul_gflops_s"]
+    m, k, n = figures["plain_matmul_shape"]
+    table = Table(title=f"Profile of the fast schedule: {case['name']}, {case['tokens']} tokens, "
+                        f"{figures['self_s']:.1f} s of {figures['clock']} self time; matmuls reach "
+                        f"{'-' if reached is None else f'{reached:.0f}'} GFLOP/s, a plain "
+                        f"({m}x{k})@({k}x{n}) {plain:.0f}")
+    for column in ("operator group", "self s", "share"):
+        table.add_column(column, justify="left" if column == "operator group" else "right")
+    for name, group in figures["groups"].items():
+        table.add_row(name, f"{group['s']:.1f}", f"{100 * group['share']:.1f}%")
+    return table
+
+
 def render(figures: dict, console: Console) -> None:
     """Print every section present in ``figures``."""
     for result in figures.get("pruning", []):
@@ -79,3 +95,5 @@ def render(figures: dict, console: Console) -> None:
             console.print(table)
     if "inference" in figures:
         console.print(inference_table(figures["inference"]))
+    if "profile" in figures:
+        console.print(profile_table(figures["profile"]))
