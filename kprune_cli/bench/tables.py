@@ -76,9 +76,10 @@ def profile_table(figures: dict) -> Table:
     reached, plain = figures["matmul_gflops_s"], figures["plain_matmul_gflops_s"]
     m, k, n = figures["plain_matmul_shape"]
     table = Table(title=f"Profile of the fast schedule: {case['name']}, {case['tokens']} tokens, "
-                        f"{figures['self_s']:.1f} s of {figures['clock']} self time; matmuls reach "
-                        f"{'-' if reached is None else f'{reached:.0f}'} GFLOP/s, a plain "
-                        f"({m}x{k})@({k}x{n}) {plain:.0f}")
+                        f"{figures['self_s']:.1f} s of {figures['clock']} self time",
+                  caption=f"matmuls: {figures['matmul_tflop']:.2f} TFLOP at "
+                          f"{'-' if reached is None else f'{reached:.0f}'} GFLOP/s; a plain "
+                          f"({m}x{k})@({k}x{n}): {plain:.0f} GFLOP/s", min_width=100)
     for column in ("operator group", "self s", "share"):
         table.add_column(column, justify="left" if column == "operator group" else "right")
     for name, group in figures["groups"].items():
