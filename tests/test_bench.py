@@ -129,7 +129,8 @@ def test_suite_end_to_end_in_process():
     assert isinstance(figures["scaling"]["tokens_exponent"], float)
     assert len(figures["inference"]) == 2
     assert figures["profile"]["case"]["tokens"] == tiny_case(200).sample.num_tokens
-    assert figures["profile"]["plain_matmul_gflops_s"] > 0
+    assert set(figures["profile"]["plain_matmul_gflops_s"]) == {"float32", "bfloat16"}
+    assert all(value > 0 for value in figures["profile"]["plain_matmul_gflops_s"].values())
     json.dumps(figures)
     render(figures, Console(file=sys.stderr, quiet=True))
 

@@ -195,7 +195,8 @@ class Suite:
 
     def profile(self) -> dict:
         """The fast schedule on the main case under the profiler, and plain matmuls of the shape of
-        its FFN projections (the largest micro-batch's positions × hidden × intermediate)."""
+        its FFN projections (the largest micro-batch's positions × hidden × intermediate) in
+        float32 and in the half precisions autocast could use (bfloat16; on CUDA float16 too)."""
         s = self.settings
         case = s.main_case(s.main_tokens)
         self.console.print(f"[bold]profile[/]: {case.name}, {case.sample.num_tokens} tokens, fast schedule")
@@ -203,8 +204,10 @@ class Suite:
         ffn = get_adapter(case.model).layers()[0].out_proj("ffn")
         shape = (positions, ffn.out_features, ffn.in_features)
         figures = profile_pruning(case, s.device)
+        dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if s.device == "cuda" else ())
         figures.update(case=case.describe(), plain_matmul_shape=list(shape),
-                       plain_matmul_gflops_s=matmul_throughput(shape, s.device))
+                       plain_matmul_gflops_s={str(dtype).removeprefix("torch."): matmul_throughput(shape, s.device, dtype)
+                                              for dtype in dtypes})
         return figures
 
 

@@ -71,15 +71,16 @@ def inference_table(rows: list[dict]) -> Table:
 
 
 def profile_table(figures: dict) -> Table:
-    """Self time by operator group, with the matmul throughput against plain matmuls in the title."""
+    """Self time by operator group, with the matmul throughput against plain matmuls in the caption."""
     case = figures["case"]
-    reached, plain = figures["matmul_gflops_s"], figures["plain_matmul_gflops_s"]
+    reached = figures["matmul_gflops_s"]
+    plain = ", ".join(f"{dtype} {value:.0f}" for dtype, value in figures["plain_matmul_gflops_s"].items())
     m, k, n = figures["plain_matmul_shape"]
     table = Table(title=f"Profile of the fast schedule: {case['name']}, {case['tokens']} tokens, "
                         f"{figures['self_s']:.1f} s of {figures['clock']} self time",
                   caption=f"matmuls: {figures['matmul_tflop']:.2f} TFLOP at "
                           f"{'-' if reached is None else f'{reached:.0f}'} GFLOP/s; a plain "
-                          f"({m}x{k})@({k}x{n}): {plain:.0f} GFLOP/s", min_width=100)
+                          f"({m}x{k})@({k}x{n}): {plain} GFLOP/s", min_width=100)
     for column in ("operator group", "self s", "share"):
         table.add_column(column, justify="left" if column == "operator group" else "right")
     for name, group in figures["groups"].items():
