@@ -9,7 +9,7 @@ from rich.table import Table
 
 from kprune_cli.bench.latency import interleaved_latency
 from kprune_cli.config_values import check_int, check_optional_int
-from kprune_cli.console import console
+from kprune_cli.console import console, make_progress
 from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.devices import resolve_device
@@ -36,16 +36,25 @@ def run_bench(cfg: DictConfig) -> list[dict]:
         flops[role] = adapter.flops(seq_len).total(adapter.structure())
 
     rows = []
-    for batch_size in batch_sizes:
-        figures = interleaved_latency(list(models.values()), batch_size, seq_len, device, repeats=repeats)
-        row = {"batch_size": batch_size, "seq_len": seq_len, **{role: f for role, f in zip(models, figures)}}
-        if "dense" in models:
-            row["speedup"] = figures[1]["median_ms"] / figures[0]["median_ms"]
-            row["flops_ratio"] = flops["dense"] / flops["checkpoint"]
-        rows.append(row)
+    with make_progress() as progress:
+        bar = progress.add_task("bench", total=len(batch_sizes))
+        for batch_size in batch_sizes:
+            progress.update(bar, description=f"bench batch {batch_size} x {seq_len} tokens")
+            figures = interleaved_latency(list(models.values()), batch_size, seq_len, device, repeats=repeats)
+            rows.append(_row(batch_size, seq_len, dict(zip(models, figures)), flops))
+            progress.advance(bar)
     _print_table(rows)
     print(json.dumps({"task": task.name, "device": str(device), "models": paths, "rows": rows}))
     return rows
+
+
+def _row(batch_size: int, seq_len: int, figures: dict[str, dict], flops: dict[str, float]) -> dict:
+    """One batch size's figures per model role, with the speedup over the dense model where timed."""
+    row = {"batch_size": batch_size, "seq_len": seq_len, **figures}
+    if "dense" in figures:
+        row["speedup"] = figures["dense"]["median_ms"] / figures["checkpoint"]["median_ms"]
+        row["flops_ratio"] = flops["dense"] / flops["checkpoint"]
+    return row
 
 
 def _print_table(rows: list[dict]) -> None:
