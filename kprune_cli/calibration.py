@@ -1,5 +1,6 @@
-"""The calibration sample: a fixed-seed draw from the train split, of ~num_tokens tokens
-(:func:`draw_calibration_sample`) or of num_examples examples (:func:`draw_calibration_examples`)."""
+"""The calibration sample: a fixed-seed draw from the train split (or from an unlabeled text file,
+``calibration.source``), of ~num_tokens tokens (:func:`draw_calibration_sample`) or of num_examples
+examples (:func:`draw_calibration_examples`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
@@ -17,6 +18,7 @@ from kprune_cli.errors import UserError
 from kprune_cli.interrupts import deferred_interrupts
 from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
 from kprune_cli.tasks.spec import TaskSpec
+from kprune_cli.tasks.unlabeled import read_unlabeled
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +108,8 @@ def draw_calibration_sample(task: TaskSpec, train: Dataset, tokenizer: PreTraine
     question) reach ``num_tokens``. If the whole split has fewer tokens, all of it is used
     and a warning is logged. Only the drawn rows are tokenised: a first chunk estimates
     the tokens per row, later chunks top up. Features are tokenised with their gold
-    targets, sorted by length (longest first) and padded per batch of ``batch_size``; each
-    keeps its place in the draw order (:data:`DRAW_INDEX`).
+    targets (where ``train`` has them), sorted by length (longest first) and padded per batch
+    of ``batch_size``; each keeps its place in the draw order (:data:`DRAW_INDEX`).
     """
     if num_tokens <= 0 or batch_size <= 0:
         raise UserError(f"num_tokens={num_tokens}, batch_size={batch_size}: both must be positive")
@@ -118,7 +120,8 @@ def draw_calibration_sample(task: TaskSpec, train: Dataset, tokenizer: PreTraine
     drawn = total = 0
     while total < num_tokens and drawn < len(order):
         rows = FIRST_CHUNK_ROWS if drawn == 0 else math.ceil(1.1 * (num_tokens - total) * drawn / total) + 1
-        features = tokenize_split(task, train.select(order[drawn:drawn + rows]), tokenizer, for_training=True)
+        features = tokenize_split(task, train.select(order[drawn:drawn + rows]), tokenizer,
+                                  for_training=has_targets(task, train))
         index = _example_index(features)
         counts = np.bincount(index, weights=feature_lengths(features)).astype(np.int64)
         chunks.append(features)
@@ -155,7 +158,7 @@ def draw_calibration_examples(task: TaskSpec, train: Dataset, tokenizer: PreTrai
         logger.warning("the train split has %d examples, fewer than the %d asked for: "
                        "the calibration sample uses all of it", len(train), num_examples)
     order = np.random.default_rng(seed).permutation(len(train))[:num_examples]
-    features = tokenize_split(task, train.select(order), tokenizer, for_training=True)
+    features = tokenize_split(task, train.select(order), tokenizer, for_training=has_targets(task, train))
     return _length_sorted_sample(features, order, tokenizer, batch_size)
 
 
@@ -169,6 +172,22 @@ def _length_sorted_sample(features: Dataset, example_indices: np.ndarray, tokeni
          DRAW_INDEX: torch.from_numpy(by_length[begin:begin + batch_size].copy())}
         for begin in range(0, len(by_length), batch_size)
     ], tuple(int(index) for index in example_indices))
+
+
+def calibration_rows(task: TaskSpec, data: DatasetDict, source: str | None) -> tuple[Dataset, list[str]]:
+    """The rows the sample is drawn from, and a note for the report: the task's train split in
+    ``data`` (``source`` None, no note), or the unlabeled text file ``source``
+    (:mod:`kprune_cli.tasks.unlabeled`)."""
+    if source is None:
+        return data[task.train_split], []
+    rows = read_unlabeled(task, source)
+    return rows, [f"calibration sample drawn from the unlabeled file {source} ({len(rows)} examples), "
+                  f"not from the train split"]
+
+
+def has_targets(task: TaskSpec, rows: Dataset) -> bool:
+    """Whether ``rows`` carry the task's gold targets (labels, or SQuAD answers)."""
+    return ("answers" if task.is_qa else task.label_key) in rows.column_names
 
 
 def _example_index(features: Dataset) -> np.ndarray:

@@ -21,7 +21,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from kprune_cli.calibration import CalibrationSample, draw_calibration_examples, draw_calibration_sample
+from kprune_cli.calibration import (
+    CalibrationSample,
+    calibration_rows,
+    draw_calibration_examples,
+    draw_calibration_sample,
+)
 from kprune_cli.config_values import check_argument_types, required_keys
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
@@ -60,6 +65,15 @@ def build_pruner(cfg: DictConfig, name: str) -> Pruner:
         raise UserError(f"pruner={name}: its config does not fit {cfg._target_} ({cause or error})") from None
 
 
+def refuse_unlabeled_source(pruner: Pruner, name: str, source: str | None) -> None:
+    """A :class:`UserError` when a pruner that reads gold labels is given an unlabeled source."""
+    if source is not None and pruner.needs_labels:
+        raise UserError(f"pruner={name} needs labelled calibration data (it uses the task loss), and "
+                        f"calibration.source={source} has no labels: use calibration.source=null (the train split) "
+                        f"or a pruner that needs none (kprune)")
+
+
+
 def draw_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBase, size: SampleSize,
                 seed: int, batch_size: int) -> tuple[CalibrationSample, list[str]]:
     """The calibration sample of ``size``, and a note for the report when the train split holds less."""
@@ -83,6 +97,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         settings = read_settings(cfg)
         with required_keys():
             pruner = build_pruner(cfg.pruner, pruner_name)
+        refuse_unlabeled_source(pruner, pruner_name, settings.calibration_source)
         output = OutputDir(output_path, overwrite=settings.overwrite)
         output.claim()
     except UserError:
@@ -94,7 +109,8 @@ def run_pruning(cfg: DictConfig) -> Report:
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):
             model_path, notes = resolve_model_path(settings.model_path, task, device)
-            data = load_task_data(task, resolve_data_dir(task, settings.data_dir))
+            data = load_task_data(task, resolve_data_dir(task, settings.data_dir),
+                                  splits=None if settings.calibration_source is None else task.eval_splits)
             model, tokenizer = load_model(model_path, task, device)
             if broken := non_finite_tensors(model):
                 raise UserError(f"model {model_path!r} has NaN or infinite values in {listed(broken)}: "
@@ -115,9 +131,10 @@ def run_pruning(cfg: DictConfig) -> Report:
             dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
                                            notes=notes, max_examples=settings.eval_max_examples)
         with timed(timing, "calibration"):
-            sample, shortfall = draw_sample(task, data[task.train_split], tokenizer, settings.sample_size,
+            rows, source_notes = calibration_rows(task, data, settings.calibration_source)
+            sample, shortfall = draw_sample(task, rows, tokenizer, settings.sample_size,
                                             settings.calibration_seed, settings.calibration_batch_size)
-        notes += shortfall
+        notes += source_notes + shortfall
         problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
                                rate=settings.rate, device=device, seed=settings.seed)
         with timed(timing, "prune"):

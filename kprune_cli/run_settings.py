@@ -92,6 +92,7 @@ class RunSettings:
     sample_size: SampleSize
     calibration_batch_size: int
     calibration_seed: int
+    calibration_source: str | None
     overwrite: bool
     check_reload: bool
     smoke: bool
@@ -116,11 +117,22 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             sample_size=read_sample_size(cfg.calibration),
             calibration_batch_size=check_int("calibration.batch_size", cfg.calibration.batch_size, 1),
             calibration_seed=check_int("calibration.seed", cfg.calibration.seed, 0, SEED_LIMIT),
+            calibration_source=check_source(cfg.calibration.source),
             overwrite=check_bool("overwrite", cfg.overwrite),
             check_reload=check_bool("check_reload", cfg.check_reload),
             smoke=check_bool("smoke", cfg.smoke),
             device=resolve_device(str(cfg.device)),  # last: it imports torch
         )
+
+
+def check_source(value: object) -> str | None:
+    """``calibration.source``: None (the task's train split) or the path of an existing file."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not Path(value).expanduser().is_file():
+        raise UserError(f"calibration.source={value!r} is not a file: give an unlabeled text or .jsonl file, "
+                        f"or null for the task's train split")
+    return str(Path(value).expanduser())
 
 
 def check_run_config(cfg: DictConfig) -> None:

@@ -63,5 +63,8 @@ class Pruner(Protocol):
     """A pruning method: a schedule over measure / search / tune stages."""
 
     name: str
+    needs_labels: bool
+    """Whether the method reads the sample's gold targets (e.g. a task loss): such a pruner refuses
+    an unlabeled calibration source."""
 
     def prune(self, problem: PruneProblem) -> PruneResult: ...

@@ -66,6 +66,7 @@ class KPrunePruner:
     """
 
     name = "kprune"
+    needs_labels = False  # the original model's own predictions stand for labels
 
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,

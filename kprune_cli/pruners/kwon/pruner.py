@@ -49,6 +49,7 @@ class KwonPruner:
     """
 
     name = "kwon"
+    needs_labels = True  # the Fisher information of the task loss
 
     def __init__(self, batch_size: int | None = None, rearrange: bool = True, tune: bool = True,
                  teacher: str = "intermediate") -> None:

@@ -40,6 +40,7 @@ class MagnitudePruner:
     """Keep the units with the largest weights per FLOP within the budget."""
 
     name = "magnitude"
+    needs_labels = False
 
     @torch.no_grad()
     def prune(self, problem: PruneProblem) -> PruneResult:

@@ -20,6 +20,7 @@ class RandomPruner:
     """Keep units in a seeded random order until the FLOPs budget is spent."""
 
     name = "random"
+    needs_labels = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

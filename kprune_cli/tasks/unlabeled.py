@@ -1,0 +1,68 @@
+"""Unlabeled in-domain text as a calibration source (``calibration.source=PATH``).
+
+Two formats, told apart by the suffix:
+
+- ``.jsonl``: one JSON object per line with the task's input columns (``task.text_keys``: e.g.
+  ``sentence``, or ``sentence1`` and ``sentence2``; ``question`` and ``context`` for SQuAD);
+  other fields, a label among them, are ignored.
+- anything else: plain UTF-8 text, one example per line; for a task of text pairs, the two texts
+  separated by a tab. Blank lines are skipped.
+
+K-prune reads no gold labels, so such a sample prunes exactly as the same rows of a labelled
+split would (``tests/test_unlabeled.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import Dataset
+
+from kprune_cli.errors import UserError
+from kprune_cli.tasks.spec import TaskSpec
+
+JSONL_SUFFIX = ".jsonl"
+
+
+def read_unlabeled(task: TaskSpec, path: str | Path) -> Dataset:
+    """The rows of ``path`` with the columns ``task.text_keys`` (plus an ``id`` per row for a QA
+    task, which groups a question's windows); a :class:`UserError` names a bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"calibration.source={str(path)!r} is not a file: give a text or .jsonl file")
+    reader = _jsonl_row if path.suffix.lower() == JSONL_SUFFIX else _text_row
+    rows = []
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                rows.append(reader(task, line.rstrip("\r\n"), f"{path}:{number}"))
+    if not rows:
+        raise UserError(f"calibration.source={str(path)!r} holds no examples: give one per line")
+    if task.is_qa:
+        rows = [{**row, "id": str(index)} for index, row in enumerate(rows)]
+    return Dataset.from_list(rows)
+
+
+def _text_row(task: TaskSpec, line: str, where: str) -> dict[str, str]:
+    """One example of a plain text line: the whole line, or a pair split at its tab."""
+    if len(task.text_keys) == 1:
+        return {task.text_keys[0]: line}
+    texts = line.split("\t")
+    if len(texts) != len(task.text_keys):
+        raise UserError(f"{where}: task {task.name} takes {' and '.join(task.text_keys)} separated by one tab, "
+                        f"this line has {len(texts) - 1} tabs")
+    return dict(zip(task.text_keys, texts))
+
+
+def _jsonl_row(task: TaskSpec, line: str, where: str) -> dict[str, str]:
+    """The task's input columns of one JSON line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: not a JSON object ({error})") from None
+    missing = [key for key in task.text_keys if not isinstance(record, dict) or not isinstance(record.get(key), str)]
+    if missing:
+        raise UserError(f"{where}: task {task.name} needs text field(s) {', '.join(task.text_keys)}; "
+                        f"missing or not a string: {', '.join(missing)}")
+    return {key: record[key] for key in task.text_keys}
