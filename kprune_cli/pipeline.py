@@ -30,6 +30,7 @@ from kprune_cli.calibration import (
 from kprune_cli.config_values import check_argument_types, required_keys
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
+from kprune_cli.interrupts import deferred_interrupts
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
@@ -99,13 +100,16 @@ def run_pruning(cfg: DictConfig) -> Report:
             pruner = build_pruner(cfg.pruner, pruner_name)
         refuse_unlabeled_source(pruner, pruner_name, settings.calibration_source)
         output = OutputDir(output_path, overwrite=settings.overwrite)
-        output.claim()
     except UserError:
         OutputDir(output_path, overwrite=False).discard_if_empty()
         raise
     task, device = settings.task, settings.device
     timing: dict[str, float] = {}
     try:
+        # Ctrl-C or SIGTERM while the lock is being taken is raised once it is held, inside this
+        # try, so the directory is marked failed (not left locked); a refused claim leaves it as it was.
+        with deferred_interrupts():
+            output.claim()
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):
             model_path, notes = resolve_model_path(settings.model_path, task, device)
