@@ -135,6 +135,19 @@ def test_autocast_measurement_keeps_most_decisions(tiny_model):
     assert float((keeps[0] == keeps[1]).float().mean()) >= 0.95
 
 
+@pytest.mark.parametrize("autocast, inside", [(False, "sdpa"), ("bf16", "eager")])
+def test_cpu_autocast_measures_with_eager_attention_and_restores_it(tiny_model, autocast, inside):
+    model = sharpen(tiny_model("bert"))
+    model.config._attn_implementation = "sdpa"
+    seen = []
+    hook = get_adapter(model).layer_modules()[0].register_forward_pre_hook(
+        lambda module, args: seen.append(model.config._attn_implementation))
+    problem = make_problem(model, rate=0.5, sample=make_sample(model, num=8))
+    KPrunePruner(autocast=autocast, tune=False).prune(problem)
+    hook.remove()
+    assert inside in seen and model.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("value", [True, "fp8", "bfloat16"])
 def test_rejects_unknown_autocast(value):
     with pytest.raises(UserError, match="autocast"):

@@ -32,9 +32,9 @@ For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -106,7 +106,8 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
     ``autocast`` (``torch.bfloat16`` or ``torch.float16``): run the forward pass (and so the
     backward) under :func:`torch.autocast` in that dtype; faster where the hardware has
     half-precision units, at the price of slightly different scores (float16 may also flush
-    gradients below ~6e-8 to zero). Knowledge is accumulated in float64 either way.
+    gradients below ~6e-8 to zero). Knowledge is accumulated in float64 either way. On a CPU,
+    autocast passes use eager attention (see :func:`_eager_attention`).
     ``gradient_batch``: sequences per squared gradient of predictive knowledge (see the module doc).
     """
     sublayers = range(from_sublayer, 2 * adapter.num_layers)
@@ -122,8 +123,9 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
 
     start = from_sublayer // 2 if hidden is not None else 0
     precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+    attention = _eager_attention(model) if autocast is not None and device.type == "cpu" else nullcontext()
     with frozen(model), scale_inputs(_mask_scales(adapter, masks)), grad_leaf_input(projs[from_sublayer]), \
-            LayerWindow(model, adapter, start) as window:
+            attention, LayerWindow(model, adapter, start) as window:
         for index, batch in enumerate(teacher.batches):
             with capture_inputs(projs) as acts, precision:  # (batch, seq, width) each
                 outputs = window(batch.inputs, hidden[index] if hidden is not None else None)
@@ -145,6 +147,26 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
         predictive[s] = (0.5 * grad_sq[s].total() / teacher.num_samples).view(-1, width).mean(dim=1)
         representational[s] = (act_sq[s] / max(num_tokens, 1) * weight_sq).view(-1, width).mean(dim=1)
     return Knowledge(from_sublayer, predictive, representational)
+
+
+@contextmanager
+def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run ``model``'s attention as plain matmuls and a softmax inside the block (transformers
+    reads ``config._attn_implementation`` at every forward).
+
+    Under bf16 autocast on a CPU, torch's fused SDPA kernel is slow backwards: on MiniLM-MRPC
+    its backward was a third of the profiled pass (about 0.4 s per call for a 32-sequence
+    micro-batch), where eager attention's batched matmuls run on the CPU's bf16 matrix units and
+    cut the pruning's CPU time by a fifth (``scripts/bench.py --sections profile``; README,
+    Performance).
+    """
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def _full_precision(values: torch.Tensor) -> torch.Tensor:
