@@ -47,6 +47,7 @@ commands:
   finetune   fine-tune an encoder on a task into a dense baseline
   eval       task metric of any checkpoint on the task's dev split
   bench      measured latency of a checkpoint, vs its dense model with dense=<path>
+  export     a checkpoint as an ONNX model (format=onnx; pip install -e .[deploy])
   compare    pruners side by side: a sweep of run over pruner x rate, then summarize
   summarize  one table (CSV, Markdown, JSON) and plots over the runs under directories
 
@@ -66,6 +67,7 @@ examples:
   kprune finetune task=mrpc model=minilm data_dir=path/to/glue/mrpc output_dir=out/minilm-mrpc
   kprune eval checkpoint=out/mrpc60/pruned task=mrpc data_dir=path/to/glue/mrpc
   kprune bench checkpoint=out/mrpc60/pruned dense=path/to/finetuned-mrpc task=mrpc
+  kprune export checkpoint=out/mrpc60/pruned task=mrpc format=onnx output_dir=out/mrpc60-onnx
 """
 
 
@@ -79,6 +81,12 @@ def _check_run(cfg: DictConfig) -> None:
     from kprune_cli.run_settings import check_run_config
 
     check_run_config(cfg)
+
+
+def _export(cfg: DictConfig) -> None:
+    from kprune_cli.deploy.command import run_export
+
+    run_export(cfg)
 
 
 def _run(cfg: DictConfig) -> None:
@@ -112,7 +120,7 @@ def _compare(args: list[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {"run": _run, "finetune": _finetune, "eval": _eval,
-                                                     "bench": _bench}
+                                                     "bench": _bench, "export": _export}
 # Checks of a command's config values that import nothing heavy: they run before torch, transformers
 # and datasets load, so that a bad value is reported in about a second.
 EARLY_CHECKS: dict[str, Callable[[DictConfig], None]] = {"run": _check_run}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import kprune
 
 
@@ -29,3 +31,28 @@ def test_bench_rejects_bad_values(tiny_checkpoint, capsys):
     assert "repeats=0" in capsys.readouterr().err
     assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "seq_len=0", "device=cpu") == 2
     assert "seq_len=0 is not allowed: give an integer >= 1 or null" in capsys.readouterr().err
+
+
+def test_bench_adds_an_onnx_runtime_column(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    output = tmp_path / "out"
+    assert kprune("run", "task=mrpc", f"model.path={tiny_checkpoint}", f"data_dir={mrpc_dir}", f"output_dir={output}",
+                  "pruner=magnitude", "rate=0.6", "device=cpu") == 0
+    capsys.readouterr()
+    assert kprune("bench", f"checkpoint={output / 'pruned'}", f"dense={tiny_checkpoint}", "task=mrpc",
+                  "batch_sizes=[2]", "repeats=2", "seq_len=12", "device=cpu", "onnx=true") == 0
+    captured = capsys.readouterr()
+    (row,) = json.loads(captured.out.strip().splitlines()[-1])["rows"]
+    ort = row["onnxruntime"]
+    assert ort["checkpoint"]["repeats"] == 2 and ort["checkpoint"]["batch_size"] == 2
+    assert row["onnxruntime_speedup"] == ort["dense"]["median_ms"] / ort["checkpoint"]["median_ms"]
+    assert "ORT" in captured.err  # the table's ONNX Runtime columns
+    assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "repeats=1", "seq_len=8",
+                  "batch_sizes=[1]", "device=cpu", "onnx=false") == 0
+    assert "onnxruntime" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+
+
+def test_bench_rejects_a_bad_onnx_value(tiny_checkpoint, capsys):
+    assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "onnx=maybe", "device=cpu") == 2
+    assert "onnx='maybe' is not allowed: give auto, true or false" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""ONNX export of dense and pruned checkpoints, checked against PyTorch on ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAMILIES, kprune, make_tiny_model
+from kprune_cli.models.adapters import get_adapter
+from kprune_cli.models.masks import Masks
+from kprune_cli.models.slicing import prune_physically
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from kprune_cli.deploy.onnx_model import (  # noqa: E402  (after the skips: needs the .[deploy] extra)
+    MATCH_TOLERANCE,
+    example_inputs,
+    export_onnx,
+    onnx_difference,
+    ort_session,
+)
+
+
+def prune_with_empty_sublayers(model: torch.nn.Module) -> list[dict[str, int]]:
+    """Layer 0 loses its attention, layer 1 its FFN; the other sub-layers keep some units."""
+    adapter = get_adapter(model)
+    masks = Masks.ones(adapter)
+    masks.heads[0].zero_()
+    masks.heads[1][::2] = 0
+    masks.neurons[0][1::3] = 0
+    masks.neurons[1].zero_()
+    prune_physically(adapter, masks)
+    return adapter.structure()
+
+
+@pytest.mark.parametrize("family, head", [*((family, "classification") for family in FAMILIES), ("bert", "qa")])
+def test_pruned_model_exports_with_dynamic_axes_and_matches_pytorch(family, head, tmp_path):
+    model = make_tiny_model(family, head).eval()
+    structure = prune_with_empty_sublayers(model)
+    assert structure[0]["heads"] == 0 and structure[1]["neurons"] == 0
+    export_onnx(model, tmp_path / "model.onnx")
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    for tensor in graph.input:
+        assert [dim.dim_param for dim in tensor.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    session = ort_session(tmp_path / "model.onnx", threads=1)
+    for batch, tokens in ((1, 5), (3, 33)):  # neither is the traced shape
+        assert onnx_difference(model, session, example_inputs(model, batch, tokens, seed=batch)) <= MATCH_TOLERANCE
+
+
+def test_export_command_writes_model_tokenizer_and_summary(tiny_checkpoint, tmp_path, capsys):
+    output = tmp_path / "onnx"
+    assert kprune("export", f"checkpoint={tiny_checkpoint}", "task=mrpc", f"output_dir={output}") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"model.onnx", "export.json", "tokenizer_config.json"} <= {path.name for path in output.iterdir()}
+    assert printed["max_abs_difference"] <= MATCH_TOLERANCE and printed["outputs"] == ["logits"]
+    assert not list(tmp_path.glob(".onnx.*"))  # no staging directory left
+    assert kprune("export", f"checkpoint={tiny_checkpoint}", "task=mrpc", f"output_dir={output}") == 2
+    assert "overwrite=true" in capsys.readouterr().err
+    assert kprune("export", f"checkpoint={tiny_checkpoint}", "task=mrpc", "format=tflite",
+                  f"output_dir={tmp_path / 'other'}") == 2
+    assert "format='tflite' is not allowed: choose one of onnx" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pruned_minilm_on_real_dev_inputs_matches_pytorch(shared_dir, tmp_path):
+    """A K-prune checkpoint of MiniLM-MRPC (smoke-sized run), exported, on the first 64 dev pairs."""
+    import pyarrow.parquet as pq
+
+    from kprune_cli.models.loading import load_model
+    from kprune_cli.tasks.spec import get_task
+
+    data = shared_dir / "data" / "glue" / "mrpc"
+    assert kprune("run", "preset=smoke", "task=mrpc", f"model.path={shared_dir / 'models' / 'minilm-mrpc'}",
+                  f"data_dir={data}", "rate=0.5", "device=cpu", f"output_dir={tmp_path / 'run'}") == 0
+    checkpoint = tmp_path / "run" / "pruned"
+    assert kprune("export", f"checkpoint={checkpoint}", "task=mrpc", f"output_dir={tmp_path / 'onnx'}") == 0
+    model, tokenizer = load_model(str(checkpoint), get_task("mrpc"), "cpu")
+    rows = pq.read_table(data / "validation").to_pylist()[:64]
+    inputs = tokenizer([row["sentence1"] for row in rows], [row["sentence2"] for row in rows], padding=True,
+                       truncation=True, max_length=128, return_tensors="pt")
+    session = ort_session(Path(tmp_path / "onnx" / "model.onnx"))
+    difference = onnx_difference(model, session, dict(inputs))
+    assert difference <= MATCH_TOLERANCE
+    with torch.no_grad():
+        expected = model(**inputs).logits.argmax(-1).numpy()
+    found = session.run(None, {node.name: inputs[node.name].numpy() for node in session.get_inputs()})[0]
+    assert np.array_equal(found.argmax(-1), expected)
+
+
+def test_export_leaves_the_model_in_eval_mode(tmp_path):
+    model = make_tiny_model("distilbert").eval()  # its classifier has dropout
+    export_onnx(model, tmp_path / "model.onnx")
+    assert not any(module.training for module in model.modules())
