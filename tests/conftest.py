@@ -21,6 +21,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertTokenizer,
+    DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
     MPNetConfig,
@@ -38,18 +39,25 @@ torch.set_num_threads(1)
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 FAMILIES = ("bert", "roberta", "electra", "distilbert")
-OTHER_FAMILIES = ("xlm-roberta", "mpnet")
+OTHER_FAMILIES = ("xlm-roberta", "mpnet", "deberta-v2")
 """Families tested by tests/test_families.py alone (the suites over FAMILIES stay small)."""
 
 
-def tiny_config(family: str, num_labels: int = 2, max_positions: int = 64) -> PretrainedConfig:
-    """A 2-layer, 4-head, hidden-32 config of ``family`` (no download)."""
+# DeBERTa-v3's attention: relative positions in buckets, shared with Q/K, both disentangled terms.
+DEBERTA_V3 = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, share_att_key=True,
+                  norm_rel_ebd="layer_norm", max_relative_positions=-1, position_biased_input=False,
+                  type_vocab_size=0)
+
+
+def tiny_config(family: str, num_labels: int = 2, max_positions: int = 64, **changes) -> PretrainedConfig:
+    """A 2-layer, 4-head, hidden-32 config of ``family`` (no download); ``changes`` override its values."""
     common = dict(vocab_size=100, max_position_embeddings=max_positions, num_labels=num_labels)
     if family == "distilbert":
-        return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common)
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common, **changes)
     config_class = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig,
-                    "xlm-roberta": XLMRobertaConfig, "mpnet": MPNetConfig}[family]
-    extra = {"embedding_size": 32} if family == "electra" else {}
+                    "xlm-roberta": XLMRobertaConfig, "mpnet": MPNetConfig, "deberta-v2": DebertaV2Config}[family]
+    extra = {"electra": {"embedding_size": 32}, "deberta-v2": DEBERTA_V3}.get(family, {})
+    extra = {**extra, **changes}
     return config_class(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra, **common,
@@ -57,10 +65,11 @@ def tiny_config(family: str, num_labels: int = 2, max_positions: int = 64) -> Pr
 
 
 def make_tiny_model(family: str = "bert", head: str = "classification", num_labels: int = 2,
-                    seed: int = 0, max_positions: int = 64) -> PreTrainedModel:
-    """A tiny randomly initialised model in eval mode; ``head`` is "classification" or "qa"."""
+                    seed: int = 0, max_positions: int = 64, **changes) -> PreTrainedModel:
+    """A tiny randomly initialised model in eval mode; ``head`` is "classification" or "qa";
+    ``changes`` override config values."""
     torch.manual_seed(seed)
-    config = tiny_config(family, num_labels, max_positions)
+    config = tiny_config(family, num_labels, max_positions, **changes)
     auto = AutoModelForQuestionAnswering if head == "qa" else AutoModelForSequenceClassification
     return auto.from_config(config).eval()
 

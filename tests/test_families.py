@@ -28,12 +28,12 @@ HEADS = ("classification", "qa")
 def head_weights(family: str, d: int, d_h: int) -> int:
     """Parameters one head owns: its rows (weights and biases) of every projection that is split by
     heads, and its ``d_h`` columns of the attention output projection."""
-    return {"xlm-roberta": 3, "mpnet": 3}[family] * (d * d_h + d_h) + d * d_h
+    return {"xlm-roberta": 3, "mpnet": 3, "deberta-v2": 3}[family] * (d * d_h + d_h) + d * d_h
 
 
 def neuron_weights(family: str, d: int) -> int:
     """Parameters one FFN neuron owns: its input row(s) with bias, its output column."""
-    return {"xlm-roberta": 2 * d + 1, "mpnet": 2 * d + 1}[family]
+    return {"xlm-roberta": 2 * d + 1, "mpnet": 2 * d + 1, "deberta-v2": 2 * d + 1}[family]
 
 
 def family_masks(adapter, seed: int = 0) -> Masks:
@@ -192,6 +192,29 @@ def test_flops_follow_the_family_structure(family):
     assert flops.head == 3 * 2 * d * d_h * 10 + 2 * 2 * 10 * 10 * d_h + 2 * d_h * 10 * d
     assert flops.neuron == 2 * 2 * 10 * d
     assert flops.total(adapter.structure()) == 2 * (4 * flops.head + 64 * flops.neuron)
+
+
+def test_deberta_position_projections_lose_the_rows_of_pruned_heads(family_inputs):
+    """Without ``share_att_key`` DeBERTa projects relative positions with their own Q and K
+    projections: a head owns its rows of those two as well."""
+    model = make_tiny_model("deberta-v2", share_att_key=False)
+    adapter = get_adapter(model)
+    masks = family_masks(adapter)
+    with apply_masks(adapter, masks):
+        masked = outputs(model, family_inputs)
+    pruned, _ = pruned_copy(model)
+    torch.testing.assert_close(outputs(pruned, family_inputs), masked, atol=1e-4, rtol=0)
+    attention = pruned.deberta.encoder.layer[1].attention.self
+    assert attention.pos_key_proj.out_features == attention.pos_query_proj.out_features == 8 * int(
+        (masks.heads[1] != 0).sum())
+    heads = sum(int((m == 0).sum()) for m in masks.heads)
+    neurons = sum(int((m == 0).sum()) for m in masks.neurons)
+    assert count_parameters(pruned) == count_parameters(model) - heads * (5 * (32 * 8 + 8) + 32 * 8) - neurons * 65
+
+
+def test_deberta_v2_with_a_convolution_gets_a_clear_error():
+    with pytest.raises(UserError, match="unsupported deberta-v2 variant: its convolution"):
+        check_supported(AutoConfig.for_model("deberta-v2", conv_kernel_size=3))
 
 
 def test_the_unsupported_family_error_names_every_family():

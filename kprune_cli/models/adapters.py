@@ -171,6 +171,10 @@ def check_supported(config: PretrainedConfig) -> None:
             f"unsupported architecture {model_type!r}: supported families are "
             f"{', '.join(SUPPORTED_FAMILIES)} (MiniLM uses the bert layout)"
         )
+    check = LAYOUTS[model_type].unsupported
+    reason = check(config) if check is not None else None
+    if reason is not None:
+        raise UserError(f"unsupported {model_type} variant: {reason}")
 
 
 def get_adapter(model: PreTrainedModel) -> ModelAdapter:

@@ -23,12 +23,15 @@ post-LN family, ``input + output bias`` in a pre-norm one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from transformers import (
     BertForQuestionAnswering,
     BertForSequenceClassification,
+    DebertaV2ForQuestionAnswering,
+    DebertaV2ForSequenceClassification,
     DistilBertForQuestionAnswering,
     DistilBertForSequenceClassification,
     ElectraForQuestionAnswering,
@@ -69,6 +72,8 @@ class Layout:
     - ``kept_heads_attention``: for a family whose layers share one per-head tensor (MPNet's
       relative-position bias), the subclass its pruned attention modules become; it selects the
       heads each layer kept (see :func:`record_kept_heads`).
+    - ``unsupported``: the reason a config of the family cannot be pruned, or ``None`` (variants
+      whose forward pass does more than loop over the layers).
     - ``task_classes``: the stock classes a pruned checkpoint may be, one ``KPrune...`` class each.
     """
 
@@ -87,6 +92,7 @@ class Layout:
     pre_norm: bool = False
     positions_after_padding: bool = False
     kept_heads_attention: type[nn.Module] | None = None
+    unsupported: Callable[[PretrainedConfig], str | None] | None = None
 
     @staticmethod
     def head_size(config: PretrainedConfig) -> int:
@@ -109,6 +115,15 @@ class MPNetSelfAttentionKeptHeads(MPNetSelfAttention):
         if position_bias is not None:
             position_bias = position_bias[:, self.kept_heads]  # (batch, k, q, k_len)
         return super().forward(hidden_states, attention_mask, position_bias, **kwargs)
+
+
+def _deberta_v2_unsupported(config: PretrainedConfig) -> str | None:
+    """DeBERTa-v2's optional convolution after the first layer (v2 xlarge/xxlarge) mixes the
+    encoder's input into layer 0's output outside the layers, which passes that start at a later
+    layer cannot reproduce."""
+    if getattr(config, "conv_kernel_size", 0) > 0:
+        return "its convolution after the first layer (conv_kernel_size > 0) is not supported"
+    return None
 
 
 def _bert_layout(*task_classes: type[PreTrainedModel], **changes) -> Layout:
@@ -137,6 +152,12 @@ LAYOUTS: dict[str, Layout] = {
         task_classes=(MPNetForSequenceClassification, MPNetForQuestionAnswering),
         positions_after_padding=True, kept_heads_attention=MPNetSelfAttentionKeptHeads,
     ),
+    "deberta-v2": _bert_layout(
+        DebertaV2ForSequenceClassification, DebertaV2ForQuestionAnswering,
+        head_projections=("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+                          "attention.self.pos_query_proj", "attention.self.pos_key_proj"),
+        unsupported=_deberta_v2_unsupported,
+    ),
     "distilbert": Layout(
         layers="transformer.layer", attention="attention",
         head_projections=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
@@ -146,7 +167,9 @@ LAYOUTS: dict[str, Layout] = {
     ),
 }
 """Every supported family by ``model_type``. MiniLM checkpoints are ``bert``; XLM-RoBERTa keeps
-RoBERTa's layout."""
+RoBERTa's layout; DeBERTa-v3 checkpoints are ``deberta-v2``, whose relative-position projections
+(``pos_query_proj`` / ``pos_key_proj``, present unless ``share_att_key``) are split by heads like
+Q and K; with ``share_att_key`` the positions go through Q and K themselves."""
 
 
 def layout_of(config: PretrainedConfig) -> Layout:
