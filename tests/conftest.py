@@ -24,6 +24,7 @@ from transformers import (
     DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
+    ModernBertConfig,
     MPNetConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -39,7 +40,7 @@ torch.set_num_threads(1)
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 FAMILIES = ("bert", "roberta", "electra", "distilbert")
-OTHER_FAMILIES = ("xlm-roberta", "mpnet", "deberta-v2")
+OTHER_FAMILIES = ("xlm-roberta", "mpnet", "deberta-v2", "modernbert")
 """Families tested by tests/test_families.py alone (the suites over FAMILIES stay small)."""
 
 
@@ -54,6 +55,10 @@ def tiny_config(family: str, num_labels: int = 2, max_positions: int = 64, **cha
     common = dict(vocab_size=100, max_position_embeddings=max_positions, num_labels=num_labels)
     if family == "distilbert":
         return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common, **changes)
+    if family == "modernbert":  # layer 0 global attention, layer 1 a local window of 4 tokens
+        return ModernBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                global_attn_every_n_layers=2, local_attention=4, pad_token_id=0, bos_token_id=2,
+                                eos_token_id=3, cls_token_id=2, sep_token_id=3, **common, **changes)
     config_class = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig,
                     "xlm-roberta": XLMRobertaConfig, "mpnet": MPNetConfig, "deberta-v2": DebertaV2Config}[family]
     extra = {"electra": {"embedding_size": 32}, "deberta-v2": DEBERTA_V3}.get(family, {})

@@ -14,12 +14,16 @@ import torch
 from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
 from conftest import OTHER_FAMILIES, WORDS, kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data
+from kprune_cli.calibration import CalibrationSample
 from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import check_supported, get_adapter
 from kprune_cli.models.checkpoint import save_pruned
 from kprune_cli.models.loading import count_parameters, load_model
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.models.slicing import prune_physically
+from kprune_cli.pruners.common.hooks import capture_taps, forward_until
+from kprune_cli.pruners.common.teacher import Teacher
+from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.tasks.spec import get_task
 
 HEADS = ("classification", "qa")
@@ -28,11 +32,15 @@ HEADS = ("classification", "qa")
 def head_weights(family: str, d: int, d_h: int) -> int:
     """Parameters one head owns: its rows (weights and biases) of every projection that is split by
     heads, and its ``d_h`` columns of the attention output projection."""
+    if family == "modernbert":  # a fused QKV projection and no biases
+        return 3 * d * d_h + d * d_h
     return {"xlm-roberta": 3, "mpnet": 3, "deberta-v2": 3}[family] * (d * d_h + d_h) + d * d_h
 
 
 def neuron_weights(family: str, d: int) -> int:
     """Parameters one FFN neuron owns: its input row(s) with bias, its output column."""
+    if family == "modernbert":  # a value and a gate row, no biases
+        return 3 * d
     return {"xlm-roberta": 2 * d + 1, "mpnet": 2 * d + 1, "deberta-v2": 2 * d + 1}[family]
 
 
@@ -98,10 +106,15 @@ def test_pruned_copy_matches_masked_model(family, head, family_inputs):
     assert count_parameters(pruned) == count_parameters(model) - removed
 
 
+def bias(linear) -> torch.Tensor | float:
+    return linear.bias if linear.bias is not None else 0.0
+
+
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
 def test_an_emptied_sub_layer_is_its_residual_path(family, family_inputs):
     """Layer 0 keeps no heads, layer 1 no neurons: what leaves each emptied sub-layer is what
-    entered it plus the output projection's bias (then the LayerNorm, in a post-LN family)."""
+    entered it plus the output projection's bias, then the LayerNorm after it (post-LN) or nothing
+    (pre-norm: the sum is the next sub-layer's LayerNorm input, or the layer's output)."""
     pruned, _ = pruned_copy(make_tiny_model(family))
     adapter = get_adapter(pruned)
     attention, ffn = adapter.layers()[0], adapter.layers()[1]
@@ -112,16 +125,22 @@ def test_an_emptied_sub_layer_is_its_residual_path(family, family_inputs):
             seen[name] = (result[0] if isinstance(result, tuple) else result) if output else args[0]
         return hook
 
-    hooks = [attention.layer.register_forward_pre_hook(record("mha in")),
-             attention.attn_norm.register_forward_hook(record("mha out", output=True)),
-             ffn.ffn_in.register_forward_pre_hook(record("ffn in")),
-             ffn.ffn_norm.register_forward_hook(record("ffn out", output=True))]
+    if adapter.layout.pre_norm:
+        taps = [(attention.layer, "mha in", False), (attention.ffn_norm, "mha out", False),
+                (ffn.ffn_norm, "ffn in", False), (ffn.layer, "ffn out", True)]
+    else:
+        taps = [(attention.layer, "mha in", False), (attention.attn_norm, "mha out", True),
+                (ffn.ffn_in, "ffn in", False), (ffn.ffn_norm, "ffn out", True)]
+    hooks = [module.register_forward_hook(record(name, True)) if output
+             else module.register_forward_pre_hook(record(name)) for module, name, output in taps]
     with torch.no_grad():
         pruned(**family_inputs)
         for hook in hooks:
             hook.remove()
-        mha = attention.attn_norm(seen["mha in"] + attention.attn_out.bias)
-        ffn_out = ffn.ffn_norm(seen["ffn in"] + ffn.ffn_out.bias)
+        mha = seen["mha in"] + bias(attention.attn_out)
+        ffn_out = seen["ffn in"] + bias(ffn.ffn_out)
+        if not adapter.layout.pre_norm:
+            mha, ffn_out = attention.attn_norm(mha), ffn.ffn_norm(ffn_out)
     assert attention.num_heads == 0 and ffn.num_neurons == 0
     torch.testing.assert_close(seen["mha out"], mha, atol=1e-6, rtol=0)
     torch.testing.assert_close(seen["ffn out"], ffn_out, atol=1e-6, rtol=0)
@@ -190,8 +209,64 @@ def test_flops_follow_the_family_structure(family):
     flops = adapter.flops(seq_len=10)
     d, d_h = 32, 8
     assert flops.head == 3 * 2 * d * d_h * 10 + 2 * 2 * 10 * 10 * d_h + 2 * d_h * 10 * d
-    assert flops.neuron == 2 * 2 * 10 * d
+    assert flops.neuron == (2 * 3 * 10 * d if family == "modernbert" else 2 * 2 * 10 * d)  # gated: 2 input rows
     assert flops.total(adapter.structure()) == 2 * (4 * flops.head + 64 * flops.neuron)
+
+
+def family_sample(num: int = 16, seq: int = 12) -> CalibrationSample:
+    """``num`` random right-padded sequences of 4..``seq`` tokens without segment ids, in batches of 8."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, seq + 1, (num,), generator=generator)
+    attention_mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    input_ids = torch.randint(5, 100, (num, seq), generator=generator) * attention_mask
+    return CalibrationSample([{"input_ids": input_ids[start:start + 8], "attention_mask": attention_mask[start:start + 8]}
+                              for start in range(0, num, 8)])
+
+
+def test_pre_norm_residual_sums_are_the_residual_stream():
+    """ModernBERT has no LayerNorm after a residual sum: the teacher's sums are the stream itself,
+    the FFN LayerNorm's input after the MHA and the layer's output after the FFN."""
+    model = make_tiny_model("modernbert")
+    teacher = Teacher(model, "classification", family_sample(), 2.0, batch_size=None, device="cpu")
+    layer = model.model.layers[1]
+    seen = {}
+    hooks = [layer.mlp_norm.register_forward_pre_hook(lambda module, args: seen.update(mha=args[0])),
+             layer.register_forward_hook(lambda module, args, output: seen.update(ffn=output))]
+    with torch.no_grad():
+        for index, batch in enumerate(teacher.batches):
+            model(**batch.inputs)
+            attn_sum, ffn_sum = teacher.residual_sums(2)[index], teacher.residual_sums(3)[index]
+            torch.testing.assert_close(attn_sum, seen["mha"][batch.token_mask])
+            torch.testing.assert_close(ffn_sum, seen["ffn"][batch.token_mask])
+            torch.testing.assert_close(ffn_sum, attn_sum + layer.mlp(layer.mlp_norm(attn_sum)))
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_kpwt_reduces_the_reconstruction_error(family):
+    model = make_tiny_model(family)
+    adapter = get_adapter(model)
+    teacher = Teacher(model, "classification", family_sample(), 2.0, batch_size=None, device="cpu")
+    masks = family_masks(adapter).clone()
+    for mask in masks.heads + masks.neurons:  # 0/1, every sub-layer keeps some units
+        mask.copy_((mask != 0).float())
+        mask[1] = 1.0
+    for sublayer in range(4):
+        kind = "mha" if sublayer % 2 == 0 else "ffn"
+        tap = adapter.layers()[sublayer // 2].sum_tap(kind)
+
+        def error() -> float:
+            total = 0.0
+            for batch, target in zip(teacher.batches, teacher.residual_sums(sublayer)):
+                with torch.no_grad(), apply_masks(adapter, masks), capture_taps({"sum": tap}) as store:
+                    forward_until(model, batch.inputs, tap)
+                total += float((store["sum"][batch.token_mask] - target).pow(2).sum())
+            return total
+
+        before = error()
+        assert kpwt(model, adapter, masks, teacher.batches, teacher.residual_sums(sublayer), sublayer) == []
+        assert error() < 0.99 * before  # the least-squares refit of the survivors' columns
 
 
 def test_deberta_position_projections_lose_the_rows_of_pruned_heads(family_inputs):

@@ -36,6 +36,8 @@ from transformers import (
     DistilBertForSequenceClassification,
     ElectraForQuestionAnswering,
     ElectraForSequenceClassification,
+    ModernBertForQuestionAnswering,
+    ModernBertForSequenceClassification,
     MPNetForQuestionAnswering,
     MPNetForSequenceClassification,
     PretrainedConfig,
@@ -158,6 +160,12 @@ LAYOUTS: dict[str, Layout] = {
                           "attention.self.pos_query_proj", "attention.self.pos_key_proj"),
         unsupported=_deberta_v2_unsupported,
     ),
+    "modernbert": Layout(
+        layers="layers", attention="attn", head_projections=("attn.Wqkv",), qkv_blocks=3,
+        attn_out="attn.Wo", attn_norm="attn_norm", ffn_in="mlp.Wi", ffn_blocks=2, ffn_out="mlp.Wo",
+        ffn_norm="mlp_norm", pre_norm=True,
+        task_classes=(ModernBertForSequenceClassification, ModernBertForQuestionAnswering),
+    ),
     "distilbert": Layout(
         layers="transformer.layer", attention="attention",
         head_projections=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
@@ -169,7 +177,10 @@ LAYOUTS: dict[str, Layout] = {
 """Every supported family by ``model_type``. MiniLM checkpoints are ``bert``; XLM-RoBERTa keeps
 RoBERTa's layout; DeBERTa-v3 checkpoints are ``deberta-v2``, whose relative-position projections
 (``pos_query_proj`` / ``pos_key_proj``, present unless ``share_att_key``) are split by heads like
-Q and K; with ``share_att_key`` the positions go through Q and K themselves."""
+Q and K; with ``share_att_key`` the positions go through Q and K themselves. ModernBERT is pre-norm
+(``attn_norm`` is an identity in layer 0), with a fused ``Wqkv`` (Q, K, V blocks of all heads), a
+gated ``Wi`` (value rows, then gate rows) and, by default, no biases; its rotary positions and
+alternating local/global attention need nothing from pruning."""
 
 
 def layout_of(config: PretrainedConfig) -> Layout:
