@@ -56,6 +56,7 @@ common keys (Hydra overrides; `kprune <command> --help` lists all):
   model.path=<dir or hub id>   rate=0.5   pruner=kprune|magnitude|...
   calibration.num_tokens=100000 | calibration.num_examples=2048   data_dir=<local data>   device=auto|cpu|cuda
   output_dir=<dir> (with -m: the sweep's directory)   overwrite=true   seed=0
+  resume=true   continue a killed run in output_dir after its last finished sub-layer (K-prune)
   hydra/launcher=local|slurm   run a sweep's jobs in parallel processes or on SLURM (pip install -e .[cluster])
 
 examples:

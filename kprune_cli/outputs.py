@@ -1,12 +1,13 @@
 """A job's output directory: claimed before any work, complete or marked failed after.
 
 Rules (what sweeps and scripts may rely on):
-- a non-empty directory is refused unless ``overwrite=true``; a directory another job is
-  writing (its lock file exists) is always refused;
+- a non-empty directory is refused unless ``overwrite=true`` (or ``resume=true``, on the leftovers
+  of an interrupted run); a directory another job is writing (its lock is live) is always refused;
 - ``report.json`` is written last, atomically: its presence means the run succeeded;
 - a failed or interrupted run (exception, Ctrl-C, SIGTERM) removes what it had written and
   leaves ``FAILED.json`` (error and config); a run stopped by a user mistake
-  (:class:`UserError`) leaves nothing at all;
+  (:class:`UserError`) leaves nothing at all; either keeps its step checkpoints
+  (``.kprune-steps/``, kprune_cli/resume.py), which ``resume=true`` continues from;
 - a run killed outright (SIGKILL, power loss) cannot clean up: it leaves its lock file and no
   ``report.json`` (their presence and absence are the signal), perhaps a hidden staging
   directory; a ``pruned/`` is never half-written (it appears by renaming a complete staging
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import traceback
+from fnmatch import fnmatch
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +35,11 @@ LOCK_NAME = ".kprune.lock"
 FAILED_NAME = "FAILED.json"
 # The success marker first: a clean-up cut short never leaves report.json beside partial results.
 RESULT_NAMES = ("report.json", "pruned", "report.md", FAILED_NAME)
-# Staging files and directories that an interrupted write leaves (write_json_atomic, save_pruned).
-STAGING_PATTERNS = (".report.json.tmp", f".{FAILED_NAME}.tmp", ".pruned.*")
+STEPS_NAME = ".kprune-steps"
+# Staging files and directories that an interrupted write leaves (write_json_atomic, save_pruned, StepCheckpoints).
+STAGING_PATTERNS = (".report.json.tmp", f".{FAILED_NAME}.tmp", ".pruned.*", f"{STEPS_NAME}.*")
+# Everything a run may leave in its directory: what resume=true accepts there.
+RUN_PATTERNS = (*RESULT_NAMES, STEPS_NAME, LOCK_NAME, f"{LOCK_NAME}.*", *STAGING_PATTERNS)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -63,22 +68,33 @@ class OutputDir:
         self._lock = DirectoryLock(path / LOCK_NAME)
         self._claimed = False
 
-    def claim(self) -> None:
+    def claim(self, resume: bool = False) -> None:
         """Create (or, with overwrite, clear) the directory and take its lock (kprune_cli/locks.py:
-        a lock whose holder is gone is taken over)."""
+        a lock whose holder is gone is taken over). With ``resume``, the leftovers of an interrupted
+        run are accepted and its step checkpoints kept."""
         holder = read_holder(self._lock.path)
         if holder is not None and not holder.is_gone():
             raise UserError(f"output_dir={self.path} is in use by another kprune job ({holder.describe()}; "
                             f"a lock counts as stale {STALE_AFTER_S:.0f} s after its last heartbeat): "
                             f"choose another output_dir")
-        if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
+        leftovers = sorted(path.name for path in self.path.iterdir()) if self.path.is_dir() else []
+        run_leftovers = all(any(fnmatch(name, pattern) for pattern in RUN_PATTERNS) for name in leftovers)
+        if leftovers and not self.overwrite and not (resume and run_leftovers):
             killed = f" (it holds the lock of a killed kprune job, {holder.describe()})" if holder else ""
+            steps = " or resume=true to continue its interrupted run" if STEPS_NAME in leftovers and not resume else ""
             raise UserError(f"output_dir={self.path} exists and is not empty{killed}: choose another output_dir "
-                            f"or pass overwrite=true")
+                            f"or pass overwrite=true{steps}")
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock.acquire(take_over=holder)
         self._claimed = True
-        self._remove_results()
+        self._remove_results(keep_steps=resume)
+
+    def finished_report(self) -> dict[str, Any] | None:
+        """The report of a run that completed in this directory, else None."""
+        try:
+            return json.loads((self.path / RESULT_NAMES[0]).read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def release(self) -> None:
         """Drop the lock (the results stay)."""
@@ -92,36 +108,45 @@ class OutputDir:
         if not self._claimed:
             self.discard_if_empty()
             return
-        self._remove_results()
-        if isinstance(error, UserError):
-            self.release()
-            self.discard_if_empty()
-            return
-        write_failure(self.path, error, config)
+        self._remove_results(keep_steps=True)
+        if not isinstance(error, UserError):
+            try:
+                write_failure(self.path, error, config)
+            except OSError:
+                pass  # e.g. the disk is full: the error is reported on the console all the same
         self.release()
+        self.discard_if_empty()
 
     def discard_if_empty(self) -> None:
         """Remove the directory if nothing is in it (e.g. created by Hydra before a bad-input error)."""
         if self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()
 
-    def _remove_results(self) -> None:
-        """Remove staging left by an interrupted write, then the results; ``pruned/`` is renamed out
-        of sight before it is deleted, so it never lingers half-removed."""
+    def _remove_results(self, keep_steps: bool) -> None:
+        """Remove staging left by an interrupted write, then the results (and the step checkpoints
+        unless ``keep_steps``); directories are renamed out of sight before they are deleted, so they
+        never linger half-removed."""
         for pattern in STAGING_PATTERNS:
             for leftover in self.path.glob(pattern):
                 if leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     leftover.unlink(missing_ok=True)
-        for name in RESULT_NAMES:
+        for name in RESULT_NAMES if keep_steps else (*RESULT_NAMES, STEPS_NAME):
             target = self.path / name
             if target.is_dir():
-                retired = target.with_name(f".{name}.removing.tmp")
-                os.replace(target, retired)
-                shutil.rmtree(retired)
+                remove_tree(target)
             else:
                 target.unlink(missing_ok=True)
+
+
+def remove_tree(directory: Path) -> None:
+    """Delete ``directory``, first renamed out of sight (``.NAME.removing.tmp``, a staging name) so
+    that it never lingers half-removed under its own name."""
+    retired = directory.with_name(f".{directory.name.lstrip('.')}.removing.tmp")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(directory, retired)
+    shutil.rmtree(retired)
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:

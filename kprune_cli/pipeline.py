@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 from transformers import PreTrainedTokenizerBase
 
 from kprune_cli.calibration import (
@@ -28,6 +29,7 @@ from kprune_cli.calibration import (
     draw_calibration_sample,
 )
 from kprune_cli.config_values import check_argument_types, required_keys
+from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
 from kprune_cli.interrupts import deferred_interrupts
@@ -39,6 +41,7 @@ from kprune_cli.outputs import OutputDir
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
+from kprune_cli.resume import StepCheckpoints, run_identity
 from kprune_cli.run_settings import SampleSize, read_settings
 from kprune_cli.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
 from kprune_cli.tasks.data import load_task_data
@@ -90,6 +93,16 @@ def draw_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBa
                     f"{sample.num_tokens} tokens in {sample.num_examples} examples"]
 
 
+def resume_batch_size(pruner: Pruner, steps: StepCheckpoints) -> list[str]:
+    """Give ``pruner`` the batch size its saved steps were made with, if it differs from the config's
+    (the interrupted run lowered it after running out of GPU memory); a note saying so."""
+    saved = steps.saved_batch_size()
+    if saved is None or getattr(pruner, "batch_size", saved) == saved:
+        return []
+    configured, pruner.batch_size = pruner.batch_size, saved
+    return [f"resumed with pruner.batch_size={saved}, as the interrupted run used it (configured: {configured})"]
+
+
 def run_pruning(cfg: DictConfig) -> Report:
     """Run one pruning job described by ``cfg`` (configs/run.yaml) and return its report."""
     output_path = Path(str(cfg.output_dir))  # always set: Hydra makes it (see configs/run.yaml)
@@ -100,6 +113,13 @@ def run_pruning(cfg: DictConfig) -> Report:
             pruner = build_pruner(cfg.pruner, pruner_name)
         refuse_unlabeled_source(pruner, pruner_name, settings.calibration_source)
         output = OutputDir(output_path, overwrite=settings.overwrite)
+        if settings.resume and not settings.overwrite and (finished := output.finished_report()) is not None:
+            console.print(f"[bold]kprune:[/] {escape(str(output_path))} holds a finished run: nothing to resume",
+                          highlight=False, soft_wrap=True)
+            return finished
+        steps = StepCheckpoints(output_path, run_identity(cfg, settings.device), pruner)
+        if settings.resume:
+            steps.check_resumable()
     except UserError:
         OutputDir(output_path, overwrite=False).discard_if_empty()
         raise
@@ -109,7 +129,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         # Ctrl-C or SIGTERM while the lock is being taken is raised once it is held, inside this
         # try, so the directory is marked failed (not left locked); a refused claim leaves it as it was.
         with deferred_interrupts():
-            output.claim()
+            output.claim(resume=settings.resume)
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):
             model_path, notes = resolve_model_path(settings.model_path, task, device)
@@ -139,11 +159,15 @@ def run_pruning(cfg: DictConfig) -> Report:
             sample, shortfall = draw_sample(task, rows, tokenizer, settings.sample_size,
                                             settings.calibration_seed, settings.calibration_batch_size)
         notes += source_notes + shortfall
+        steps.bind_sample(sample)
+        notes += resume_batch_size(pruner, steps)
         problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
-                               rate=settings.rate, device=device, seed=settings.seed)
+                               rate=settings.rate, device=device, seed=settings.seed, steps=steps)
         with timed(timing, "prune"):
             result = prune_with_memory_retry(pruner, problem, notes)
-            notes += result.notes
+            notes += result.notes + steps.notes()
+            if settings.resume and not steps.read:
+                notes.append(f"pruner={pruner_name} keeps no step checkpoints: resume=true ran it from the start")
             prune_physically(adapter, result.masks)
         if broken := non_finite_tensors(model):
             raise NonFiniteWeights(f"pruning left NaN or infinite values in {listed(broken)}; nothing was saved"
@@ -170,6 +194,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
         )
         write_reports(report, output.path)
+        steps.discard()
         output.release()
         print_summary(report)
         return report

@@ -59,15 +59,19 @@ def versions() -> dict[str, str]:
     }
 
 
-# Where a job writes says nothing about the experiment: left out of the hash.
-UNHASHED_KEYS = ("output_dir", "overwrite")
+# Where a job writes, and whether it resumed, say nothing about the experiment: left out of the hash.
+UNHASHED_KEYS = ("output_dir", "overwrite", "resume")
+
+
+def experiment_values(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the keys of :data:`UNHASHED_KEYS`."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED_KEYS}
 
 
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of the resolved config without where it is written (the same experiment
     gives the same hash in any directory)."""
-    experiment = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED_KEYS}
-    text = OmegaConf.to_yaml(OmegaConf.create(experiment), sort_keys=True)
+    text = OmegaConf.to_yaml(OmegaConf.create(experiment_values(cfg)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -94,6 +94,7 @@ class RunSettings:
     calibration_seed: int
     calibration_source: str | None
     overwrite: bool
+    resume: bool
     check_reload: bool
     smoke: bool
 
@@ -119,6 +120,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             calibration_seed=check_int("calibration.seed", cfg.calibration.seed, 0, SEED_LIMIT),
             calibration_source=check_source(cfg.calibration.source),
             overwrite=check_bool("overwrite", cfg.overwrite),
+            resume=check_bool("resume", cfg.resume),
             check_reload=check_bool("check_reload", cfg.check_reload),
             smoke=check_bool("smoke", cfg.smoke),
             device=resolve_device(str(cfg.device)),  # last: it imports torch

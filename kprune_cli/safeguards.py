@@ -33,8 +33,9 @@ def prune_with_memory_retry(pruner: Pruner, problem: PruneProblem, notes: list[s
     """``pruner.prune(problem)``; on a GPU out-of-memory error, restore the weights and start again
     with ``pruner.batch_size`` halved (pruners without that attribute are not retried).
 
-    The weights are kept on the CPU meanwhile (a pruner may tune them in place). Each retry adds
-    a line to ``notes``; with a batch size of 1 the error stands.
+    The weights are kept on the CPU meanwhile (a pruner may tune them in place), and the step
+    checkpoints of the failed attempt are dropped. Each retry adds a line to ``notes``; with a
+    batch size of 1 the error stands.
     """
     if problem.device.type != "cuda" or not hasattr(pruner, "batch_size"):
         return pruner.prune(problem)
@@ -47,6 +48,8 @@ def prune_with_memory_retry(pruner: Pruner, problem: PruneProblem, notes: list[s
             if size <= 1:
                 raise
         problem.model.load_state_dict(weights)
+        if problem.steps is not None:
+            problem.steps.discard()
         torch.cuda.empty_cache()
         pruner.batch_size = size // 2
         notes.append(f"pruning ran out of GPU memory with pruner.batch_size={size}: "

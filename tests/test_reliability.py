@@ -29,7 +29,7 @@ from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.masks import Masks
 from kprune_cli.locks import STALE_AFTER_S
-from kprune_cli.outputs import FAILED_NAME, LOCK_NAME, OutputDir
+from kprune_cli.outputs import FAILED_NAME, LOCK_NAME, STEPS_NAME, OutputDir
 from kprune_cli.safeguards import prune_with_memory_retry
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.tasks.spec import get_task
@@ -517,7 +517,7 @@ def check_outcome(output: Path) -> str:
         assert names == ["pruned", "report.json", "report.md"]
         load_model(str(output / "pruned"), get_task("mrpc"))
         return "complete"
-    assert names == [FAILED_NAME], names
+    assert names in ([FAILED_NAME], [STEPS_NAME, FAILED_NAME]), names  # the steps stay for resume=true
     failure = json.loads((output / FAILED_NAME).read_text())
     assert failure["error"].startswith(("KeyboardInterrupt", "Terminated")) and failure["config"]["rate"] == 0.5
     return "failed"
@@ -584,7 +584,7 @@ def test_real_run_stopped_by_sigterm_cleans_up(slow_job, tmp_path):
     time.sleep(0.3)
     process.terminate()
     stderr = process.communicate(timeout=120)[1]
-    names = sorted(path.name for path in output.iterdir()) if output.exists() else None
+    names = sorted(path.name for path in output.iterdir() if path.name != STEPS_NAME) if output.exists() else None
     assert names == [FAILED_NAME] and process.returncode == 143, (names, process.returncode, stderr)
     assert check_outcome(output) == "failed"
     assert "Traceback" not in stderr and "SIGTERM" in stderr, stderr

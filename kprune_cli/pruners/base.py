@@ -22,12 +22,42 @@ from kprune_cli.tasks.spec import TaskSpec
 
 
 @dataclass
+class PruneProgress:
+    """Where a sub-layer-wise pruner stands: sub-layers ``< done`` are final (masks decided, weights
+    tuned); ``budget`` FLOPs are left for the others; ``notes`` and ``timing`` as in :class:`PruneResult`."""
+
+    done: int
+    masks: Masks
+    budget: float
+    notes: list[str]
+    timing: dict[str, float]
+
+
+class StepStore(Protocol):
+    """Where a pruner keeps its progress after each finished sub-layer, to resume from it after a kill
+    (the pipeline's is :class:`~kprune_cli.resume.StepCheckpoints`)."""
+
+    def last(self, device: torch.device) -> PruneProgress | None:
+        """The progress saved last (masks on ``device``), or None to start from sub-layer 0."""
+
+    def restore(self, adapter: ModelAdapter, done: int) -> None:
+        """Load the tuned weights of sub-layers ``< done`` into the model."""
+
+    def save(self, adapter: ModelAdapter, progress: PruneProgress, tuned: bool) -> None:
+        """Keep ``progress``, with the weights of sub-layer ``progress.done - 1`` when ``tuned``."""
+
+    def discard(self) -> None:
+        """Forget all saved progress (the pruner starts over)."""
+
+
+@dataclass
 class PruneProblem:
     """Everything a pruner may use.
 
     ``model`` is the fine-tuned model in eval mode on ``device``; it is also the teacher,
     so a pruner that needs the original outputs computes them before changing weights.
-    The budget is ``(1 - rate) * flops.total(adapter.structure())``.
+    The budget is ``(1 - rate) * flops.total(adapter.structure())``. ``steps``: where a pruner
+    that can resume keeps its progress (others ignore it).
     """
 
     model: PreTrainedModel
@@ -38,6 +68,7 @@ class PruneProblem:
     rate: float
     device: torch.device
     seed: int = 0
+    steps: StepStore | None = None
 
     @property
     def budget(self) -> float:

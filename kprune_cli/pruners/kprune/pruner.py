@@ -34,7 +34,7 @@ from kprune_cli.console import make_progress
 from kprune_cli.errors import UserError
 from kprune_cli.hardware import describe_cpu, native_matmul
 from kprune_cli.models.masks import Masks
-from kprune_cli.pruners.base import PruneProblem, PruneResult
+from kprune_cli.pruners.base import PruneProblem, PruneProgress, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
@@ -102,6 +102,8 @@ class KPrunePruner:
 
         ``progress``: a running rich progress to add a task to (else a transient one is shown);
         ``on_step(s, masks)``: called after sub-layer ``s`` has been pruned (and tuned).
+        With ``problem.steps``, the progress is kept there after each sub-layer, and a run that
+        finds some there continues after its last finished sub-layer, with the same result.
         """
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}
         with timed(timing, "teacher"):
@@ -110,21 +112,28 @@ class KPrunePruner:
             # The teacher's pre-LN sums come from the model itself: layer l's are taken at step 2l,
             # before any weight of layer l is tuned, so no copy of the model is needed.
             teacher_sums = ResidualSums(problem.model, teacher.batches) if self.tune else None
-        masks = Masks.ones(problem.adapter, problem.device)
-        notes = self._precision_notes(problem.device)
         gradient_batch = self.gradient_batch_of(problem)
         num_sublayers = 2 * problem.adapter.num_layers
+        saved = problem.steps.last(problem.device) if problem.steps is not None else None
+        if saved is None:
+            start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
+            notes = self._precision_notes(problem.device)
+        else:
+            start, masks, budget, notes = saved.done, saved.masks, saved.budget, saved.notes
+            timing.update(saved.timing)
+            self._resume(problem, teacher_sums, start, notes)
         inputs = [batch.inputs for batch in teacher.batches]
         with timed(timing, "measure"):
             hidden = encoder_inputs(problem.model, problem.adapter, inputs)  # entering layer 0
+            for layer in range(min(start, num_sublayers - 1) // 2):  # a resumed run: up to its next layer
+                hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
         owned = progress is None
         progress = make_progress() if owned else progress
         with progress if owned else nullcontext():
-            bar = progress.add_task("K-prune", total=num_sublayers)
-            if not self.iterative:
+            bar = progress.add_task("K-prune", total=num_sublayers, completed=start)
+            if not self.iterative and saved is None:
                 self._search(problem, teacher, masks, 0, problem.budget, timing, hidden, gradient_batch)
-            budget = problem.budget
-            for s in range(num_sublayers):
+            for s in range(start, num_sublayers):
                 kind, layer = sublayer_kind(s), s // 2
                 progress.update(bar, description=f"K-prune {kind.upper()} {layer}")
                 if self.iterative:
@@ -138,6 +147,8 @@ class KPrunePruner:
                 if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
                     with timed(timing, "measure"):
                         hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
+                if problem.steps is not None:
+                    problem.steps.save(problem.adapter, PruneProgress(s + 1, masks, budget, notes, timing), self.tune)
                 if on_step is not None:
                     on_step(s, masks)
                 progress.advance(bar)
@@ -146,6 +157,18 @@ class KPrunePruner:
     def gradient_batch_of(self, problem: PruneProblem) -> int:
         """Sequences per squared gradient on ``problem``: ``gradient_batch``, else the task's official size."""
         return self.gradient_batch or official_gradient_batch(problem.task, problem.adapter.hidden_size)
+
+    @staticmethod
+    def _resume(problem: PruneProblem, teacher_sums: ResidualSums | None, start: int, notes: list[str]) -> None:
+        """Continue a killed run at sub-layer ``start``: the teacher's pre-LN sums of that layer are
+        taken from the still original model (as the uninterrupted run took them, before tuning it),
+        then the tuned weights of the finished sub-layers are loaded from the step checkpoints."""
+        num_sublayers = 2 * problem.adapter.num_layers
+        if teacher_sums is not None and start < num_sublayers:
+            teacher_sums(start)
+        problem.steps.restore(problem.adapter, start)
+        where = f"{sublayer_kind(start).upper()} {start // 2}" if start < num_sublayers else "the end"
+        notes.append(f"resumed at sub-layer {start} ({where}) from the step checkpoints of an interrupted run")
 
     def _precision_notes(self, device: torch.device) -> list[str]:
         """A note when ``autocast`` asks for a precision that ``device`` only emulates (slower than float32)."""

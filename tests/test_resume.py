@@ -1,0 +1,302 @@
+"""Preemption-safe pruning: step checkpoints after each sub-layer, ``resume=true`` continuing a killed run
+with the same masks, weights and metrics, a different config refused, and faults while writing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import kprune, write_mrpc_data, write_tiny_checkpoint
+from kprune_cli.outputs import LOCK_NAME, STEPS_NAME
+from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_cli.resume import STATE_NAME, StepCheckpoints
+from kprune_helpers import make_problem, sharpen
+from test_cli import run_args
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: nothing after it runs (not even the pipeline's clean-up)."""
+
+
+class KilledAfter(StepCheckpoints):
+    """Step checkpoints of a run that dies right after saving sub-layer ``last``."""
+
+    def __init__(self, directory: Path, last: int, pruner: object) -> None:
+        super().__init__(directory, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+        self.last_saved = last
+
+    def save(self, adapter, progress, tuned) -> None:
+        super().save(adapter, progress, tuned)
+        if progress.done - 1 == self.last_saved:
+            raise Killed
+
+
+def _pruned(tiny_model, pruner, steps=None):
+    problem = make_problem(sharpen(tiny_model("bert")), rate=0.6)
+    problem.steps = steps
+    if steps is not None:
+        steps.bind_sample(problem.sample)
+    result = pruner.prune(problem)
+    return result, problem.model.state_dict()
+
+
+@pytest.mark.parametrize("options", [{}, {"iterative": False}, {"tune": False}])
+@pytest.mark.parametrize("killed_after", [0, 1, 2, 3])
+def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny_model, tmp_path):
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner(**options))
+    pruner = KPrunePruner(**options)
+    with pytest.raises(Killed):
+        _pruned(tiny_model, pruner, KilledAfter(tmp_path, killed_after, pruner))
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    result, weights = _pruned(tiny_model, KPrunePruner(**options), steps)
+    for got, want in zip(result.masks.heads + result.masks.neurons, expected.masks.heads + expected.masks.neurons):
+        assert torch.equal(got, want)
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, expected_weights[name]), name
+    resumed = [note for note in result.notes if note.startswith("resumed at sub-layer")]
+    assert resumed == [note for note in resumed if f"sub-layer {killed_after + 1}" in note] and len(resumed) == 1
+    assert [note for note in result.notes if note not in resumed] == expected.notes
+    files = sorted(path.name for path in (tmp_path / STEPS_NAME).iterdir())
+    assert files == sorted([f"step-{s:03d}.safetensors" for s in range(4)] + [STATE_NAME])
+
+
+def test_steps_that_cannot_be_written_for_lack_of_space_are_skipped_with_a_note(monkeypatch, tiny_model, tmp_path):
+    from kprune_cli import resume
+
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner())
+    real_save = resume.save_file
+
+    def fill_the_disk(tensors, path):  # half the file, then no space left
+        real_save(tensors, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resume, "save_file", fill_the_disk)
+    pruner = KPrunePruner()
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    result, weights = _pruned(tiny_model, pruner, steps)
+    assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())
+    assert result.notes == expected.notes
+    assert len(steps.notes()) == 1 and "sub-layers 0, 1, 2, 3" in steps.notes()[0]
+    assert "No space left" in steps.notes()[0]
+    assert list((tmp_path / STEPS_NAME).iterdir()) == []  # no partial file left to trust
+    assert steps.last(torch.device("cpu")) is None
+
+
+def test_a_killed_save_leaves_the_previous_step_valid(monkeypatch, tiny_model, tmp_path):
+    """Killed between the step file and the state that counts it: the resume starts one step earlier."""
+    from kprune_cli import resume
+
+    pruner = KPrunePruner()
+    with pytest.raises(Killed):
+        _pruned(tiny_model, pruner, KilledAfter(tmp_path, 1, pruner))
+    real_replace = resume._replace_durably
+
+    def die_before_the_state(staging, target):
+        if target.name == STATE_NAME:
+            raise Killed
+        real_replace(staging, target)
+
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    monkeypatch.setattr(resume, "_replace_durably", die_before_the_state)
+    with pytest.raises(Killed):
+        _pruned(tiny_model, KPrunePruner(), steps)
+    state = json.loads((tmp_path / STEPS_NAME / STATE_NAME).read_text())
+    assert state["done"] == 2 and (tmp_path / STEPS_NAME / "step-002.safetensors").exists()
+    monkeypatch.undo()
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner())
+    result, weights = _pruned(tiny_model, KPrunePruner(), steps)
+    assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())
+    assert any("resumed at sub-layer 2" in note for note in result.notes)
+
+
+# Real runs killed by SIGKILL (no clean-up at all), then resumed.
+KILLING_RUN = """
+import os, signal, sys
+from pathlib import Path
+
+from kprune_cli import resume
+from kprune_cli.models import checkpoint
+
+where, nth = os.environ["KILL_AT"].split(":")
+calls = {"count": 0}
+
+
+def killed_here(counted: bool) -> None:
+    calls["count"] += counted
+    if counted and calls["count"] == int(nth):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+real_replace, real_save, real_write = resume._replace_durably, resume.save_file, checkpoint._write
+
+
+def replace(staging, target):
+    if where == "state-rename":  # the step file is in place, the state that counts it not yet
+        killed_here(target.name == resume.STATE_NAME)
+    real_replace(staging, target)
+
+
+def save_file(tensors, path):
+    real_save(tensors, path)
+    if where == "step-write" and calls["count"] + 1 == int(nth):  # half the step file written
+        Path(path).write_bytes(Path(path).read_bytes()[:200])
+    killed_here(where == "step-write")
+
+
+def write(model, tokenizer, directory, dtype):
+    model.save_pretrained(directory)  # the weights of pruned/ written, the rest not
+    killed_here(where == "pruned")
+    real_write(model, tokenizer, directory, dtype)
+
+
+resume._replace_durably, resume.save_file, checkpoint._write = replace, save_file, write
+from kprune_cli.cli import main
+
+sys.argv = ["kprune", *sys.argv[1:]]
+main()
+"""
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _start(args: list[str], kill_at: str = "none:0") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", KILLING_RUN, *args], cwd=REPO, env={**ENV, "KILL_AT": kill_at},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str]:
+    stderr = process.communicate(timeout=300)[1]
+    return process.returncode, stderr
+
+
+def _assert_killed(process: subprocess.Popen, output: Path, resumes_at: int) -> None:
+    """SIGKILLed: no result, its lock left, and step checkpoints that count ``resumes_at`` sub-layers."""
+    code, stderr = _finish(process)
+    assert code == -signal.SIGKILL, stderr
+    assert not (output / "report.json").exists() and (output / LOCK_NAME).exists()
+    assert json.loads((output / STEPS_NAME / STATE_NAME).read_text())["done"] == resumes_at
+
+
+def _assert_same_result(output: Path, reference: Path, resumed_at: list[int]) -> None:
+    report, expected = (json.loads((path / "report.json").read_text()) for path in (output, reference))
+    for key in ("metric", "layers", "flops", "params", "sample", "config_hash"):
+        assert report[key] == expected[key], key
+    resumed = [note for note in report["notes"] if note.startswith("resumed at sub-layer")]
+    assert [int(note.split()[3]) for note in resumed] == resumed_at
+    assert [note for note in report["notes"] if note not in resumed] == expected["notes"]
+    weights, expected_weights = (load_file(path / "pruned" / "model.safetensors") for path in (output, reference))
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, expected_weights[name]), name
+    assert sorted(path.name for path in output.iterdir()) == ["pruned", "report.json", "report.md"]
+
+
+def _reference(args: list[str], output: Path) -> Path:
+    """The same run as ``args``, uninterrupted, into ``output``."""
+    assert kprune(*[arg for arg in args if not arg.startswith("output_dir=")], f"output_dir={output}") == 0
+    return output
+
+
+def test_a_run_killed_at_three_points_resumes_to_the_uninterrupted_result(tiny_checkpoint, mrpc_dir, tmp_path):
+    """One real run SIGKILLed three times in a row (while a step's state is renamed into place,
+    half-way through writing a step file, while pruned/ is written), resumed each time: it ends
+    bit for bit as the uninterrupted run, and its notes say where it resumed."""
+    output = tmp_path / "out"
+    args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune")
+    for kill_at, resumes_at in (("state-rename:2", 1), ("step-write:2", 2), ("pruned:1", 4)):
+        extra = ["resume=true"] if kill_at != "state-rename:2" else []
+        _assert_killed(_start(args + extra, kill_at), output, resumes_at)
+    code, stderr = _finish(_start(args + ["resume=true"]))
+    assert code == 0, stderr
+    _assert_same_result(output, _reference(args, tmp_path / "reference"), resumed_at=[1, 2, 4])
+
+
+@pytest.mark.slow
+def test_a_run_killed_from_outside_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL from outside at whatever moment the run has saved its first step."""
+    job = write_tiny_checkpoint(tmp_path / "model"), write_mrpc_data(tmp_path / "data", 1500, 300)
+    output = tmp_path / "out"
+    args = run_args(*job, output, "pruner=kprune", "calibration.num_tokens=30000")
+    process, state = _start(args), output / STEPS_NAME / STATE_NAME
+    deadline = time.monotonic() + 240
+    while process.poll() is None and not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.kill()
+    _finish(process)
+    done = json.loads(state.read_text())["done"]
+    assert 1 <= done < 4 and not (output / "report.json").exists()
+    code, stderr = _finish(_start(args + ["resume=true"]))
+    assert code == 0, stderr
+    _assert_same_result(output, _reference(args, tmp_path / "reference"), resumed_at=[done])
+
+
+# resume=true through the command line, in this process.
+def _interrupted(args: list[str], output: Path, monkeypatch, after: int = 1) -> None:
+    """Run ``args`` until it has saved the step of sub-layer ``after``, then stop it as an error would."""
+    from kprune_cli import resume
+
+    real_save = StepCheckpoints.save
+
+    def save_then_fail(self, adapter, progress, tuned):
+        real_save(self, adapter, progress, tuned)
+        if progress.done - 1 == after:
+            raise RuntimeError("stopped for the test")
+
+    monkeypatch.setattr(resume.StepCheckpoints, "save", save_then_fail)
+    assert kprune(*args) == 1
+    monkeypatch.undo()
+    assert sorted(path.name for path in output.iterdir()) == [STEPS_NAME, "FAILED.json"]
+
+
+def test_resume_with_another_config_is_refused_in_one_line(tiny_checkpoint, mrpc_dir, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "out"
+    args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune")
+    _interrupted(args, output, monkeypatch)
+    capsys.readouterr()
+    assert kprune(*args, "resume=true", "rate=0.6", "pruner.mu=32") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another config" in errors[0]
+    assert "rate=0.5 there, 0.6 here" in errors[0] and "pruner.mu=64.0 there, 32 here" in errors[0]
+    assert sorted(path.name for path in output.iterdir()) == [STEPS_NAME, "FAILED.json"]  # untouched
+    assert kprune(*args) == 2  # without resume=true: refused as before, with a hint
+    assert "resume=true" in capsys.readouterr().err
+    assert kprune(*args, "resume=true") == 0
+    assert not (output / STEPS_NAME).exists() and not (output / "FAILED.json").exists()
+
+
+def test_resume_on_an_empty_or_finished_output_dir(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune", "resume=true")
+    assert kprune(*args) == 0  # nothing to resume: simply runs
+    report = json.loads((output / "report.json").read_text())
+    assert not any(note.startswith("resumed") for note in report["notes"])
+    stamp = (output / "report.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert kprune(*args) == 0  # a requeued job that had finished: leaves the result as it is
+    assert "nothing to resume" in capsys.readouterr().err
+    assert (output / "report.json").stat().st_mtime_ns == stamp
+
+
+def test_pruners_without_steps_restart_under_resume(tiny_checkpoint, mrpc_dir, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "FAILED.json").write_text("{}\n")  # what an interrupted magnitude run leaves
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude", "resume=true")) == 0
+    notes = json.loads((output / "report.json").read_text())["notes"]
+    assert any("pruner=magnitude keeps no step checkpoints" in note for note in notes)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")  # not a kprune run's leftovers: refused
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, other, "pruner=magnitude", "resume=true")) == 2
