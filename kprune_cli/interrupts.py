@@ -62,10 +62,18 @@ def deferred_interrupts() -> Iterator[None]:
         raise pending
 
 
+def _set_by_submitit(handler: object) -> bool:
+    """Whether ``handler`` is submitit's (a job it runs): submitit ignores SIGTERM, which SLURM sends
+    at preemption, and checkpoints and requeues the job on its own signal (kprune_cli/sweeps/launchers.py)."""
+    owner = getattr(handler, "__self__", None)
+    return owner is not None and type(owner).__module__.startswith("submitit.")
+
+
 @contextmanager
 def catchable_interrupts() -> Iterator[None]:
-    """While the block runs in the main thread: SIGTERM raises :class:`Terminated`, Ctrl-C
-    ``KeyboardInterrupt`` (unless SIGINT is ignored, as in a background job), both held inside
+    """While the block runs in the main thread: SIGTERM raises :class:`Terminated` (unless submitit
+    handles it, in a job it runs), Ctrl-C ``KeyboardInterrupt`` (unless SIGINT is ignored, as in a
+    background job), both held inside
     :func:`deferred_interrupts`, and an interrupt swallowed by a finaliser is delivered again.
     The previous handlers and hook are restored after. Elsewhere than in the main thread (where
     no handler can be set), nothing.
@@ -90,7 +98,9 @@ def catchable_interrupts() -> Iterator[None]:
         resend.daemon = True
         resend.start()
 
-    previous_term, previous_hook = signal.signal(signal.SIGTERM, terminate), sys.unraisablehook
+    previous_term, previous_hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    if not _set_by_submitit(previous_term):
+        signal.signal(signal.SIGTERM, terminate)
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt)

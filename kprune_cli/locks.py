@@ -101,6 +101,7 @@ class DirectoryLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._token = uuid.uuid4().hex  # tells this lock from any other job's, for release()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -110,7 +111,7 @@ class DirectoryLock:
         if take_over is not None:
             self._break(take_over)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "job": scheduler_job_id(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": self._token}
         staging = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         staging.write_text(json.dumps(record) + "\n")
         try:
@@ -148,9 +149,15 @@ class DirectoryLock:
                 return  # removed (released) or the filesystem is gone: nothing to keep alive
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock."""
+        """Stop the heartbeat and remove the lock if it is this one (safe to call after an
+        :meth:`acquire` that an interrupt cut short, at any point)."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
-        self.path.unlink(missing_ok=True)
+        try:
+            owned = json.loads(self.path.read_text()).get("token") == self._token
+        except (OSError, ValueError, AttributeError):
+            owned = False
+        if owned:
+            self.path.unlink(missing_ok=True)

@@ -85,8 +85,12 @@ class OutputDir:
             raise UserError(f"output_dir={self.path} exists and is not empty{killed}: choose another output_dir "
                             f"or pass overwrite=true{steps}")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire(take_over=holder)
-        self._claimed = True
+        self._claimed = True  # before: an interrupt right after the lock appears still releases it
+        try:
+            self._lock.acquire(take_over=holder)
+        except UserError:
+            self._claimed = False
+            raise
         self._remove_results(keep_steps=resume)
 
     def finished_report(self) -> dict[str, Any] | None:

@@ -153,7 +153,7 @@ class StepCheckpoints:
         for sublayer in range(done):
             tensors = _load_step(self.directory / _step_file(sublayer + 1))
             parts, kind = sublayer_parts(adapter, sublayer)
-            projection = parts.attn_out if kind == "mha" else parts.ffn_out
+            projection = parts.out_proj(kind)
             for name in ("weight", "bias"):
                 if name in tensors and getattr(projection, name) is not None:
                     getattr(projection, name).copy_(tensors[name])
@@ -167,7 +167,7 @@ class StepCheckpoints:
                         for layer, mask in enumerate(progress.masks.neurons)})
         if tuned:
             parts, kind = sublayer_parts(adapter, sublayer)
-            projection = parts.attn_out if kind == "mha" else parts.ffn_out
+            projection = parts.out_proj(kind)
             tensors["weight"] = projection.weight.detach().cpu().contiguous()
             if projection.bias is not None:
                 tensors["bias"] = projection.bias.detach().cpu().contiguous()

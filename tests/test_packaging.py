@@ -48,7 +48,8 @@ def wheel_files(wheel) -> set[str]:
 
 
 def test_wheel_has_every_module(wheel_files):
-    modules = {path.relative_to(REPO).as_posix() for path in (REPO / "kprune_cli").rglob("*.py")}
+    modules = {path.relative_to(REPO).as_posix() for package in ("kprune_cli", "hydra_plugins")
+               for path in (REPO / package).rglob("*.py")}
     assert modules - wheel_files == set()
 
 

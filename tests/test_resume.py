@@ -4,6 +4,7 @@ with the same masks, weights and metrics, a different config refused, and faults
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import kprune, write_mrpc_data, write_tiny_checkpoint
+from kprune_cli.interrupts import catchable_interrupts
+from kprune_cli.locks import read_holder
 from kprune_cli.outputs import LOCK_NAME, STEPS_NAME
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.resume import STATE_NAME, StepCheckpoints
@@ -300,3 +303,74 @@ def test_pruners_without_steps_restart_under_resume(tiny_checkpoint, mrpc_dir, t
     other.mkdir()
     (other / "notes.txt").write_text("mine\n")  # not a kprune run's leftovers: refused
     assert kprune(*run_args(tiny_checkpoint, mrpc_dir, other, "pruner=magnitude", "resume=true")) == 2
+
+
+# Clusters: a preempted sweep job is requeued with resume=true (hydra-submitit-launcher).
+needs_submitit = pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason="hydra-submitit-launcher is not installed (pip install -e .[cluster])",
+)
+
+
+@needs_submitit
+def test_preempted_or_slurm_requeued_jobs_come_back_with_resume(monkeypatch):
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+    from hydra_plugins.kprune_launchers.resuming import ResumingSlurmLauncher
+
+    launcher = ResumingSlurmLauncher()
+    requeued = launcher.checkpoint(["rate=0.5", "resume=false"], "hydra.sweep.dir", 3, "job_id_for_3", {})
+    assert requeued.function is launcher and requeued.args == (["rate=0.5", "resume=true"], "hydra.sweep.dir", 3,
+                                                                "job_id_for_3", {})
+    calls = []
+    monkeypatch.setattr(BaseSubmititLauncher, "__call__", lambda self, overrides, *args: calls.append(overrides))
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    launcher(["rate=0.5"], "hydra.sweep.dir", 0, "job_id_for_0", {})
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM requeued it by itself (after SIGKILL)
+    launcher(["rate=0.5"], "hydra.sweep.dir", 0, "job_id_for_0", {})
+    assert calls == [["rate=0.5"], ["rate=0.5", "resume=true"]]
+
+
+@needs_submitit
+def test_sigterm_is_left_to_submitit_in_its_jobs():
+    from submitit.core.job_environment import SignalHandler
+
+    handler = SignalHandler(None, None, None).bypass  # what submitit installs: SIGTERM ignored
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with catchable_interrupts():
+            assert signal.getsignal(signal.SIGTERM) == handler
+        assert signal.getsignal(signal.SIGTERM) == handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with catchable_interrupts():
+            assert signal.getsignal(signal.SIGTERM) not in (handler, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow  # two submitit processes import torch, and the job runs twice
+@needs_submitit
+def test_local_launcher_job_preempted_by_submitits_signal_resumes_by_itself(tmp_path):
+    """submitit's local executor, the job sent submitit's preemption signal once it has saved a step:
+    submitit requeues it, it resumes and ends as an uninterrupted run."""
+    from submitit.core.job_environment import JobEnvironment
+
+    job = write_tiny_checkpoint(tmp_path / "model"), write_mrpc_data(tmp_path / "data", 1500, 300)
+    sweep = tmp_path / "sweep"
+    args = run_args(*job, sweep, "pruner=kprune", "calibration.num_tokens=30000")
+    sweep_run = subprocess.Popen([sys.executable, "-m", "kprune_cli", *args, "-m", "hydra/launcher=local"],
+                                 cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    output = sweep / "0-mrpc-kprune-r0.5-s0"
+    deadline = time.monotonic() + 300
+    while sweep_run.poll() is None and not (output / STEPS_NAME / STATE_NAME).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    holder = read_holder(output / LOCK_NAME)
+    os.kill(holder.pid, JobEnvironment._usr_sig())  # what SLURM sends a preempted job
+    code, stderr = _finish(sweep_run)
+    assert code == 0, stderr
+    logs = "".join(path.read_text() for path in sorted((sweep / ".submitit").rglob("*_log.*")))
+    assert "this job is preempted" in logs and "Requeued job" in logs
+    report = json.loads((output / "report.json").read_text())
+    resumed_at = [int(note.split()[3]) for note in report["notes"] if note.startswith("resumed at sub-layer")]
+    assert len(resumed_at) == 1 and report["config"]["resume"] is True
+    _assert_same_result(output, _reference(args, tmp_path / "reference"), resumed_at=resumed_at)

@@ -109,7 +109,7 @@ def test_slurm_launcher_config_composes(capsys):
     assert kprune("run", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
                   "--cfg", "hydra") == 0
     out = capsys.readouterr().out
-    for line in ("_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    for line in ("_target_: hydra_plugins.kprune_launchers.resuming.ResumingSlurmLauncher",
                  "partition: gpu", "timeout_min: 30", "gpus_per_node: 1", "mem_gb: 32"):
         assert line in out
     assert kprune("run", "hydra/launcher=slurm", "hydra.launcher.partiton=gpu", "--cfg", "hydra") == 2  # typo
