@@ -120,7 +120,8 @@ class KPrunePruner:
             notes = self._precision_notes(problem.device)
         else:
             start, masks, budget, notes = saved.done, saved.masks, saved.budget, saved.notes
-            timing.update(saved.timing)
+            for stage, seconds in saved.timing.items():  # the interrupted runs' time, plus this one's
+                timing[stage] = timing.get(stage, 0.0) + seconds
             self._resume(problem, teacher_sums, start, notes)
         inputs = [batch.inputs for batch in teacher.batches]
         with timed(timing, "measure"):
