@@ -18,6 +18,7 @@ Rules (what sweeps and scripts may rely on):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -40,6 +41,25 @@ STEPS_NAME = ".kprune-steps"
 STAGING_PATTERNS = (".report.json.tmp", f".{FAILED_NAME}.tmp", ".pruned.*", f"{STEPS_NAME}.*")
 # Everything a run may leave in its directory: what resume=true accepts there.
 RUN_PATTERNS = (*RESULT_NAMES, STEPS_NAME, LOCK_NAME, f"{LOCK_NAME}.*", *STAGING_PATTERNS)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+"""``OSError.errno`` values of a full disk or an exceeded quota."""
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+"""``OSError.errno`` values of a place that may not be written."""
+
+
+@contextmanager
+def write_errors(what: str, remedy: str) -> Iterator[None]:
+    """Turn a full disk or a missing permission while writing ``what`` into a one-line
+    :class:`UserError` that says ``remedy``; other errors stand."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (*NO_SPACE, *UNWRITABLE):
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        raise UserError(f"cannot write {what}: {error.strerror}{where}; {remedy}") from None
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -37,7 +37,7 @@ from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
 from kprune_cli.models.slicing import prune_physically
-from kprune_cli.outputs import OutputDir
+from kprune_cli.outputs import OutputDir, write_errors
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
 from kprune_cli.resolve import resolve_data_dir, resolve_model_path
@@ -93,6 +93,9 @@ def draw_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBa
                     f"{sample.num_tokens} tokens in {sample.num_examples} examples"]
 
 
+RESULTS_REMEDY = "free space (or let this job write there) and run again with resume=true"
+
+
 def resume_batch_size(pruner: Pruner, steps: StepCheckpoints) -> list[str]:
     """Give ``pruner`` the batch size its saved steps were made with, if it differs from the config's
     (the interrupted run lowered it after running out of GPU memory); a note saying so."""
@@ -128,7 +131,8 @@ def run_pruning(cfg: DictConfig) -> Report:
     try:
         # Ctrl-C or SIGTERM while the lock is being taken is raised once it is held, inside this
         # try, so the directory is marked failed (not left locked); a refused claim leaves it as it was.
-        with deferred_interrupts():
+        with deferred_interrupts(), write_errors(f"output_dir={output_path}",
+                                                 "choose an output_dir this job may write to"):
             output.claim(resume=settings.resume)
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):
@@ -176,7 +180,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
                                             batch_size=settings.eval_batch_size, notes=notes,
                                             max_examples=settings.eval_max_examples)
-        with timed(timing, "save"):
+        with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
             checkpoint_dir = output.path / "pruned"
             checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path))
         if settings.check_reload:
@@ -193,7 +197,8 @@ def run_pruning(cfg: DictConfig) -> Report:
             sample=sample, sample_size=str(settings.sample_size), pruner_settings=result.settings, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
         )
-        write_reports(report, output.path)
+        with write_errors(f"the reports into output_dir={output.path}", RESULTS_REMEDY):
+            write_reports(report, output.path)
         steps.discard()
         output.release()
         print_summary(report)

@@ -19,7 +19,6 @@ previous checkpoint stays valid). The directory is removed when the run complete
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
@@ -35,7 +34,7 @@ from kprune_cli.console import console
 from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import ModelAdapter
 from kprune_cli.models.masks import Masks
-from kprune_cli.outputs import STEPS_NAME, remove_tree
+from kprune_cli.outputs import NO_SPACE, STEPS_NAME, remove_tree
 from kprune_cli.pruners.base import PruneProgress
 from kprune_cli.pruners.common import sublayer_parts
 from kprune_cli.report import config_hash, experiment_values
@@ -43,7 +42,6 @@ from kprune_cli.safeguards import listed
 
 STATE_NAME = "state.json"
 STATE_VERSION = 1
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -374,3 +374,109 @@ def test_local_launcher_job_preempted_by_submitits_signal_resumes_by_itself(tmp_
     resumed_at = [int(note.split()[3]) for note in report["notes"] if note.startswith("resumed at sub-layer")]
     assert len(resumed_at) == 1 and report["config"]["resume"] is True
     _assert_same_result(output, _reference(args, tmp_path / "reference"), resumed_at=resumed_at)
+
+
+# Faults while writing.
+def test_full_disk_while_saving_pruned_is_one_line_and_resume_finishes(monkeypatch, tiny_checkpoint, mrpc_dir,
+                                                                       tmp_path, capsys):
+    from kprune_cli.models import checkpoint
+
+    real_write = checkpoint._write
+
+    def fill_the_disk(model, tokenizer, directory, dtype):
+        model.save_pretrained(directory)
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "tokenizer.json"))
+
+    monkeypatch.setattr(checkpoint, "_write", fill_the_disk)
+    output = tmp_path / "out"
+    args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune")
+    assert kprune(*args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "resume=true" in errors[0]
+    assert sorted(path.name for path in output.iterdir()) == [STEPS_NAME]  # no pruned/, no staging, no lock
+    monkeypatch.setattr(checkpoint, "_write", real_write)  # space freed
+    assert kprune(*args, "resume=true") == 0
+    _assert_same_result(output, _reference(args, tmp_path / "reference"), resumed_at=[4])
+
+
+def test_unwritable_output_dir_is_one_line(monkeypatch, tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    """As root (or on a filesystem that lies to access()), the refusal comes when the lock is made."""
+    from kprune_cli import locks
+
+    def refused(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    monkeypatch.setattr(locks.os, "link", refused)
+    output = tmp_path / "out"
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Permission denied" in errors[0] and f"output_dir={output}" in errors[0]
+    assert not output.exists() or not any(output.iterdir())
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # checked before Hydra makes the directory
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, tmp_path / "new" / "out", "pruner=magnitude")) == 2
+    assert "is not writable" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+BUILDER = """
+import os, sys, time
+from pathlib import Path
+from kprune_cli.tasks.demo import build_once
+
+target, log, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+
+def build(staging):
+    with log.open("a") as record:
+        record.write("built\\n")
+    (staging / "model.safetensors").write_bytes(b"half")  # then, killed: half-written
+    time.sleep(60 if mode == "hang" else 1.0)
+    (staging / "model.safetensors").write_bytes(b"complete")
+
+
+go = log.with_name("go")  # two builders start building together
+log.with_name(f"ready-{mode}-{os.getpid()}").touch()
+while mode == "build" and not go.exists():
+    time.sleep(0.01)
+build_once(target, build)
+"""
+
+
+def _builder(target: Path, log: Path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", BUILDER, str(target), str(log), mode], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_demo_cache_killed_while_prepared_is_rebuilt_and_two_builders_take_turns(tmp_path):
+    target, log = tmp_path / "cache" / "minilm-demo", tmp_path / "builds.log"
+    killed = _builder(target, log, "hang")
+    deadline = time.monotonic() + 120
+    while not list(target.parent.glob(".minilm-demo.*.partial/model.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.kill()
+    killed.communicate()
+    assert not target.exists() and list(target.parent.glob(".minilm-demo.*.partial"))  # half-written, not used
+    first, second = _builder(target, log, "build"), _builder(target, log, "build")  # two sweep jobs at once
+    while len(list(tmp_path.glob("ready-build-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    outputs = [process.communicate(timeout=120) for process in (first, second)]
+    assert first.returncode == second.returncode == 0, outputs
+    assert log.read_text() == "built\n" * 2  # the killed build, then one of the two: the other waited
+    assert any("waiting for another kprune process" in err for _, err in outputs)
+    assert (target / "model.safetensors").read_bytes() == b"complete"
+    assert sorted(path.name for path in target.parent.iterdir()) == [".minilm-demo.lock", "minilm-demo"]
+
+
+def test_full_disk_while_preparing_the_demo_cache_is_one_line(tmp_path):
+    from kprune_cli.errors import UserError
+    from kprune_cli.tasks.demo import build_once
+
+    def fill_the_disk(staging: Path) -> None:
+        (staging / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "cache" / "minilm-demo"
+    with pytest.raises(UserError, match="No space left on device; set KPRUNE_CACHE"):
+        build_once(target, fill_the_disk)
+    assert sorted(path.name for path in target.parent.iterdir()) == [".minilm-demo.lock"]

@@ -25,7 +25,9 @@ and caches the result, giving every command of the CLI a fine-tuned model to pru
 
 from __future__ import annotations
 
+import fcntl
 import random
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -144,19 +146,32 @@ def cache_root(cache_dir: Path) -> Path:
 def build_once(target: Path, build: Callable[[Path], None]) -> None:
     """Run ``build`` into a staging directory that becomes ``target``, unless ``target`` exists.
 
-    Two processes may build at once (e.g. parallel jobs of a sweep): the first to finish wins,
-    the other keeps its result.
+    Processes take turns (parallel jobs of a sweep preparing the demo at once): each holds an
+    exclusive ``flock`` on ``.<name>.lock`` beside ``target`` while it builds, the others wait and
+    then find ``target`` made. Only a renamed, complete ``target`` is ever used; the staging
+    directories of a builder that was killed (``.<name>.*.partial``; the kernel drops its lock)
+    are removed by the next one. A full disk or a cache that may not be written is one line.
     """
-    from kprune_cli.outputs import atomic_directory
+    from kprune_cli.console import console
+    from kprune_cli.outputs import atomic_directory, write_errors
 
     if target.is_dir():
         return
-    try:
-        with atomic_directory(target) as staging:
-            build(staging)
-    except OSError:
-        if not target.is_dir():
-            raise
+    with write_errors(f"the demo cache {target}", "set KPRUNE_CACHE to a writable directory with free space"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                console.print(f"[bold]kprune:[/] waiting for another kprune process preparing {target}",
+                              highlight=False, soft_wrap=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when that process ends, however it ends
+            if target.is_dir():
+                return
+            for leftover in target.parent.glob(f".{target.name}.*.partial"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            with atomic_directory(target) as staging:
+                build(staging)
 
 
 def ensure_demo_data(cache_dir: Path) -> Path:
