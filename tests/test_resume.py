@@ -314,16 +314,17 @@ needs_submitit = pytest.mark.skipif(
 
 @needs_submitit
 def test_preempted_or_slurm_requeued_jobs_come_back_with_resume(monkeypatch):
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-
     from hydra_plugins.kprune_launchers.resuming import ResumingSlurmLauncher
+
+    # The class it derives from (Hydra's plugin scan may have run the plugin's module again since).
+    base = next(cls for cls in ResumingSlurmLauncher.__mro__ if cls.__name__ == "BaseSubmititLauncher")
 
     launcher = ResumingSlurmLauncher()
     requeued = launcher.checkpoint(["rate=0.5", "resume=false"], "hydra.sweep.dir", 3, "job_id_for_3", {})
     assert requeued.function is launcher and requeued.args == (["rate=0.5", "resume=true"], "hydra.sweep.dir", 3,
                                                                 "job_id_for_3", {})
     calls = []
-    monkeypatch.setattr(BaseSubmititLauncher, "__call__", lambda self, overrides, *args: calls.append(overrides))
+    monkeypatch.setattr(base, "__call__", lambda self, overrides, *args: calls.append(overrides))
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     launcher(["rate=0.5"], "hydra.sweep.dir", 0, "job_id_for_0", {})
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM requeued it by itself (after SIGKILL)
