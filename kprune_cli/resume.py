@@ -98,12 +98,12 @@ class StepCheckpoints:
         self._unsaved_reason = ""
 
     def _state(self) -> dict[str, Any] | None:
+        """The saved state; None without one (or, after a fault of the disk, an unreadable one: the
+        run starts over)."""
         try:
             return json.loads((self.directory / STATE_NAME).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):
             return None
-        except ValueError:
-            return None  # cannot happen (written by rename); an unreadable state starts over
 
     def check_resumable(self) -> None:
         """A :class:`UserError` naming what differs when the saved run had another config or device."""
