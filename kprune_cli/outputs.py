@@ -108,7 +108,7 @@ class OutputDir:
         self._claimed = True  # before: an interrupt right after the lock appears still releases it
         try:
             self._lock.acquire(take_over=holder)
-        except UserError:
+        except Exception:  # not taken (another job's, or not writable): nothing here is ours
             self._claimed = False
             raise
         self._remove_results(keep_steps=resume)
