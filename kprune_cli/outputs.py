@@ -23,9 +23,9 @@ import json
 import os
 import shutil
 import traceback
-from fnmatch import fnmatch
 import uuid
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterator
 
