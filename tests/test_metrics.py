@@ -92,6 +92,7 @@ def test_compute_metrics_returns_the_task_metrics_as_fractions():
         "pearson": pytest.approx(math.sqrt(27 / 28)), "spearmanr": pytest.approx(1.0)}
     squad = compute_metrics(get_task("squad"), ["Paris", "in Rome"], [["Paris"], ["Rome", "Milan"]])
     assert squad == {"exact_match": pytest.approx(0.5), "f1": pytest.approx((1 + 2 / 3) / 2)}
-    assert compute_metrics(get_task("squad_v2"), [""], [[]]) == {"exact_match": 1.0, "f1": 1.0}
+    assert compute_metrics(get_task("squad_v2"), [""], [[]]) == {"exact_match": 1.0, "f1": 1.0,
+                                                                "NoAns_exact_match": 1.0, "NoAns_f1": 1.0}
     with pytest.raises(ValueError):
         compute_metrics(get_task("sst2"), [1, 0], [1])

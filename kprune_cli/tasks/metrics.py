@@ -94,7 +94,11 @@ def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
 
     ``references[i]`` lists the gold answer texts of question i. With ``version_2`` (the
     official v2.0 script) gold answers that normalise to nothing are dropped and a question
-    left without any is unanswerable: only the empty prediction scores on it.
+    left without any is unanswerable: only the empty prediction scores on it. v2.0 also gives
+    the official script's splits, as fractions: ``HasAns_exact_match`` / ``HasAns_f1`` over the
+    questions with gold answers (its ``HasAns_exact`` / ``HasAns_f1``; a question counts as
+    answerable when it has any, as there) and ``NoAns_exact_match`` / ``NoAns_f1`` over those
+    without; a split without questions is left out, as there.
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} questions")
@@ -104,7 +108,14 @@ def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
             golds = [gold for gold in golds if normalize_answer(gold)] or [""]
         exact.append(max(squad_exact(prediction, gold) for gold in golds))
         overlap.append(max(squad_f1(prediction, gold) for gold in golds))
-    return {"exact_match": float(np.mean(exact)), "f1": float(np.mean(overlap))}
+    scores = {"exact_match": float(np.mean(exact)), "f1": float(np.mean(overlap))}
+    if version_2:
+        answerable = np.array([len(golds) > 0 for golds in references])
+        for name, members in (("HasAns", answerable), ("NoAns", ~answerable)):
+            if members.any():
+                scores[f"{name}_exact_match"] = float(np.mean(np.asarray(exact)[members]))
+                scores[f"{name}_f1"] = float(np.mean(np.asarray(overlap)[members]))
+    return scores
 
 
 _LABEL_METRICS = {
@@ -125,7 +136,7 @@ def compute_metrics(task: TaskSpec, predictions: Sequence, references: Sequence)
     """
     if task.is_qa:
         scores = squad_scores(predictions, references, version_2=task.extra.get("version_2_with_negative", False))
-        return {name: scores[name] for name in task.metrics}
+        return {name: scores[name] for name in task.metrics if name in scores}  # v2.0 splits may be empty
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     return {name: _LABEL_METRICS[name](predictions, references) for name in task.metrics}
