@@ -15,6 +15,7 @@ from conftest import tiny_config
 from kprune_cli.devices import resolve_device
 from kprune_cli.errors import UserError
 from kprune_cli.models.loading import (
+    _locate,
     count_parameters,
     load_for_finetuning,
     load_model,
@@ -109,6 +110,14 @@ def test_missing_tokenizer(tiny_model, tmp_path):
     tiny_model("bert").save_pretrained(directory)
     with pytest.raises(UserError, match=f"{directory}.*no tokenizer"):
         load_model(str(directory), MRPC)
+
+
+def test_a_deberta_sentencepiece_file_counts_as_a_tokenizer(tiny_model, tmp_path):
+    """DeBERTa-v2/v3 checkpoints ship their vocabulary as spm.model (and often nothing else)."""
+    directory = tmp_path / "model"
+    tiny_model("bert").save_pretrained(directory)
+    (directory / "spm.model").write_bytes(b"sentencepiece")
+    assert _locate(str(directory)) == str(directory)
 
 
 def test_qa_model_for_glue_task(tiny_model, save):

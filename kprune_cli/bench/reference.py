@@ -2,7 +2,7 @@
 
 It is the straightforward reading of the paper, as this project first implemented it: every
 pass starts at the embeddings (each of the 2L measurement passes, and one more forward pass per
-sub-layer for KPWT's normal equations), the teacher's pre-LN sums come from one truncated pass
+sub-layer for KPWT's normal equations), the teacher's residual sums come from one truncated pass
 of a frozen copy per layer, and KPMS scans the candidate thresholds one by one, re-summing the
 kept units' costs for each (O(n²), as the official code does). It must choose the same masks and
 tuned weights (up to float round-off) as :class:`~kprune_cli.pruners.kprune.pruner.KPrunePruner`
@@ -52,7 +52,7 @@ def kpms_scan(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: flo
 @torch.no_grad()
 def truncated_teacher_sums(original: PreTrainedModel, batches: list[DistillBatch], layer: int
                            ) -> dict[str, list[torch.Tensor]]:
-    """Per batch, ``layer``'s pre-LN sums ``(tokens_b, d)`` by kind, from a pass of ``original``
+    """Per batch, ``layer``'s residual sums ``(tokens_b, d)`` by kind, from a pass of ``original``
     from the embeddings truncated after the layer."""
     parts = get_adapter(original).layers()[layer]
     sums: dict[str, list[torch.Tensor]] = {"mha": [], "ffn": []}

@@ -35,7 +35,7 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # Files of which a local directory needs one for AutoTokenizer to load a real vocabulary
 # (transformers 5 silently builds an empty tokenizer otherwise).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
+                   "spm.model", "tokenizer.model")  # spm.model: DeBERTa-v2/v3
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

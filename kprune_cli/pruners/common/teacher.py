@@ -7,9 +7,11 @@ weight. It holds
   target: log-probabilities at temperature ``T`` (classification; QA start/end positions,
   padding excluded) or raw outputs (regression);
 - optionally a frozen copy of the original model, from which :meth:`Teacher.residual_sums`
-  computes the pre-LayerNorm residual sums ``X + out_proj(A) + b`` of one layer's sub-layers
+  computes the residual sums ``X + out_proj(A) + b`` of one layer's sub-layers
   on demand, bottom-up (:class:`ResidualSums`; a pruner that tunes layer by layer bottom-up can
-  take them from the model itself and skip the copy).
+  take them from the model itself and skip the copy). A sum is read where the family forms it
+  (:meth:`~kprune_cli.models.adapters.LayerParts.sum_tap`): the input of the LayerNorm after the
+  sub-layer (post-LN), or the residual stream after it (pre-norm).
 
 No gold labels are read anywhere.
 """
@@ -113,7 +115,7 @@ def distillation_loss(outputs: ModelOutput, target: torch.Tensor, kind: str, tem
 
 
 class ResidualSums:
-    """A model's pre-LayerNorm residual sums ``X + out_proj(A) + b`` on the sample's real tokens,
+    """A model's residual sums ``X + out_proj(A) + b`` on the sample's real tokens,
     one layer at a time, masks not applied.
 
     The hidden states entering the next layer are kept, so asking for the layers bottom-up runs
@@ -135,7 +137,7 @@ class ResidualSums:
         self._hidden: tuple[int, list[torch.Tensor]] | None = None  # (layer, its input per batch)
 
     def __call__(self, sublayer: int) -> list[torch.Tensor]:
-        """Per micro-batch, the pre-LN residual sum of ``sublayer`` on real tokens: ``(tokens_b, d)``."""
+        """Per micro-batch, the residual sum of ``sublayer`` on real tokens: ``(tokens_b, d)``."""
         layer = sublayer // 2
         if self._sums is None or self._sums[0] != layer:
             self._sums = None  # release the old sums as the new ones are made
@@ -145,7 +147,7 @@ class ResidualSums:
     @torch.no_grad()
     def _layer_sums(self, layer: int) -> dict[str, list[torch.Tensor]]:
         """Run the layers up to ``layer`` from the kept hidden states (or the embeddings),
-        capturing ``layer``'s pre-LN sums and keeping the hidden states entering ``layer + 1``."""
+        capturing ``layer``'s residual sums and keeping the hidden states entering ``layer + 1``."""
         adapter = get_adapter(self.model)
         inputs = [batch.inputs for batch in self.batches]
         if self._hidden is None or self._hidden[0] > layer:
@@ -167,7 +169,7 @@ class ResidualSums:
 
 
 class Teacher:
-    """The original model's soft targets on the sample, and its pre-LN residual sums on demand.
+    """The original model's soft targets on the sample, and its residual sums on demand.
 
     Build it before changing any weight of ``model``. With ``keep_model=False`` no copy is
     made and :meth:`residual_sums` is unavailable (enough for methods that do not tune, or that
@@ -194,7 +196,7 @@ class Teacher:
         return sum(batch.size for batch in self.batches)
 
     def residual_sums(self, sublayer: int) -> list[torch.Tensor]:
-        """Per micro-batch, the teacher's pre-LN residual sum of ``sublayer`` on real tokens: ``(tokens_b, d)``."""
+        """Per micro-batch, the teacher's residual sum of ``sublayer`` on real tokens: ``(tokens_b, d)``."""
         if self._sums is None:
             raise RuntimeError("this Teacher was built with keep_model=False")
         return self._sums(sublayer)

@@ -1,14 +1,14 @@
 """Knowledge-preserving weight-tuning, KPWT (K-prune step 3; docs/design.md §3).
 
 After the search fixed which units of sub-layer ``s`` survive, re-fit the columns of its output
-projection that belong to the survivors so that the student's pre-LN residual sum matches the
+projection that belong to the survivors so that the student's residual sum matches the
 teacher's on the sample's real tokens:
 
     min_W ||A·Wᵀ − (Y_teacher − X_student − b)||²
 
 ``A`` ``(tokens, k)``: the survivors' activations (the projection's input) in the current model;
 ``X_student`` ``(tokens, d)``: the sub-layer's input; ``b``: the projection's bias (kept);
-``Y_teacher`` ``(tokens, d)``: the teacher's pre-LN sum. The normal equations
+``Y_teacher`` ``(tokens, d)``: the teacher's residual sum. The normal equations
 (:func:`~kprune_cli.pruners.common.reconstruction.normal_equations`) are accumulated in float64
 over micro-batches of a forward pass that stops right after sub-layer ``s`` (starting at its
 layer from cached hidden states, when given), and solved

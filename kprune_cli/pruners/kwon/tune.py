@@ -1,7 +1,7 @@
 """Layer-wise mask tuning by linear least squares (Kwon et al., step d).
 
 The search and rearrangement decide which units survive; tuning then gives every survivor of a
-sub-layer a real-valued mask so that the student's pre-LN residual sum matches the reference
+sub-layer a real-valued mask so that the student's residual sum matches the reference
 model's on the sample. With mask values ``m`` the sub-layer's output is
 ``X + Σ_k m_k·c_k + b``, where ``c_k(t) = W_k a_k(t)`` is unit ``k``'s contribution at token ``t``
 (``W_k``: its ``d_h`` columns of the output projection, or one column for a neuron). Scaling the
@@ -15,7 +15,7 @@ weights: ``G = blocksum_w(AᵀA ∘ WᵀW)`` ``(units, units)`` and ``r = blocks
 ``(units,)``. They are solved by :func:`~kprune_cli.pruners.common.lstsq.solve_ridge` with a small
 relative ridge towards ``f = 1`` (the untuned masks). Sub-layers are tuned bottom-up, each on the
 student as tuned so far; :class:`LayerwiseTuning` keeps the student's hidden states entering the
-next layer and walks the reference's pre-LN sums up with it, so every pass starts at the layer
+next layer and walks the reference's residual sums up with it, so every pass starts at the layer
 being tuned (:mod:`kprune_cli.pruners.common.window`), as the official code caches layer inputs.
 
 Official details matched: the reference is the model under the masks searched at the milder
@@ -93,9 +93,9 @@ def scale_equations(system: NormalEquations, weight: torch.Tensor, width: int) -
 def tune_sublayer(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[TokenBatch],
                   targets: Sequence[torch.Tensor], sublayer: int, hidden: Sequence[torch.Tensor] | None = None,
                   ridge: float = TUNE_RIDGE) -> list[str]:
-    """Rescale the surviving masks of ``sublayer`` in place so its pre-LN sum matches ``targets``.
+    """Rescale the surviving masks of ``sublayer`` in place so its residual sum matches ``targets``.
 
-    ``targets[i]``: the reference's pre-LN sum on the selected tokens of ``batches[i]``
+    ``targets[i]``: the reference's residual sum on the selected tokens of ``batches[i]``
     ``(tokens, d)``; ``hidden[i]`` (optional): the student's hidden states entering the
     sub-layer's layer (else the passes start at the embeddings). Returns notes for the report:
     empty on a clean solve, one line when the ridge had to grow, or when the solve failed or gave
@@ -127,7 +127,7 @@ def tune_sublayer(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, b
 class LayerwiseTuning:
     """Mask tuning of ``masks`` towards the model under ``reference``, one layer at a time, bottom-up.
 
-    Keeps the student's hidden states entering the next layer and the reference's pre-LN sums
+    Keeps the student's hidden states entering the next layer and the reference's residual sums
     (:class:`~kprune_cli.pruners.common.teacher.ResidualSums` under ``reference``'s masks): every
     layer runs about four times in all (reference, MHA, FFN, advance) instead of one truncated
     pass from the embeddings per sub-layer. The model's weights must not change meanwhile.
