@@ -194,6 +194,8 @@ def print_summary(report: Report) -> None:
     console.print(table)
     console.print(
         f"FLOPs reduction {flops['reduction']:.3f} · prune {report['timing'].get('prune', 0.0):.1f}s · "
+        f"evaluate {report['timing'].get('evaluate_dense', 0.0):.1f}s dense, "
+        f"{report['timing'].get('evaluate_pruned', 0.0):.1f}s pruned · "
         f"peak memory {report['peak_memory_mb']:.0f} MB · checkpoint {report['checkpoint']['path']} "
         f"({report['checkpoint']['bytes'] / 2**20:.1f} MiB)",
         highlight=False,

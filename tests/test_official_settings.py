@@ -84,6 +84,7 @@ def test_each_pruner_draws_its_own_sample_unless_one_is_given(tiny_checkpoint, m
     report_md = (tmp_path / "kwon" / "report.md").read_text()
     assert "48 examples" in report_md and "(calibration.num_examples=2048)" in report_md
     assert "Pruner gradient_batch: 32" in report_md
+    assert " dense, " in capsys.readouterr().err  # evaluation times on the console, apart from pruning
 
     assert run(tiny_checkpoint, mrpc_dir, tmp_path / "tokens", "pruner=kwon", "calibration.num_tokens=300",
                "pruner.batch_size=4") == 0
