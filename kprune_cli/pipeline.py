@@ -205,4 +205,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         return report
     except BaseException as error:
         output.fail(error, OmegaConf.to_container(cfg, resolve=False))
+        if not isinstance(error, UserError) and (done := steps.saved_steps()):
+            console.print(f"[bold]kprune:[/] {done} finished sub-layers are kept in {escape(str(steps.directory))}: "
+                          f"the same command with resume=true continues from there", highlight=False, soft_wrap=True)
         raise

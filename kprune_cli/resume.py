@@ -198,6 +198,11 @@ class StepCheckpoints:
         return [f"the step checkpoints after sub-layers {', '.join(map(str, self._unsaved))} could not be written "
                 f"({self._unsaved_reason}): a resume would have started from an earlier step"]
 
+    def saved_steps(self) -> int:
+        """How many sub-layers the saved state counts as finished (0 without one)."""
+        state = self._state()
+        return 0 if state is None else state["done"]
+
     def saved_batch_size(self) -> int | None:
         """``pruner.batch_size`` of the saved run, or None without one."""
         state = self._state()

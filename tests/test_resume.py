@@ -246,7 +246,7 @@ def test_a_run_killed_from_outside_resumes_to_the_uninterrupted_result(tmp_path)
 
 
 # resume=true through the command line, in this process.
-def _interrupted(args: list[str], output: Path, monkeypatch, after: int = 1) -> None:
+def _interrupted(args: list[str], output: Path, monkeypatch, capsys, after: int = 1) -> None:
     """Run ``args`` until it has saved the step of sub-layer ``after``, then stop it as an error would."""
     from kprune_cli import resume
 
@@ -260,14 +260,14 @@ def _interrupted(args: list[str], output: Path, monkeypatch, after: int = 1) -> 
     monkeypatch.setattr(resume.StepCheckpoints, "save", save_then_fail)
     assert kprune(*args) == 1
     monkeypatch.undo()
+    assert f"{after + 1} finished sub-layers are kept" in capsys.readouterr().err  # and how to go on
     assert sorted(path.name for path in output.iterdir()) == [STEPS_NAME, "FAILED.json"]
 
 
 def test_resume_with_another_config_is_refused_in_one_line(tiny_checkpoint, mrpc_dir, tmp_path, monkeypatch, capsys):
     output = tmp_path / "out"
     args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune")
-    _interrupted(args, output, monkeypatch)
-    capsys.readouterr()
+    _interrupted(args, output, monkeypatch, capsys)
     assert kprune(*args, "resume=true", "rate=0.6", "pruner.mu=32") == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "another config" in errors[0]
