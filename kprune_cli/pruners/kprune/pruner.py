@@ -161,7 +161,7 @@ class KPrunePruner:
 
     @staticmethod
     def _resume(problem: PruneProblem, teacher_sums: ResidualSums | None, start: int, notes: list[str]) -> None:
-        """Continue a killed run at sub-layer ``start``: the teacher's pre-LN sums of that layer are
+        """Continue a killed run at sub-layer ``start``: the teacher's residual sums of that layer are
         taken from the still original model (as the uninterrupted run took them, before tuning it),
         then the tuned weights of the finished sub-layers are loaded from the step checkpoints."""
         num_sublayers = 2 * problem.adapter.num_layers
