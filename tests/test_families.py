@@ -65,17 +65,6 @@ def outputs(model, inputs) -> torch.Tensor:
     return torch.cat([result.hidden_states[-1].flatten(), task.flatten()])
 
 
-@pytest.fixture
-def family_inputs() -> dict[str, torch.Tensor]:
-    """A padded batch of 3 sequences of length 12 (no segment ids: these families take none)."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, 100, (3, 12), generator=generator)
-    attention_mask = torch.ones(3, 12, dtype=torch.long)
-    attention_mask[1, 8:] = 0
-    attention_mask[2, 5:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def pruned_copy(model):
     adapter = get_adapter(model)
     masks = family_masks(adapter)
@@ -86,18 +75,18 @@ def pruned_copy(model):
 
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
-def test_pruned_copy_matches_masked_model(family, head, family_inputs):
+def test_pruned_copy_matches_masked_model(family, head, tiny_inputs):
     model = make_tiny_model(family, head)
     adapter = get_adapter(model)
     masks = family_masks(adapter)
-    dense = outputs(model, family_inputs)
+    dense = outputs(model, tiny_inputs)
     with apply_masks(adapter, masks):
-        masked = outputs(model, family_inputs)
+        masked = outputs(model, tiny_inputs)
     assert not torch.allclose(masked, dense, atol=1e-3)  # the masks do change the model
 
     pruned, _ = pruned_copy(model)
 
-    torch.testing.assert_close(outputs(pruned, family_inputs), masked, atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs(pruned, tiny_inputs), masked, atol=1e-4, rtol=0)
     assert get_adapter(pruned).structure() == masks.kept()
     d, d_h = adapter.hidden_size, adapter.head_size
     heads = sum(int((m == 0).sum()) for m in masks.heads)
@@ -111,7 +100,7 @@ def bias(linear) -> torch.Tensor | float:
 
 
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
-def test_an_emptied_sub_layer_is_its_residual_path(family, family_inputs):
+def test_an_emptied_sub_layer_is_its_residual_path(family, tiny_inputs):
     """Layer 0 keeps no heads, layer 1 no neurons: what leaves each emptied sub-layer is what
     entered it plus the output projection's bias, then the LayerNorm after it (post-LN) or nothing
     (pre-norm: the sum is the next sub-layer's LayerNorm input, or the layer's output)."""
@@ -134,7 +123,7 @@ def test_an_emptied_sub_layer_is_its_residual_path(family, family_inputs):
     hooks = [module.register_forward_hook(record(name, True)) if output
              else module.register_forward_pre_hook(record(name)) for module, name, output in taps]
     with torch.no_grad():
-        pruned(**family_inputs)
+        pruned(**tiny_inputs)
         for hook in hooks:
             hook.remove()
         mha = seen["mha in"] + bias(attention.attn_out)
@@ -148,18 +137,18 @@ def test_an_emptied_sub_layer_is_its_residual_path(family, family_inputs):
 
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
-def test_checkpoint_reloads_with_stock_transformers(family, head, family_inputs, tmp_path):
+def test_checkpoint_reloads_with_stock_transformers(family, head, tiny_inputs, tmp_path):
     pruned, masks = pruned_copy(make_tiny_model(family, head))
     save_pruned(pruned, make_char_tokenizer(token_type_ids=False), tmp_path / "pruned")
 
     auto = AutoModelForQuestionAnswering if head == "qa" else AutoModelForSequenceClassification
     stock = auto.from_pretrained(tmp_path / "pruned", trust_remote_code=True).eval()
     loaded, _ = load_model(str(tmp_path / "pruned"), get_task("squad" if head == "qa" else "mrpc"))
-    expected = outputs(pruned, family_inputs)
+    expected = outputs(pruned, tiny_inputs)
     for reloaded in (stock, loaded):
         assert type(reloaded).__name__.startswith("KPrune")
         assert get_adapter(reloaded).structure() == masks.kept()
-        torch.testing.assert_close(outputs(reloaded, family_inputs), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(outputs(reloaded, tiny_inputs), expected, atol=1e-5, rtol=0)
 
 
 def write_squad_data(directory: Path, questions: int = 24) -> Path:
@@ -269,16 +258,16 @@ def test_kpwt_reduces_the_reconstruction_error(family):
         assert error() < 0.99 * before  # the least-squares refit of the survivors' columns
 
 
-def test_deberta_position_projections_lose_the_rows_of_pruned_heads(family_inputs):
+def test_deberta_position_projections_lose_the_rows_of_pruned_heads(tiny_inputs):
     """Without ``share_att_key`` DeBERTa projects relative positions with their own Q and K
     projections: a head owns its rows of those two as well."""
     model = make_tiny_model("deberta-v2", share_att_key=False)
     adapter = get_adapter(model)
     masks = family_masks(adapter)
     with apply_masks(adapter, masks):
-        masked = outputs(model, family_inputs)
+        masked = outputs(model, tiny_inputs)
     pruned, _ = pruned_copy(model)
-    torch.testing.assert_close(outputs(pruned, family_inputs), masked, atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs(pruned, tiny_inputs), masked, atol=1e-4, rtol=0)
     attention = pruned.deberta.encoder.layer[1].attention.self
     assert attention.pos_key_proj.out_features == attention.pos_query_proj.out_features == 8 * int(
         (masks.heads[1] != 0).sum())

@@ -32,20 +32,8 @@ def capture_inputs(modules: Mapping[Hashable, nn.Module]) -> Iterator[dict[Hasha
     The stored tensors are those the module receives, after any pre-hook registered earlier
     (e.g. masks); they are not detached, so gradients may still flow through them.
     """
-    store: dict[Hashable, torch.Tensor] = {}
-
-    def recorder(key: Hashable):
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            store[key] = args[0]
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(recorder(key)) for key, module in modules.items()]
-    try:
+    with capture_taps({key: Tap(module) for key, module in modules.items()}) as store:
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
