@@ -26,7 +26,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,7 +1,7 @@
 """Package discovery for setuptools (everything else is in pyproject.toml).
 
 ``configs/`` is installed as ``kprune_cli/configs`` (pyproject.toml's ``package-dir``), so that a
-non-editable install finds it too (kprune_cli/config_dir.py). Its config groups hold only YAML;
+non-editable install finds it too (kprune_cli/config/paths.py). Its config groups hold only YAML;
 setuptools counts such directories as packages and warns about each one not declared, so every
 directory is found here: a new sub-package or config group ships without editing a list.
 kprune's Hydra launchers are ``hydra_plugins.kprune_launchers`` (Hydra takes launchers only from

@@ -1,3 +1,3 @@
-from kprune_cli.cli import main
+from kprune_cli.cli.main import main
 
 main()

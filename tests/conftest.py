@@ -33,7 +33,7 @@ from transformers import (
     XLMRobertaConfig,
 )
 
-from kprune_cli.cli import main
+from kprune_cli.cli.main import main
 
 # Tiny models run several times faster on one thread than on two busy cores.
 torch.set_num_threads(1)

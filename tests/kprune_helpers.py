@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from kprune_cli.calibration import CalibrationSample
-from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import ModelAdapter, get_adapter
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem
+from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import TASKS
 
 TINY_FLOPS = FlopsModel(hidden_size=32, head_size=8, seq_len=12)

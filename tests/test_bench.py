@@ -4,6 +4,7 @@ latency, and the whole suite end to end (in process)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,17 +13,16 @@ import pytest
 import torch
 from rich.console import Console
 
-from kprune_cli import hardware
-from kprune_cli.bench.cases import load_case, random_case, random_sample, truncate
-from kprune_cli.bench.inference import inference_speed
-from kprune_cli.bench.latency import interleaved_latency, measure_latency
-from kprune_cli.bench.profile import op_group, profile_pruning
-from kprune_cli.bench.pruning import agreement, compare_schedules, fit_power, run_isolated, run_variant
-from kprune_cli.bench.suite import Settings, busy_warning, run_suite
-from kprune_cli.bench.tables import render
+from benchmarks.cases import load_case, random_case, random_sample, truncate
+from benchmarks.inference import inference_speed
+from benchmarks.profile import op_group, profile_pruning
+from benchmarks.pruning import agreement, compare_schedules, fit_power, run_isolated, run_variant
+from benchmarks.suite import Settings, busy_warning, run_suite
+from benchmarks.tables import render
+from kprune_cli.core.latency import interleaved_latency, measure_latency
+from kprune_cli.runtime import hardware
 from kprune_cli.tasks.spec import get_task
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TINY_SHAPE = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)
 tiny_case = functools.partial(random_case, "tiny", vocab_size=100, lengths=(4, 24), **TINY_SHAPE)
 
@@ -169,13 +169,8 @@ def test_autocast_variants_only_where_the_cpu_multiplies_bf16_natively(monkeypat
 
 @pytest.fixture
 def bench_script():
-    """``scripts/bench.py`` as a module."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return bench
+    """``python -m benchmarks`` as a module."""
+    return importlib.import_module("benchmarks.__main__")
 
 
 def test_script_rejects_unknown_sections(bench_script, capsys):

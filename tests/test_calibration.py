@@ -11,9 +11,14 @@ import pytest
 import torch
 from datasets import Dataset
 
-from kprune_cli import calibration
-from kprune_cli.calibration import DRAW_INDEX, CalibrationSample, draw_calibration_examples, draw_calibration_sample
-from kprune_cli.errors import UserError
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks import calibration
+from kprune_cli.tasks.calibration import (
+    DRAW_INDEX,
+    CalibrationSample,
+    draw_calibration_examples,
+    draw_calibration_sample,
+)
 from kprune_cli.tasks.data import load_task_data, tokenize_split
 from kprune_cli.tasks.spec import get_task
 from kprune_cli.tasks.squad import read_squad_json
@@ -100,7 +105,7 @@ def test_same_seed_same_sample(char_tokenizer):
 
 def test_small_split_is_used_whole_with_a_warning(char_tokenizer, caplog):
     train = sentences(10)
-    with caplog.at_level(logging.WARNING, logger="kprune_cli.calibration"):
+    with caplog.at_level(logging.WARNING, logger="kprune_cli.tasks.calibration"):
         sample = draw_calibration_sample(TASK, train, char_tokenizer(), num_tokens=10**6, seed=0)
     assert sample.num_examples == 10 and "fewer than the 1000000 asked" in caplog.text
     with pytest.raises(UserError, match="num_tokens=0"):

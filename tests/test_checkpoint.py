@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILIES, make_tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, BertTokenizer
 
-from conftest import FAMILIES, make_tiny_model
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import ReloadMismatch, check_reload, save_pruned
 from kprune_cli.models.loading import load_model

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kprune
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForSequenceClassification
 
-from conftest import kprune
-from kprune_cli.config_dir import CONFIG_DIR
-from kprune_cli.flops import FlopsModel
+from kprune_cli.cli.run import build_pruner
+from kprune_cli.config.paths import CONFIG_DIR
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.loading import load_model
-from kprune_cli.pipeline import build_pruner
 from kprune_cli.tasks.spec import get_task
 
 
@@ -162,7 +162,7 @@ def test_keys_of_a_chosen_group_option_and_added_keys_are_known(capsys):
 
 def test_a_bad_value_is_reported_before_torch_is_imported(tmp_path):
     """The run's checks come before the heavy imports (torch, transformers, datasets)."""
-    probe = ("import sys\nfrom kprune_cli.cli import main\n"
+    probe = ("import sys\nfrom kprune_cli.cli.main import main\n"
              f"sys.argv = ['kprune', 'run', 'rate=2', 'output_dir={tmp_path / 'out'}']\n"
              "try:\n    main()\nexcept SystemExit as exit_:\n"
              "    print(exit_.code, sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))\n")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from kprune_cli import demo_model
-from kprune_cli.finetune import FinetuneRecipe, default_recipe
+from kprune_cli.core import demo_model
+from kprune_cli.core.finetune import FinetuneRecipe, default_recipe
 from kprune_cli.tasks import demo
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import get_task

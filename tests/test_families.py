@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OTHER_FAMILIES, WORDS, kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data
 from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-from conftest import OTHER_FAMILIES, WORDS, kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data
-from kprune_cli.calibration import CalibrationSample
-from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import check_supported, get_adapter
 from kprune_cli.models.checkpoint import save_pruned
 from kprune_cli.models.loading import count_parameters, load_model
@@ -24,6 +22,8 @@ from kprune_cli.models.slicing import prune_physically
 from kprune_cli.pruners.common.hooks import capture_taps, forward_until
 from kprune_cli.pruners.common.teacher import Teacher
 from kprune_cli.pruners.kprune.tune import kpwt
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import get_task
 
 HEADS = ("classification", "qa")

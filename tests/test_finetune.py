@@ -10,23 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from rich.progress import Progress
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertTokenizer, PreTrainedModel
 
-from kprune_cli.config_dir import CONFIG_DIR
-from kprune_cli.errors import UserError
-from kprune_cli.evaluation import evaluate_model
-from kprune_cli.finetune import FinetuneRecipe, finetune
-from kprune_cli.finetune_command import read_settings, run_finetune
-from kprune_cli.outputs import atomic_directory
+from kprune_cli.cli.finetune import read_settings, run_finetune
+from kprune_cli.config.paths import CONFIG_DIR
+from kprune_cli.core.evaluation import evaluate_model
+from kprune_cli.core.finetune import FinetuneRecipe, finetune
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.output_dir import atomic_directory
 from kprune_cli.tasks.data import collate, load_task_data, tokenize_split
 from kprune_cli.tasks.demo import write_demo_data
 from kprune_cli.tasks.spec import get_task
-
-from conftest import tiny_config
 
 TASK = get_task("demo")
 RECIPE = FinetuneRecipe(epochs=8, learning_rate=2e-3, batch_size=16, warmup_ratio=0.1, weight_decay=0.01,

@@ -9,10 +9,9 @@ import json
 import datasets.config
 import huggingface_hub.constants
 import pytest
+from conftest import kprune, write_mrpc_data, write_tiny_checkpoint
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
-
-from conftest import kprune, write_mrpc_data, write_tiny_checkpoint
 from test_cli import run_args
 
 # Values that a key accepts (so that many examples get into the job), and anything at all.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kprune_cli import hardware
-from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_helpers import make_problem, make_sample, sharpen
+
+from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_cli.runtime import hardware
 
 
 @pytest.fixture

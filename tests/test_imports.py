@@ -1,4 +1,5 @@
-"""The package's modules import each other without circles (function-level imports included)."""
+"""The package's modules import each other without circles, and only downwards through its layers
+(function-level imports included)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,47 @@ def test_the_package_has_no_import_circles():
     modules = {module_name(path) for path in paths}
     graph = {module_name(path): imported_modules(path, modules) - {module_name(path)} for path in paths}
     assert find_cycle(graph) is None
+
+
+LAYERS = {
+    "runtime": 0,   # job infrastructure: no ML
+    "tasks": 1,     # task specs, data, metrics, the calibration sample
+    "config": 2,    # Hydra glue (light: no torch at import)
+    "models": 2,    # families, masks, slicing, checkpoints, FLOPs
+    "deploy": 2,    # ONNX export and ONNX Runtime
+    "pruners": 3,   # the methods
+    "core": 4,      # the pipeline's stages
+    "sweeps": 5,    # many runs at once
+    "cli": 6,       # the commands
+    "__main__": 7,
+}
+"""Each subpackage's rank: a module imports only from its own subpackage or from lower ranks."""
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The imports of ``graph`` that go to a layer of the same or a higher rank (other subpackage)."""
+    return sorted((source, target) for source, targets in graph.items() if source != "kprune_cli"
+                  for target in targets if target != "kprune_cli" and layer(source) != layer(target)
+                  and LAYERS[layer(target)] >= LAYERS[layer(source)])
+
+
+def test_upward_imports_are_found():
+    graph = {"kprune_cli.runtime.console": {"kprune_cli.models.masks"}, "kprune_cli.models.masks": {"kprune_cli.runtime.errors"}}
+    assert upward_imports(graph) == [("kprune_cli.runtime.console", "kprune_cli.models.masks")]
+
+
+def test_every_subpackage_has_a_layer_and_a_docstring_naming_its_job():
+    for path in sorted(PACKAGE.glob("*/__init__.py")):
+        assert path.parent.name in LAYERS, f"{path.parent.name}/ has no rank in LAYERS"
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path} has no docstring"
+
+
+def test_imports_go_down_the_layers_only():
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(path) for path in paths}
+    graph = {module_name(path): imported_modules(path, modules) - {module_name(path)} for path in paths}
+    assert upward_imports(graph) == []

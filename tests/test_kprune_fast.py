@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
 
-from kprune_cli.bench.reference import ReferenceKPrune, kpms_scan, truncated_teacher_sums
-from kprune_cli.errors import UserError
+from benchmarks.reference import ReferenceKPrune, kpms_scan, truncated_teacher_sums
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks, apply_masks
+from kprune_cli.pruners.common.kpms import kpms
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
-from kprune_cli.pruners.common.kpms import kpms
-from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
+from kprune_cli.runtime.errors import UserError
 
 
 def _pruned_masks(adapter) -> Masks:
@@ -156,7 +156,7 @@ def test_rejects_unknown_autocast(value):
 
 @pytest.mark.slow
 def test_fast_schedule_matches_the_reference_on_minilm_mrpc(shared_dir):
-    from kprune_cli.bench.cases import minilm_mrpc
+    from benchmarks.cases import minilm_mrpc
 
     runs = []
     for pruner in (KPrunePruner(), ReferenceKPrune(KPrunePruner())):

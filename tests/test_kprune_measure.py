@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_sample, sharpen
 
-from kprune_cli.calibration import DRAW_INDEX
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.hooks import scale_inputs
 from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
 from kprune_cli.pruners.kprune.measure import Knowledge, measure, score
+from kprune_cli.tasks.calibration import DRAW_INDEX
 from kprune_cli.tasks.spec import TASKS
-from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_sample, sharpen
 
 
 def _per_sample_losses(model, adapter, masks, teacher, proj=None, scale=None) -> torch.Tensor:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
 from rich.progress import Progress
 
-from kprune_cli.errors import UserError
 from kprune_cli.models.masks import apply_masks
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
-from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
+from kprune_cli.runtime.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -13,10 +13,10 @@ import itertools
 
 import pytest
 import torch
-
-from kprune_cli.flops import FlopsModel
-from kprune_cli.pruners.common.kpms import kpms
 from kprune_helpers import TINY_FLOPS
+
+from kprune_cli.models.flops import FlopsModel
+from kprune_cli.pruners.common.kpms import kpms
 
 
 def _random_instance(generator: torch.Generator, max_units: int = 10):

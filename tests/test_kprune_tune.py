@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kprune_helpers import make_sample, partial_masks, sharpen
 
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks, apply_masks
@@ -12,7 +13,6 @@ from kprune_cli.pruners.common.hooks import capture_taps, forward_until
 from kprune_cli.pruners.common.lstsq import solve_ridge
 from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
 from kprune_cli.pruners.kprune.tune import kpwt
-from kprune_helpers import partial_masks, make_sample, sharpen
 
 
 def _setup(tiny_model, sharp: bool = False):

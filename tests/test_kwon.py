@@ -8,9 +8,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, partial_masks, sharpen
 from rich.progress import Progress
 
-from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.reconstruction import TokenBatch, sublayer_activations
@@ -24,7 +24,7 @@ from kprune_cli.pruners.kwon.tune import (
     teacher_budget,
     tune_sublayer,
 )
-from kprune_helpers import partial_masks, TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
+from kprune_cli.runtime.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

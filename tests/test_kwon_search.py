@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from kprune_cli.flops import FlopsModel
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.pruners.kwon.rearrange import pruned_loss, rearrange_units
 from kprune_cli.pruners.kwon.search import search_masks
 

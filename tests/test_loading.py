@@ -8,19 +8,13 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import BertModel, BertTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-from conftest import tiny_config
-from kprune_cli.devices import resolve_device
-from kprune_cli.errors import UserError
-from kprune_cli.models.loading import (
-    _locate,
-    count_parameters,
-    load_for_finetuning,
-    load_model,
-    stored_dtype,
-)
+from kprune_cli.models.loading import _locate, count_parameters, load_for_finetuning, load_model, stored_dtype
+from kprune_cli.runtime.device import resolve_device
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.spec import get_task
 
 MRPC, STSB, SQUAD = get_task("mrpc"), get_task("stsb"), get_task("squad")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kprune_helpers import TINY_FLOPS, make_problem, make_sample
+
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.pruners.magnitude.pruner import MagnitudePruner, unit_magnitudes
 

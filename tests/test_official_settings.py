@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import kprune
-from kprune_cli.calibration import CalibrationSample
+from kprune_helpers import make_problem, make_sample, sharpen
+
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.pruners.kwon import pruner as kwon_pruner
 from kprune_cli.pruners.kwon.pruner import KwonPruner
+from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import get_task
-from kprune_helpers import make_problem, make_sample, sharpen
 
 
 @pytest.mark.parametrize("task, hidden, expected", [("mrpc", 384, 32), ("stsb", 768, 32), ("squad", 768, 12),

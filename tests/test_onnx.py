@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAMILIES, kprune, make_tiny_model
+
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks
 from kprune_cli.models.slicing import prune_physically
@@ -17,13 +17,7 @@ from kprune_cli.models.slicing import prune_physically
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from kprune_cli.deploy.onnx_model import (  # noqa: E402  (after the skips: needs the .[deploy] extra)
-    MATCH_TOLERANCE,
-    example_inputs,
-    export_onnx,
-    onnx_difference,
-    ort_session,
-)
+from kprune_cli.deploy.onnx_model import MATCH_TOLERANCE, example_inputs, export_onnx, onnx_difference, ort_session  # noqa: E402  (after the skips: needs the .[deploy] extra)
 
 
 def prune_with_empty_sublayers(model: torch.nn.Module) -> list[dict[str, int]]:

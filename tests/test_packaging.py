@@ -64,7 +64,7 @@ def test_installed_copy_finds_its_configs(wheel, tmp_path):
     target = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(target)
-    probe = subprocess.run([sys.executable, "-c", "from kprune_cli.config_dir import CONFIG_DIR; print(CONFIG_DIR)"],
+    probe = subprocess.run([sys.executable, "-c", "from kprune_cli.config.paths import CONFIG_DIR; print(CONFIG_DIR)"],
                            cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr
     found = Path(probe.stdout.strip())

@@ -6,12 +6,12 @@ import io
 import re
 
 import pytest
+from conftest import kprune
 from rich.console import Console
 from rich.progress import Progress
 
-import kprune_cli.console as console_module
-from conftest import kprune
-from kprune_cli.console import LogProgress, make_progress
+import kprune_cli.runtime.console as console_module
+from kprune_cli.runtime.console import LogProgress, make_progress
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # escapes, carriage returns ... (not newlines)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from kprune_helpers import TINY_FLOPS, make_problem
 
 from kprune_cli.pruners.random.pruner import RandomPruner
-from kprune_helpers import TINY_FLOPS, make_problem
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kprune
 from transformers import AutoModelForSequenceClassification
 
-from conftest import kprune
 from kprune_cli.models.loading import load_model
 from kprune_cli.tasks.spec import get_task
 

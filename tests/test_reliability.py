@@ -17,23 +17,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data, write_tiny_checkpoint
 from safetensors.torch import load_file
+from test_cli import run_args
 from transformers import BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
-from conftest import kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data, write_tiny_checkpoint
-from kprune_cli.calibration import CalibrationSample
-from kprune_cli import locks
-from kprune_cli.interrupts import Terminated, catchable_interrupts, deferred_interrupts
-from kprune_cli.flops import FlopsModel
+from kprune_cli.core.safeguards import prune_with_memory_retry
 from kprune_cli.models.adapters import get_adapter
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.masks import Masks
-from kprune_cli.locks import STALE_AFTER_S
-from kprune_cli.outputs import FAILED_NAME, LOCK_NAME, STEPS_NAME, OutputDir
-from kprune_cli.safeguards import prune_with_memory_retry
 from kprune_cli.pruners.base import PruneProblem, PruneResult
+from kprune_cli.runtime import locks
+from kprune_cli.runtime.interrupts import Terminated, catchable_interrupts, deferred_interrupts
+from kprune_cli.runtime.locks import STALE_AFTER_S
+from kprune_cli.runtime.output_dir import FAILED_NAME, LOCK_NAME, STEPS_NAME, OutputDir
+from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import get_task
-from test_cli import run_args
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from kprune_cli.report import config_hash
+from kprune_cli.core.report import config_hash
 
 
 def test_config_hash_ignores_the_output_directory_but_not_the_experiment():

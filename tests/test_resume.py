@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import kprune, write_mrpc_data, write_tiny_checkpoint
-from kprune_cli.interrupts import catchable_interrupts
-from kprune_cli.locks import read_holder
-from kprune_cli.outputs import LOCK_NAME, STEPS_NAME
-from kprune_cli.pruners.kprune.pruner import KPrunePruner
-from kprune_cli.resume import STATE_NAME, StepCheckpoints
 from kprune_helpers import make_problem, sharpen
+from safetensors.torch import load_file
 from test_cli import run_args
+
+from kprune_cli.core.resume import STATE_NAME, StepCheckpoints
+from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_cli.runtime.interrupts import catchable_interrupts
+from kprune_cli.runtime.locks import read_holder
+from kprune_cli.runtime.output_dir import LOCK_NAME, STEPS_NAME
 
 
 class Killed(BaseException):
@@ -75,7 +75,7 @@ def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny
 
 
 def test_steps_that_cannot_be_written_for_lack_of_space_are_skipped_with_a_note(monkeypatch, tiny_model, tmp_path):
-    from kprune_cli import resume
+    from kprune_cli.core import resume
 
     expected, expected_weights = _pruned(tiny_model, KPrunePruner())
     real_save = resume.save_file
@@ -99,7 +99,7 @@ def test_steps_that_cannot_be_written_for_lack_of_space_are_skipped_with_a_note(
 
 def test_a_killed_save_leaves_the_previous_step_valid(monkeypatch, tiny_model, tmp_path):
     """Killed between the step file and the state that counts it: the resume starts one step earlier."""
-    from kprune_cli import resume
+    from kprune_cli.core import resume
 
     pruner = KPrunePruner()
     with pytest.raises(Killed):
@@ -129,7 +129,7 @@ KILLING_RUN = """
 import os, signal, sys
 from pathlib import Path
 
-from kprune_cli import resume
+from kprune_cli.core import resume
 from kprune_cli.models import checkpoint
 
 where, nth = os.environ["KILL_AT"].split(":")
@@ -165,7 +165,7 @@ def write(model, tokenizer, directory, dtype):
 
 
 resume._replace_durably, resume.save_file, checkpoint._write = replace, save_file, write
-from kprune_cli.cli import main
+from kprune_cli.cli.main import main
 
 sys.argv = ["kprune", *sys.argv[1:]]
 main()
@@ -248,7 +248,7 @@ def test_a_run_killed_from_outside_resumes_to_the_uninterrupted_result(tmp_path)
 # resume=true through the command line, in this process.
 def _interrupted(args: list[str], output: Path, monkeypatch, capsys, after: int = 1) -> None:
     """Run ``args`` until it has saved the step of sub-layer ``after``, then stop it as an error would."""
-    from kprune_cli import resume
+    from kprune_cli.core import resume
 
     real_save = StepCheckpoints.save
 
@@ -402,7 +402,7 @@ def test_full_disk_while_saving_pruned_is_one_line_and_resume_finishes(monkeypat
 
 def test_unwritable_output_dir_is_one_line(monkeypatch, tiny_checkpoint, mrpc_dir, tmp_path, capsys):
     """As root (or on a filesystem that lies to access()), the refusal comes when the lock is made."""
-    from kprune_cli import locks
+    from kprune_cli.runtime import locks
 
     def refused(source, target):
         raise PermissionError(errno.EACCES, "Permission denied", str(target))
@@ -470,7 +470,7 @@ def test_demo_cache_killed_while_prepared_is_rebuilt_and_two_builders_take_turns
 
 
 def test_full_disk_while_preparing_the_demo_cache_is_one_line(tmp_path):
-    from kprune_cli.errors import UserError
+    from kprune_cli.runtime.errors import UserError
     from kprune_cli.tasks.demo import build_once
 
     def fill_the_disk(staging: Path) -> None:

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAMILIES
+
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.loading import count_parameters
 from kprune_cli.models.masks import Masks, apply_masks

@@ -11,7 +11,7 @@ from datasets import Dataset
 from tokenizers import ByteLevelBPETokenizer
 from transformers import RobertaTokenizer
 
-from kprune_cli.errors import UserError
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.data import load_task_data, tokenize_split
 from kprune_cli.tasks.metrics import squad_scores
 from kprune_cli.tasks.spec import get_task

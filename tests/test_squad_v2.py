@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import kprune
 from datasets import Dataset
 from transformers import BertConfig, BertForQuestionAnswering
 
-from conftest import kprune
 from kprune_cli.tasks.metrics import compute_metrics, squad_scores
 from kprune_cli.tasks.spec import get_task
 from kprune_cli.tasks.squad import postprocess_predictions, tokenize_squad

@@ -10,14 +10,14 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-
 from conftest import kprune
-from kprune_cli.outputs import LOCK_NAME
-from kprune_cli.report import SCHEMA_VERSION
+
+from kprune_cli.cli.compare import DEFAULTS, comparison_overrides
+from kprune_cli.cli.summarize import summary_rows, write_summary
+from kprune_cli.core.report import SCHEMA_VERSION
+from kprune_cli.runtime.output_dir import LOCK_NAME
 from kprune_cli.sweeps.collect import find_runs
-from kprune_cli.sweeps.compare import DEFAULTS, comparison_overrides
 from kprune_cli.sweeps.plots import layer_survivors_figure, metric_vs_flops_figure
-from kprune_cli.sweeps.summarize import summary_rows, write_summary
 
 DENSE_LAYERS = [{"heads": 4, "neurons": 64}, {"heads": 4, "neurons": 64}]
 

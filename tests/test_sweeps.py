@@ -9,7 +9,6 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-
 from conftest import kprune
 
 needs_submitit = pytest.mark.skipif(

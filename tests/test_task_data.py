@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kprune_cli.errors import UserError
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks import data as task_data
 from kprune_cli.tasks.data import collate, feature_lengths, load_task_data, tokenize_split
 from kprune_cli.tasks.spec import get_task

@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import kprune
 from safetensors.torch import load_file
 
-from conftest import kprune
-from kprune_cli.errors import UserError
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.spec import get_task
 from kprune_cli.tasks.unlabeled import read_unlabeled
 

@@ -8,7 +8,6 @@ from importlib.util import find_spec
 
 if find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
-
     from kprune_cli.sweeps.launchers import Resuming
 
     class ResumingSlurmLauncher(Resuming, SlurmLauncher):

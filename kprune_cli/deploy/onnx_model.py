@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kprune_cli.errors import UserError
+from kprune_cli.runtime.errors import UserError
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -149,7 +149,7 @@ def interleaved_session_times(sessions: Sequence[onnxruntime.InferenceSession],
                               inputs: dict[str, torch.Tensor], repeats: int,
                               warmup: int = 3) -> list[list[float]]:
     """Milliseconds of ``repeats`` runs of each session on ``inputs``, timed in turns (one run of
-    each per round, as :func:`~kprune_cli.bench.latency.interleaved_latency`), after ``warmup``
+    each per round, as :func:`~kprune_cli.core.latency.interleaved_latency`), after ``warmup``
     untimed runs of each."""
     feeds = [{node.name: inputs[node.name].numpy().astype(np.int64) for node in session.get_inputs()}
              for session in sessions]

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from kprune_cli.errors import UserError
-from kprune_cli.flops import FlopsModel
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.modeling_kprune import LAYOUTS, Layout, find_module, head_projections, layout_of
+from kprune_cli.runtime.errors import UserError
 
 SUPPORTED_FAMILIES = tuple(LAYOUTS)
 

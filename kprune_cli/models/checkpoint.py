@@ -19,7 +19,7 @@ from kprune_cli.models import modeling_kprune
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, auto_map_for
-from kprune_cli.outputs import atomic_directory
+from kprune_cli.runtime.output_dir import atomic_directory
 from kprune_cli.tasks.spec import TaskSpec
 
 

@@ -26,9 +26,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import check_supported
 from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, layout_of
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.spec import TaskSpec
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")

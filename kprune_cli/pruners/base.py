@@ -14,10 +14,10 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
-from kprune_cli.calibration import CalibrationSample
-from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import ModelAdapter
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.masks import Masks
+from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import TaskSpec
 
 
@@ -35,7 +35,7 @@ class PruneProgress:
 
 class StepStore(Protocol):
     """Where a pruner keeps its progress after each finished sub-layer, to resume from it after a kill
-    (the pipeline's is :class:`~kprune_cli.resume.StepCheckpoints`)."""
+    (the pipeline's is :class:`~kprune_cli.core.resume.StepCheckpoints`)."""
 
     def last(self, device: torch.device) -> PruneProgress | None:
         """The progress saved last (masks on ``device``), or None to start from sub-layer 0."""

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from kprune_cli.errors import UserError
-from kprune_cli.outputs import FAILED_NAME, LOCK_NAME
-from kprune_cli.report import SCHEMA_VERSION, Report
+from kprune_cli.core.report import SCHEMA_VERSION, Report
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.output_dir import FAILED_NAME, LOCK_NAME
 
 REPORT_NAME = "report.json"
 SWEEP_CONFIG_NAME = "multirun.yaml"  # Hydra writes it at the root of every sweep

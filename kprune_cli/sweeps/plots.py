@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from kprune_cli.errors import UserError
-from kprune_cli.report import Report
+from kprune_cli.core.report import Report
+from kprune_cli.runtime.errors import UserError
 
 TOLERANCE_POINTS = 3.0  # the paper's reference line: dense metric minus 3 points
 LAYER_KINDS = ("heads", "neurons")
@@ -30,7 +30,7 @@ def metric_vs_flops_figure(rows: Sequence[Mapping[str, Any]]) -> Figure:
 
     One line per pruner through its rates (mean over seeds, error bars: std over seeds), the
     dense model's metric as a solid horizontal line and dense − 3 points as a dashed one.
-    ``rows`` are summary rows (see :func:`kprune_cli.sweeps.summarize.summary_rows`).
+    ``rows`` are summary rows (see :func:`kprune_cli.cli.summarize.summary_rows`).
     """
     first = rows[0]
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")

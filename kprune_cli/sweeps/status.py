@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.markup import escape
 
-from kprune_cli.console import console
+from kprune_cli.runtime.console import console
 
 
 class SweepFailed(SystemExit):

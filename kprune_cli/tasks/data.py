@@ -29,8 +29,8 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
-from kprune_cli.errors import UserError
-from kprune_cli.interrupts import deferred_interrupts
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.interrupts import deferred_interrupts
 from kprune_cli.tasks.glue import tokenize_glue
 from kprune_cli.tasks.spec import TaskSpec
 from kprune_cli.tasks.squad import DOC_STRIDE, read_squad_json, split_squad_by_article, tokenize_squad

@@ -19,7 +19,7 @@ ceiling the noise allows.
 The files follow the GLUE parquet layout the data loader reads: ``<dir>/train/0000.parquet`` and
 ``<dir>/validation/0000.parquet`` with columns ``sentence`` (str), ``label`` (int) and ``idx`` (int).
 
-:func:`~kprune_cli.demo_model.ensure_demo_model` fine-tunes the packaged all-MiniLM-L6-v2 on it once
+:func:`~kprune_cli.core.demo_model.ensure_demo_model` fine-tunes the packaged all-MiniLM-L6-v2 on it once
 and caches the result, giving every command of the CLI a fine-tuned model to prune without a download.
 """
 
@@ -152,8 +152,8 @@ def build_once(target: Path, build: Callable[[Path], None]) -> None:
     directories of a builder that was killed (``.<name>.*.partial``; the kernel drops its lock)
     are removed by the next one. A full disk or a cache that may not be written is one line.
     """
-    from kprune_cli.console import console
-    from kprune_cli.outputs import atomic_directory, write_errors
+    from kprune_cli.runtime.console import console
+    from kprune_cli.runtime.output_dir import atomic_directory, write_errors
 
     if target.is_dir():
         return

@@ -82,8 +82,8 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def get_task(name: str) -> TaskSpec:
-    """The task called ``name``; a :class:`~kprune_cli.errors.UserError` lists the known ones."""
-    from kprune_cli.errors import UserError
+    """The task called ``name``; a :class:`~kprune_cli.runtime.errors.UserError` lists the known ones."""
+    from kprune_cli.runtime.errors import UserError
 
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")

@@ -19,7 +19,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value
 from transformers import PreTrainedTokenizerBase
 
-from kprune_cli.errors import UserError
+from kprune_cli.runtime.errors import UserError
 
 CLS_INDEX = 0
 DOC_STRIDE = 128

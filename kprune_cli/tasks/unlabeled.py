@@ -19,7 +19,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from kprune_cli.errors import UserError
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.spec import TaskSpec
 
 JSONL_SUFFIX = ".jsonl"

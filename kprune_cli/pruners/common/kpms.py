@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from kprune_cli.flops import FlopsModel
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.pruners.common import sublayer_kind
 
 BUDGET_TOLERANCE = 1e-9

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from kprune_cli.calibration import DRAW_INDEX, CalibrationSample
-from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_taps
 from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks.calibration import DRAW_INDEX, CalibrationSample
 from kprune_cli.tasks.data import TARGET_KEYS
 
 TASK_KINDS = ("classification", "regression", "qa")
@@ -61,7 +61,7 @@ def micro_batches(sample: CalibrationSample, batch_size: int | None, device: tor
     mostly lose their padding); this does not change any real token's output. With
     ``with_targets`` the batch's gold targets (``labels`` or ``start_positions`` /
     ``end_positions``, ``(batch,)``) come along too; with ``with_draw_index``, the sequences'
-    places in the draw order under :data:`~kprune_cli.calibration.DRAW_INDEX` ``(batch,)``.
+    places in the draw order under :data:`~kprune_cli.tasks.calibration.DRAW_INDEX` ``(batch,)``.
     """
     parts = []
     for batch, draw_index in zip(sample.batches, sample.draw_indices()):

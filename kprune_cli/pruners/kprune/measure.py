@@ -39,8 +39,8 @@ from typing import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from kprune_cli.flops import FlopsModel
 from kprune_cli.models.adapters import ModelAdapter
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
 from kprune_cli.pruners.common.gradient_batch import GLUE_GRADIENT_BATCH
@@ -157,7 +157,7 @@ def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
     Under bf16 autocast on a CPU, torch's fused SDPA kernel is slow backwards: on MiniLM-MRPC
     its backward was a third of the profiled pass (about 0.4 s per call for a 32-sequence
     micro-batch), where eager attention's batched matmuls run on the CPU's bf16 matrix units and
-    cut the pruning's CPU time by a fifth (``scripts/bench.py --sections profile``; README,
+    cut the pruning's CPU time by a fifth (``python -m benchmarks --sections profile``; README,
     Performance).
     """
     config = model.config

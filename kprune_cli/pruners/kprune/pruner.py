@@ -13,7 +13,7 @@ before each layer is tuned (no copy of the model). KPWT's normal equations come 
 over layer ``l`` alone after the search: accumulating the full-width ``AᵀA`` in float64 during
 the measurement pass instead would cost more than that pass for an FFN (1536² or 3072² per
 token). Results are those of running every pass from the embeddings (the reference schedule in
-:mod:`kprune_cli.bench.reference`), bit for bit. The measurement passes (forward and backward
+:mod:`benchmarks.reference`), bit for bit. The measurement passes (forward and backward
 through layers ``≥ l``) are then nearly all of the cost.
 
 One-shot (ablation): measure once, search once for all sub-layers, then tune sub-layer by
@@ -30,19 +30,19 @@ from typing import Callable
 import torch
 from rich.progress import Progress
 
-from kprune_cli.console import make_progress
-from kprune_cli.errors import UserError
-from kprune_cli.hardware import describe_cpu, native_matmul
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneProgress, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
-from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
-from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
+from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.tune import kpwt
-from kprune_cli.timing import timed
+from kprune_cli.runtime.console import make_progress
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.hardware import describe_cpu, native_matmul
+from kprune_cli.runtime.timing import timed
 
 StepCallback = Callable[[int, Masks], None]
 

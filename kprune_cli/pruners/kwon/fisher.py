@@ -24,12 +24,12 @@ from typing import Iterable, Mapping
 import torch
 from transformers import PreTrainedModel
 
-from kprune_cli.calibration import CalibrationSample
-from kprune_cli.errors import UserError
 from kprune_cli.models.adapters import ModelAdapter
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.hooks import frozen
 from kprune_cli.pruners.common.teacher import micro_batches
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.data import TARGET_KEYS
 
 

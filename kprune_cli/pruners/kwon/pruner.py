@@ -19,8 +19,6 @@ from typing import Mapping
 import torch
 from rich.progress import Progress
 
-from kprune_cli.console import make_progress, track
-from kprune_cli.errors import UserError
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import keep_masks
@@ -30,8 +28,10 @@ from kprune_cli.pruners.kwon.fisher import fisher_importance, labelled_batches, 
 from kprune_cli.pruners.kwon.rearrange import rearrange_units
 from kprune_cli.pruners.kwon.search import search_masks
 from kprune_cli.pruners.kwon.tune import LayerwiseTuning, teacher_budget
+from kprune_cli.runtime.console import make_progress, track
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.data import TARGET_KEYS
-from kprune_cli.timing import timed
 
 TEACHERS = ("intermediate", "original")
 

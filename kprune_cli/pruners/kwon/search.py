@@ -12,7 +12,7 @@ the most importance within the budget" for non-negative importance (a knapsack w
 sizes). Ties between splits go to the fewest heads, as the official loop's strict ``>`` does.
 
 Differences from the official code: the constraint is ours, the fraction of FLOPs *removed*
-(``rate``), through :class:`~kprune_cli.flops.FlopsModel` (``F_head``, ``F_neuron``), where theirs is
+(``rate``), through :class:`~kprune_cli.models.flops.FlopsModel` (``F_head``, ``F_neuron``), where theirs is
 the fraction of MACs *kept*; ``h`` runs from 0 (theirs from 1).
 """
 
@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-from kprune_cli.flops import FlopsModel
+from kprune_cli.models.flops import FlopsModel
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.kpms import BUDGET_TOLERANCE
 

@@ -1,0 +1,211 @@
+"""``kprune run``: config → load → calibration sample → prune → evaluate → save → report.
+
+Each arrow is one function call with plain inputs; the pruner sees no config or file.
+Every config value is checked before anything is written (a bad one is a one-line error).
+Outputs are staged: the checkpoint and the reports appear under ``output_dir`` only once
+complete, and a run that fails leaves ``FAILED.json`` (error + config) instead; a pruned
+model with NaN or infinite weights is never saved. A pass that runs out of GPU memory is
+retried with smaller batches, and the report says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
+from transformers import PreTrainedTokenizerBase
+
+from kprune_cli.config.settings import SampleSize, read_settings
+from kprune_cli.config.values import check_argument_types, required_keys
+from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path
+from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
+from kprune_cli.core.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
+from kprune_cli.core.resume import StepCheckpoints, run_identity
+from kprune_cli.core.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
+from kprune_cli.models.adapters import get_adapter
+from kprune_cli.models.checkpoint import check_reload, save_pruned
+from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
+from kprune_cli.models.slicing import prune_physically
+from kprune_cli.pruners.base import PruneProblem, Pruner
+from kprune_cli.runtime.console import console
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.interrupts import deferred_interrupts
+from kprune_cli.runtime.output_dir import OutputDir, write_errors
+from kprune_cli.runtime.timing import timed
+from kprune_cli.tasks.calibration import (
+    CalibrationSample,
+    calibration_rows,
+    draw_calibration_examples,
+    draw_calibration_sample,
+)
+from kprune_cli.tasks.data import load_task_data
+from kprune_cli.tasks.spec import TaskSpec
+
+
+def build_pruner(cfg: DictConfig, name: str) -> Pruner:
+    """The pruner of the ``pruner`` config group; a :class:`UserError` for a value of the wrong type
+    (per the constructor's annotations) or one the constructor rejects."""
+    module, _, attribute = str(cfg._target_).rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise UserError(f"pruner={name}: _target_={cfg._target_!r} cannot be imported ({error})") from None
+    values = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
+              if not key.startswith("_")}
+    check_argument_types(target, values, "pruner.")
+    try:
+        return instantiate(cfg)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"pruner={name}: its config does not fit {cfg._target_} ({cause or error})") from None
+
+
+def refuse_unlabeled_source(pruner: Pruner, name: str, source: str | None) -> None:
+    """A :class:`UserError` when a pruner that reads gold labels is given an unlabeled source."""
+    if source is not None and pruner.needs_labels:
+        raise UserError(f"pruner={name} needs labelled calibration data (it uses the task loss), and "
+                        f"calibration.source={source} has no labels: use calibration.source=null (the train split) "
+                        f"or a pruner that needs none (kprune)")
+
+
+
+def draw_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBase, size: SampleSize,
+                seed: int, batch_size: int) -> tuple[CalibrationSample, list[str]]:
+    """The calibration sample of ``size``, and a note for the report when the train split holds less."""
+    if size.unit == "examples":
+        sample = draw_calibration_examples(task, train, tokenizer, size.count, seed, batch_size)
+        drawn = sample.num_examples
+    else:
+        sample = draw_calibration_sample(task, train, tokenizer, size.count, seed, batch_size)
+        drawn = sample.num_tokens
+    if drawn >= size.count:
+        return sample, []
+    return sample, [f"{size} is more than the train split holds: the calibration sample is the whole split, "
+                    f"{sample.num_tokens} tokens in {sample.num_examples} examples"]
+
+
+RESULTS_REMEDY = "free space (or let this job write there) and run again with resume=true"
+
+
+def resume_batch_size(pruner: Pruner, steps: StepCheckpoints) -> list[str]:
+    """Give ``pruner`` the batch size its saved steps were made with, if it differs from the config's
+    (the interrupted run lowered it after running out of GPU memory); a note saying so."""
+    saved = steps.saved_batch_size()
+    if saved is None or getattr(pruner, "batch_size", saved) == saved:
+        return []
+    configured, pruner.batch_size = pruner.batch_size, saved
+    return [f"resumed with pruner.batch_size={saved}, as the interrupted run used it (configured: {configured})"]
+
+
+def run_pruning(cfg: DictConfig) -> Report:
+    """Run one pruning job described by ``cfg`` (configs/run.yaml) and return its report."""
+    output_path = Path(str(cfg.output_dir))  # always set: Hydra makes it (see configs/run.yaml)
+    pruner_name = HydraConfig.get().runtime.choices.get("pruner", "custom") if HydraConfig.initialized() else "custom"
+    try:
+        settings = read_settings(cfg)
+        with required_keys():
+            pruner = build_pruner(cfg.pruner, pruner_name)
+        refuse_unlabeled_source(pruner, pruner_name, settings.calibration_source)
+        output = OutputDir(output_path, overwrite=settings.overwrite)
+        if settings.resume and not settings.overwrite and (finished := output.finished_report()) is not None:
+            console.print(f"[bold]kprune:[/] {escape(str(output_path))} holds a finished run: nothing to resume",
+                          highlight=False, soft_wrap=True)
+            return finished
+        steps = StepCheckpoints(output_path, run_identity(cfg, settings.device), pruner)
+        if settings.resume:
+            steps.check_resumable()
+    except UserError:
+        OutputDir(output_path, overwrite=False).discard_if_empty()
+        raise
+    task, device = settings.task, settings.device
+    timing: dict[str, float] = {}
+    try:
+        # Ctrl-C or SIGTERM while the lock is being taken is raised once it is held, inside this
+        # try, so the directory is marked failed (not left locked); a refused claim leaves it as it was.
+        with deferred_interrupts(), write_errors(f"output_dir={output_path}",
+                                                 "choose an output_dir this job may write to"):
+            output.claim(resume=settings.resume)
+        torch.manual_seed(settings.seed)
+        with timed(timing, "load"):
+            model_path, notes = resolve_model_path(settings.model_path, task, device)
+            data = load_task_data(task, resolve_data_dir(task, settings.data_dir),
+                                  splits=None if settings.calibration_source is None else task.eval_splits)
+            model, tokenizer = load_model(model_path, task, device)
+            if broken := non_finite_tensors(model):
+                raise UserError(f"model {model_path!r} has NaN or infinite values in {listed(broken)}: "
+                                f"pass a model with finite weights")
+            adapter = get_adapter(model)
+        notes += data.notes + capped_evaluation_note(task, data, settings.eval_max_examples)
+        if settings.smoke:
+            notes.append(SMOKE_NOTE)
+
+        seq_len = task.avg_seq_len
+        if seq_len is None:
+            seq_len = measure_avg_seq_len(task, data[task.eval_splits[0]], tokenizer)
+        flops = adapter.flops(seq_len)
+        dense_structure = adapter.structure()
+        dense_params = count_parameters(model)
+
+        with timed(timing, "evaluate_dense"):
+            dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
+                                           notes=notes, max_examples=settings.eval_max_examples)
+        with timed(timing, "calibration"):
+            rows, source_notes = calibration_rows(task, data, settings.calibration_source)
+            sample, shortfall = draw_sample(task, rows, tokenizer, settings.sample_size,
+                                            settings.calibration_seed, settings.calibration_batch_size)
+        notes += source_notes + shortfall
+        steps.bind_sample(sample)
+        notes += resume_batch_size(pruner, steps)
+        problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
+                               rate=settings.rate, device=device, seed=settings.seed, steps=steps)
+        with timed(timing, "prune"):
+            result = prune_with_memory_retry(pruner, problem, notes)
+            notes += result.notes + steps.notes()
+            if settings.resume and not steps.read:
+                notes.append(f"pruner={pruner_name} keeps no step checkpoints: resume=true ran it from the start")
+            prune_physically(adapter, result.masks)
+        if broken := non_finite_tensors(model):
+            raise NonFiniteWeights(f"pruning left NaN or infinite values in {listed(broken)}; nothing was saved"
+                                   + (f" (pruner notes: {'; '.join(result.notes)})" if result.notes else ""))
+        with timed(timing, "evaluate_pruned"):
+            pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
+                                            batch_size=settings.eval_batch_size, notes=notes,
+                                            max_examples=settings.eval_max_examples)
+        with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
+            checkpoint_dir = output.path / "pruned"
+            checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path))
+        if settings.check_reload:
+            with timed(timing, "check_reload"):
+                notes.append(check_reload(model, checkpoint_dir, task, sample.model_inputs(sample.batches[0], device),
+                                          dtype=stored_dtype(model_path)))
+
+        report = build_report(
+            cfg=cfg, task=task, pruner=pruner_name, rate=settings.rate, device=device,
+            dense_metrics=dense_metrics, pruned_metrics=pruned_metrics,
+            flops=flops, dense_structure=dense_structure, pruned_structure=adapter.structure(),
+            params=(dense_params, count_parameters(model)),
+            checkpoint=(checkpoint_dir, checkpoint_bytes),
+            sample=sample, sample_size=str(settings.sample_size), pruner_settings=result.settings, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
+            notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
+        )
+        with write_errors(f"the reports into output_dir={output.path}", RESULTS_REMEDY):
+            write_reports(report, output.path)
+        steps.discard()
+        output.release()
+        print_summary(report)
+        return report
+    except BaseException as error:
+        output.fail(error, OmegaConf.to_container(cfg, resolve=False))
+        if not isinstance(error, UserError) and (done := steps.saved_steps()):
+            console.print(f"[bold]kprune:[/] {done} finished sub-layers are kept in {escape(str(steps.directory))}: "
+                          f"the same command with resume=true continues from there", highlight=False, soft_wrap=True)
+        raise

@@ -1,0 +1,68 @@
+"""A mistyped key on the command line (``kprune run rtae=0.5``) as one line naming the closest known
+keys, instead of Hydra's message, which advises ``+rtae=0.5`` (that would only hide the typo)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+
+from kprune_cli.runtime.errors import UserError
+
+
+def check_known_keys(config_dir: Path, config_name: str, overrides: list[str]) -> None:
+    """A :class:`UserError` for the first ``key=value`` of ``overrides`` whose key is not in the
+    config ``config_name`` composed with the overrides' group choices.
+
+    Left to Hydra: flags, ``+key`` / ``++key`` / ``~key``, ``hydra.*`` keys, overrides it cannot
+    parse or compose, and keys of a group swept over several options (``-m pruner=kprune,kwon``:
+    the options may differ in keys).
+    """
+    parsed = _parse(overrides)
+    if parsed is None:
+        return
+    groups = [override for override in parsed if (config_dir / override.key_or_group).is_dir()]
+    swept = {override.key_or_group.replace("/", ".") for override in groups if override.is_sweep_override()}
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=[override.input_line for override in groups
+                                                              if not override.is_sweep_override()])
+    except Exception:  # a bad group option or value: Hydra reports it itself
+        return
+    known = _full_keys(cfg)
+    for override in parsed:
+        key = override.key_or_group
+        if (override.type != OverrideType.CHANGE or override.package is not None or key in known
+                or override in groups or key.split(".")[0] == "hydra" or key.split(".")[0] in swept):
+            continue
+        leaves = sorted(name for name in known if not any(other.startswith(name + ".") for other in known))
+        closest = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(closest)}?" if closest else "no key of the config is close to it"
+        raise UserError(f"{override.input_line}: unknown key {key!r}, {hint} "
+                        f"(`kprune {config_name} --help` lists every key)")
+
+
+def _parse(overrides: list[str]) -> list[Override] | None:
+    """The ``key=value`` overrides (flags dropped), or None if Hydra cannot parse one."""
+    parser = OverridesParser.create()
+    try:
+        return [parser.parse_override(arg) for arg in overrides if not arg.startswith("-") and "=" in arg]
+    except HydraException:
+        return None
+
+
+def _full_keys(cfg: DictConfig, prefix: str = "") -> set[str]:
+    """Every dotted key of ``cfg``, nested ones too (values are not resolved)."""
+    keys = set()
+    for name in cfg.keys():
+        key = f"{prefix}{name}"
+        keys.add(key)
+        child = cfg._get_node(name)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            keys |= _full_keys(child, key + ".")
+    return keys

@@ -1,0 +1,204 @@
+"""The run report: ``report.json`` (stable schema), ``report.md`` and the console summary.
+
+Schema of ``report.json`` (``schema_version`` 1; metric values are fractions, 0.873)::
+
+    {"schema_version": 1, "task", "pruner", "rate", "seed", "device",
+     "config": {...}, "config_hash", "versions": {...},
+     "metric": {"name", "dense", "pruned", "all": {"dense": {...}, "pruned": {...}}},
+     "flops": {"dense", "pruned", "reduction", "seq_len"},   # reduction = 1 - pruned / dense
+     "params": {"dense", "pruned"}, "checkpoint": {"path", "bytes"},
+     "layers": [{"heads", "neurons"}, ...],                   # survivors per layer
+     "dense_layers": [{"heads", "neurons"}, ...],             # units per layer before pruning
+     "sample": {"examples", "windows", "tokens", "asked"},     # drawn train rows (SQuAD: questions), model
+                                                             # input sequences (SQuAD: windows), real tokens;
+                                                             # asked: the size setting, "calibration.num_tokens=100000"
+     "pruner_settings": {...},                                # what the pruner ran with, those it chose for
+                                                             # the task included ({"gradient_batch": 12})
+     "timing": {"<stage>": seconds, ...}, "peak_memory_mb", "notes": [...],
+     "smoke": false}                                          # true: a smoke run, its metric no result
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import resource
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
+from rich.table import Table
+
+from kprune_cli.models.flops import FlopsModel
+from kprune_cli.runtime.console import console
+from kprune_cli.runtime.output_dir import write_json_atomic
+from kprune_cli.tasks.calibration import CalibrationSample
+from kprune_cli.tasks.spec import TaskSpec
+
+SCHEMA_VERSION = 1
+Report = dict[str, Any]
+SMOKE_NOTE = ("smoke run (smoke=true, e.g. preset=smoke): a check that the model prunes, saves and reloads; "
+              "its metrics come from a small sample and evaluation and are not a result")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the interpreter and the libraries that decide the results."""
+    import datasets
+    import transformers
+
+    from kprune_cli import __version__
+
+    return {
+        "kprune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+# Where a job writes, and whether it resumed, say nothing about the experiment: left out of the hash.
+UNHASHED_KEYS = ("output_dir", "overwrite", "resume")
+
+
+def experiment_values(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the keys of :data:`UNHASHED_KEYS`."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED_KEYS}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of the resolved config without where it is written (the same experiment
+    gives the same hash in any directory)."""
+    text = OmegaConf.to_yaml(OmegaConf.create(experiment_values(cfg)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max allocated on GPU, else the CPU peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, device: torch.device,
+                 dense_metrics: Mapping[str, float], pruned_metrics: Mapping[str, float], flops: FlopsModel,
+                 dense_structure: Sequence[Mapping[str, int]], pruned_structure: Sequence[Mapping[str, int]],
+                 params: tuple[int, int], checkpoint: tuple[Path, int], sample: CalibrationSample,
+                 sample_size: str, pruner_settings: Mapping[str, Any], timing: Mapping[str, float],
+                 notes: Sequence[str], peak_memory: float,
+                 smoke: bool = False) -> Report:
+    """Assemble the report dictionary (see the module docstring for its schema)."""
+    dense_flops, pruned_flops = flops.total(dense_structure), flops.total(pruned_structure)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "task": task.name,
+        "pruner": pruner,
+        "rate": rate,
+        "seed": int(cfg.seed),
+        "device": str(device),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": config_hash(cfg),
+        "versions": versions(),
+        "metric": {
+            "name": task.metric,
+            "dense": dense_metrics[task.metric],
+            "pruned": pruned_metrics[task.metric],
+            "all": {"dense": dict(dense_metrics), "pruned": dict(pruned_metrics)},
+        },
+        "flops": {
+            "dense": dense_flops,
+            "pruned": pruned_flops,
+            "reduction": 1.0 - pruned_flops / dense_flops,
+            "seq_len": flops.seq_len,
+        },
+        "params": {"dense": params[0], "pruned": params[1]},
+        "checkpoint": {"path": str(checkpoint[0]), "bytes": checkpoint[1]},
+        "layers": [dict(layer) for layer in pruned_structure],
+        "dense_layers": [dict(layer) for layer in dense_structure],
+        "sample": {"examples": sample.num_examples, "windows": sample.num_sequences, "tokens": sample.num_tokens,
+                   "asked": sample_size},
+        "pruner_settings": dict(pruner_settings),
+        "timing": {name: round(seconds, 3) for name, seconds in timing.items()},
+        "peak_memory_mb": round(peak_memory, 1),
+        "notes": list(notes),
+        "smoke": smoke,
+    }
+
+
+def render_markdown(report: Report) -> str:
+    """``report.md``: the same facts as report.json, for people."""
+    metric, flops, params = report["metric"], report["flops"], report["params"]
+    pruner_settings = "".join(f"Pruner {key}: {value}. " for key, value in report["pruner_settings"].items())
+    lines = [
+        f"# kprune report: {report['task']}, {report['pruner']}, rate {report['rate']}",
+        "",
+        *(["**Smoke run: the metrics below are a quick check, not a result.**", ""] if report.get("smoke") else []),
+        "| | dense | pruned |",
+        "|---|---|---|",
+        f"| {metric['name']} | {metric['dense']:.4f} | {metric['pruned']:.4f} |",
+    ]
+    for name in metric["all"]["dense"]:
+        if name != metric["name"]:
+            lines.append(f"| {name} | {metric['all']['dense'][name]:.4f} | {metric['all']['pruned'][name]:.4f} |")
+    lines += [
+        f"| FLOPs (S={flops['seq_len']:.2f}) | {flops['dense']:.4g} | {flops['pruned']:.4g} |",
+        f"| parameters | {params['dense']:,} | {params['pruned']:,} |",
+        "",
+        f"FLOPs reduction: {flops['reduction']:.4f} (target {report['rate']}). "
+        f"Checkpoint: `{report['checkpoint']['path']}` ({report['checkpoint']['bytes'] / 2**20:.1f} MiB). "
+        f"Calibration sample: {_sample_line(report['sample'])}. {pruner_settings}"
+        f"Seed {report['seed']}, device {report['device']}, peak memory {report['peak_memory_mb']:.0f} MB.",
+        "",
+        "## Surviving units per layer",
+        "",
+        "| layer | heads | neurons |",
+        "|---|---|---|",
+        *[f"| {i} | {layer['heads']} | {layer['neurons']} |" for i, layer in enumerate(report["layers"])],
+        "",
+        "## Time per stage (s)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {name} | {seconds:.2f} |" for name, seconds in report["timing"].items()],
+    ]
+    if report["notes"]:
+        lines += ["", "## Notes", "", *[f"- {note}" for note in report["notes"]]]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _sample_line(sample: Mapping[str, Any]) -> str:
+    """``2048 examples (2103 windows), 331,620 tokens (calibration.num_examples=2048)``."""
+    windows = f" ({sample['windows']} windows)" if sample["windows"] != sample["examples"] else ""
+    return f"{sample['examples']} examples{windows}, {sample['tokens']:,} tokens ({sample['asked']})"
+
+
+def write_reports(report: Report, directory: Path) -> None:
+    """Write report.md, then report.json (atomically, last: its presence marks success)."""
+    (directory / "report.md").write_text(render_markdown(report))
+    write_json_atomic(directory / "report.json", report)
+
+
+def print_summary(report: Report) -> None:
+    """A rich table of the headline figures on the console."""
+    metric, flops, params = report["metric"], report["flops"], report["params"]
+    table = Table(title=f"{report['task']} · {report['pruner']} · rate {report['rate']}")
+    table.add_column("")
+    table.add_column("dense", justify="right")
+    table.add_column("pruned", justify="right")
+    table.add_row(metric["name"], f"{metric['dense']:.4f}", f"{metric['pruned']:.4f}")
+    table.add_row("GFLOPs / example", f"{flops['dense'] / 1e9:.3f}", f"{flops['pruned'] / 1e9:.3f}")
+    table.add_row("parameters", f"{params['dense']:,}", f"{params['pruned']:,}")
+    console.print(table)
+    console.print(
+        f"FLOPs reduction {flops['reduction']:.3f} · prune {report['timing'].get('prune', 0.0):.1f}s · "
+        f"evaluate {report['timing'].get('evaluate_dense', 0.0):.1f}s dense, "
+        f"{report['timing'].get('evaluate_pruned', 0.0):.1f}s pruned · "
+        f"peak memory {report['peak_memory_mb']:.0f} MB · checkpoint {report['checkpoint']['path']} "
+        f"({report['checkpoint']['bytes'] / 2**20:.1f} MiB)",
+        highlight=False,
+    )
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -1,0 +1,6 @@
+"""Job infrastructure with no ML in it: the output directory and its lock, interrupts, the console,
+timing, user errors, the device and what the hardware offers.
+
+This layer imports nothing of ``models``, ``pruners``, ``tasks``, ``core`` or ``cli``
+(``tests/test_imports.py`` holds it to that).
+"""
