@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kprune_cli.config.settings import SampleSize, read_settings
 from kprune_cli.config.values import check_argument_types, required_keys
-from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path
+from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path, task_default_hint
 from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
 from kprune_cli.core.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
 from kprune_cli.core.resume import StepCheckpoints, run_identity
@@ -136,10 +136,11 @@ def run_pruning(cfg: DictConfig) -> Report:
             output.claim(resume=settings.resume)
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):
-            model_path, notes = resolve_model_path(settings.model_path, task, device)
+            model_path, notes = resolve_model_path(settings.model_path, task, device, settings.default_model)
             data = load_task_data(task, resolve_data_dir(task, settings.data_dir),
                                   splits=None if settings.calibration_source is None else task.eval_splits)
-            model, tokenizer = load_model(model_path, task, device)
+            with task_default_hint(model_path, task, settings.default_model):
+                model, tokenizer = load_model(model_path, task, device)
             if broken := non_finite_tensors(model):
                 raise UserError(f"model {model_path!r} has NaN or infinite values in {listed(broken)}: "
                                 f"pass a model with finite weights")
