@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml setup.py  # setup.py lists the packages (a ne
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev,deploy]"
+	$(PY) -m pip install --quiet -e ".[demo,dev,deploy]"
 	touch $@
 
 demo: setup
