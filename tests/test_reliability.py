@@ -28,7 +28,7 @@ from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
-from kprune_cli.runtime import locks
+from kprune_cli.runtime import interrupts, locks
 from kprune_cli.runtime.interrupts import Terminated, catchable_interrupts, deferred_interrupts
 from kprune_cli.runtime.locks import STALE_AFTER_S
 from kprune_cli.runtime.output_dir import FAILED_NAME, LOCK_NAME, STEPS_NAME, OutputDir
@@ -541,14 +541,16 @@ def signal_after_claim(output: Path, signum: int, delay: float) -> threading.Thr
 
 @pytest.fixture
 def signals_only_inside_the_job(tmp_path):
-    """SIGINT raises KeyboardInterrupt (as Python's default handler does) only while a job holds a
-    lock under ``tmp_path``, SIGTERM outside the job is ignored: a late signal cannot stop pytest."""
+    """SIGINT interrupts as kprune's own handler does (held inside ``deferred_interrupts``) only while a
+    job holds a lock under ``tmp_path``, SIGTERM outside the job is ignored: a late signal cannot stop
+    pytest. (kprune installs its handler only over Python's default one, so this one stands in for it;
+    one that raised at once would stop the claim half-way, which a real Ctrl-C cannot.)"""
     def holding() -> bool:
         return any(tmp_path.glob(f"*/{LOCK_NAME}"))
 
     def on_sigint(signum, frame):
         if holding():
-            raise KeyboardInterrupt
+            interrupts._interrupt(KeyboardInterrupt())
 
     previous = signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, signal.SIG_IGN)
     yield
