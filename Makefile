@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is the CPU build this project is tested with (any other pin downloads a CUDA build).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-slurm bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,10 +20,15 @@ demo: setup
 	$(VENV)/bin/kprune run
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slurm"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not slurm"
+
+# Sweeps on a real one-node SLURM that the tests start (tests/slurm_cluster.py): as root, with
+# `apt-get install slurm-wlm munge`; they skip (and say why) where it cannot start.
+test-slurm: setup
+	$(PY) -m pytest -q -rs -m slurm
 
 bench: setup
 	$(PY) scripts/bench.py
