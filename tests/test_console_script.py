@@ -32,6 +32,24 @@ def outside_env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
+LAUNCHERS_REGISTERED = """
+from hydra.core.plugins import Plugins
+from kprune_cli.sweeps.launchers import register_launchers
+register_launchers()
+known = Plugins.instance().class_name_to_class
+for name in ("ResumingSlurmLauncher", "ResumingLocalLauncher"):
+    assert "hydra_plugins.kprune_launchers.resuming." + name in known, name
+"""
+
+
+@needs_submitit
+def test_hydra_knows_the_launchers_outside_the_repository(tmp_path):
+    """What the console script does before Hydra starts, in this environment's install, from elsewhere."""
+    probe = subprocess.run([sys.executable, "-c", LAUNCHERS_REGISTERED], cwd=tmp_path, env=outside_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+
+
 @needs_script
 def test_the_console_script_runs_from_any_directory(tmp_path):
     result = subprocess.run([str(KPRUNE), "run", "--cfg", "job"], cwd=tmp_path, env=outside_env(),
