@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from conftest import FAMILIES, OTHER_FAMILIES, kprune, make_char_tokenizer, make
 from transformers import AutoModel, AutoModelForSequenceClassification, pipeline
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
+from kprune_cli.core.report import model_card
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import save_pruned
 from kprune_cli.models.families import COMMON_FILE, MODELING_FILE, SUPPORTED_FAMILIES, family_module
@@ -287,8 +287,12 @@ def test_kprune_run_writes_the_model_card(tiny_checkpoint, mrpc_dir, tmp_path):
         assert f"| {index} | {layer['heads']} / {dense['heads']} | {layer['neurons']} / {dense['neurons']} |" in text
     command = text.split("```bash\n")[1].split("\n```")[0].split()
     assert command[:2] == ["kprune", "run"] and sorted(command[2:]) == sorted(args[1:])
+    assert f"`{tiny_checkpoint}` pruned with kprune" in text
     pruned = output / "pruned"
     assert report["checkpoint"]["bytes"] == sum(path.stat().st_size for path in pruned.iterdir())
+    for source, base_model in (("org/bert-mrpc", "org/bert-mrpc"), ("builtin:minilm", None),
+                               (str(tiny_checkpoint), None)):
+        assert model_card(report, get_task("mrpc"), source, None).base_model == base_model
 
 
 LEGACY = Path(__file__).parent / "data" / "legacy_checkpoint" / "modeling_kprune.py"

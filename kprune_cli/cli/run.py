@@ -218,7 +218,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
         )
         with write_errors(f"the reports into output_dir={output.path}", RESULTS_REMEDY):
-            card = write_model_card(checkpoint_dir, model_card(report, task, run_command(output.path)))
+            card = write_model_card(checkpoint_dir, model_card(report, task, model_path, run_command(output.path)))
             report["checkpoint"]["bytes"] += card.stat().st_size  # the card is part of the checkpoint
             write_reports(report, output.path)
         steps.discard()

@@ -182,9 +182,9 @@ def write_reports(report: Report, directory: Path) -> None:
     write_json_atomic(directory / "report.json", report)
 
 
-def model_card(report: Report, task: TaskSpec, command: str | None) -> ModelCard:
-    """The model card of the run's ``pruned/``, from its report; ``command``: the command that ran it."""
-    source = str(report["config"]["model"]["path"])
+def model_card(report: Report, task: TaskSpec, source: str, command: str | None) -> ModelCard:
+    """The model card of the run's ``pruned/``, from its report; ``source``: the dense model pruned
+    (a directory or a hub id), ``command``: the command that ran it."""
     capped = report["config"].get("eval_max_examples")
     return ModelCard(
         task=report["task"], question_answering=task.is_qa, source=source, base_model=_hub_id(source),
