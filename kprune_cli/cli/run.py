@@ -11,6 +11,7 @@ retried with smaller batches, and the report says so.
 from __future__ import annotations
 
 import importlib
+import shlex
 from pathlib import Path
 
 import torch
@@ -26,12 +27,21 @@ from kprune_cli.config.settings import SampleSize, read_settings
 from kprune_cli.config.values import check_argument_types, required_keys
 from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path, task_default_hint
 from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
-from kprune_cli.core.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
+from kprune_cli.core.report import (
+    SMOKE_NOTE,
+    Report,
+    build_report,
+    model_card,
+    peak_memory_mb,
+    print_summary,
+    write_reports,
+)
 from kprune_cli.core.resume import StepCheckpoints, run_identity
 from kprune_cli.core.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
+from kprune_cli.models.model_card import write_model_card
 from kprune_cli.models.slicing import prune_physically
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.runtime.console import console
@@ -104,6 +114,15 @@ def resume_batch_size(pruner: Pruner, steps: StepCheckpoints) -> list[str]:
         return []
     configured, pruner.batch_size = pruner.batch_size, saved
     return [f"resumed with pruner.batch_size={saved}, as the interrupted run used it (configured: {configured})"]
+
+
+def run_command(output_dir: Path) -> str | None:
+    """The command line that runs this job alone (a sweep's job included): ``kprune run``, its
+    overrides as typed and its ``output_dir`` (which kprune hands Hydra as ``hydra.run.dir``);
+    ``None`` outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    return shlex.join(["kprune", "run", *HydraConfig.get().overrides.task, f"output_dir={output_dir}"])
 
 
 def run_pruning(cfg: DictConfig) -> Report:
@@ -199,6 +218,8 @@ def run_pruning(cfg: DictConfig) -> Report:
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
         )
         with write_errors(f"the reports into output_dir={output.path}", RESULTS_REMEDY):
+            card = write_model_card(checkpoint_dir, model_card(report, task, model_path, run_command(output.path)))
+            report["checkpoint"]["bytes"] += card.stat().st_size  # the card is part of the checkpoint
             write_reports(report, output.path)
         steps.discard()
         output.release()

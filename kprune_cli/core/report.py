@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kprune_cli.models.flops import FlopsModel
+from kprune_cli.models.model_card import ModelCard
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.output_dir import write_json_atomic
 from kprune_cli.tasks.calibration import CalibrationSample
@@ -179,6 +180,25 @@ def write_reports(report: Report, directory: Path) -> None:
     """Write report.md, then report.json (atomically, last: its presence marks success)."""
     (directory / "report.md").write_text(render_markdown(report))
     write_json_atomic(directory / "report.json", report)
+
+
+def model_card(report: Report, task: TaskSpec, source: str, command: str | None) -> ModelCard:
+    """The model card of the run's ``pruned/``, from its report; ``source``: the dense model pruned
+    (a directory or a hub id), ``command``: the command that ran it."""
+    capped = report["config"].get("eval_max_examples")
+    return ModelCard(
+        task=report["task"], question_answering=task.is_qa, source=source, base_model=_hub_id(source),
+        pruner=report["pruner"], rate=report["rate"], metric=report["metric"]["name"],
+        dense=report["metric"]["dense"], pruned=report["metric"]["pruned"],
+        evaluated_on=f"{task.eval_splits[0]} split" + (f", first {capped} examples" if capped else ""),
+        flops_kept=report["flops"]["pruned"] / report["flops"]["dense"], seq_len=report["flops"]["seq_len"],
+        layers=report["layers"], dense_layers=report["dense_layers"], command=command, smoke=report["smoke"],
+    )
+
+
+def _hub_id(path: str) -> str | None:
+    """``path`` when it names a model on the hub; ``None`` for a local directory or a built-in."""
+    return None if ":" in path or Path(path).expanduser().exists() else path
 
 
 def print_summary(report: Report) -> None:
