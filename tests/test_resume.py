@@ -20,11 +20,11 @@ from kprune_helpers import make_problem, sharpen
 from safetensors.torch import load_file
 from test_cli import run_args
 
-from kprune_cli.core.resume import STATE_NAME, StepCheckpoints
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.runtime.interrupts import catchable_interrupts
 from kprune_cli.runtime.locks import read_holder
 from kprune_cli.runtime.output_dir import LOCK_NAME, STEPS_NAME
+from kprune_cli.runtime.steps import STATE_NAME, StepCheckpoints
 
 
 class Killed(BaseException):
@@ -35,12 +35,12 @@ class KilledAfter(StepCheckpoints):
     """Step checkpoints of a run that dies right after saving sub-layer ``last``."""
 
     def __init__(self, directory: Path, last: int, pruner: object) -> None:
-        super().__init__(directory, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+        super().__init__(directory, {"config_hash": "x", "config": {}, "device": "cpu"})
         self.last_saved = last
 
-    def save(self, adapter, progress, tuned) -> None:
-        super().save(adapter, progress, tuned)
-        if progress.done - 1 == self.last_saved:
+    def save(self, state, append_only=()) -> None:
+        super().save(state, append_only)
+        if state["done"] - 1 == self.last_saved:
             raise Killed
 
 
@@ -48,7 +48,7 @@ def _pruned(tiny_model, pruner, steps=None):
     problem = make_problem(sharpen(tiny_model("bert")), rate=0.6)
     problem.steps = steps
     if steps is not None:
-        steps.bind_sample(problem.sample)
+        steps.bind_examples(problem.sample.example_indices)
     result = pruner.prune(problem)
     return result, problem.model.state_dict()
 
@@ -60,7 +60,7 @@ def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny
     pruner = KPrunePruner(**options)
     with pytest.raises(Killed):
         _pruned(tiny_model, pruner, KilledAfter(tmp_path, killed_after, pruner))
-    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
     result, weights = _pruned(tiny_model, KPrunePruner(**options), steps)
     for got, want in zip(result.masks.heads + result.masks.neurons, expected.masks.heads + expected.masks.neurons):
         assert torch.equal(got, want)
@@ -75,7 +75,7 @@ def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny
 
 
 def test_steps_that_cannot_be_written_for_lack_of_space_are_skipped_with_a_note(monkeypatch, tiny_model, tmp_path):
-    from kprune_cli.core import resume
+    from kprune_cli.runtime import steps as resume
 
     expected, expected_weights = _pruned(tiny_model, KPrunePruner())
     real_save = resume.save_file
@@ -87,19 +87,19 @@ def test_steps_that_cannot_be_written_for_lack_of_space_are_skipped_with_a_note(
 
     monkeypatch.setattr(resume, "save_file", fill_the_disk)
     pruner = KPrunePruner()
-    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
     result, weights = _pruned(tiny_model, pruner, steps)
     assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())
     assert result.notes == expected.notes
     assert len(steps.notes()) == 1 and "sub-layers 0, 1, 2, 3" in steps.notes()[0]
     assert "No space left" in steps.notes()[0]
     assert list((tmp_path / STEPS_NAME).iterdir()) == []  # no partial file left to trust
-    assert steps.last(torch.device("cpu")) is None
+    assert steps.load() is None
 
 
 def test_a_killed_save_leaves_the_previous_step_valid(monkeypatch, tiny_model, tmp_path):
     """Killed between the step file and the state that counts it: the resume starts one step earlier."""
-    from kprune_cli.core import resume
+    from kprune_cli.runtime import steps as resume
 
     pruner = KPrunePruner()
     with pytest.raises(Killed):
@@ -111,12 +111,12 @@ def test_a_killed_save_leaves_the_previous_step_valid(monkeypatch, tiny_model, t
             raise Killed
         real_replace(staging, target)
 
-    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
     monkeypatch.setattr(resume, "_replace_durably", die_before_the_state)
     with pytest.raises(Killed):
         _pruned(tiny_model, KPrunePruner(), steps)
     state = json.loads((tmp_path / STEPS_NAME / STATE_NAME).read_text())
-    assert state["done"] == 2 and (tmp_path / STEPS_NAME / "step-002.safetensors").exists()
+    assert state["state"]["done"] == 2 and (tmp_path / STEPS_NAME / "step-002.safetensors").exists()
     monkeypatch.undo()
     expected, expected_weights = _pruned(tiny_model, KPrunePruner())
     result, weights = _pruned(tiny_model, KPrunePruner(), steps)
@@ -129,7 +129,7 @@ KILLING_RUN = """
 import os, signal, sys
 from pathlib import Path
 
-from kprune_cli.core import resume
+from kprune_cli.runtime import steps as resume
 from kprune_cli.models import checkpoint
 
 where, nth = os.environ["KILL_AT"].split(":")
@@ -189,7 +189,7 @@ def _assert_killed(process: subprocess.Popen, output: Path, resumes_at: int) -> 
     code, stderr = _finish(process)
     assert code == -signal.SIGKILL, stderr
     assert not (output / "report.json").exists() and (output / LOCK_NAME).exists()
-    assert json.loads((output / STEPS_NAME / STATE_NAME).read_text())["done"] == resumes_at
+    assert json.loads((output / STEPS_NAME / STATE_NAME).read_text())["state"]["done"] == resumes_at
 
 
 def _assert_same_result(output: Path, reference: Path, resumed_at: list[int]) -> None:
@@ -238,7 +238,7 @@ def test_a_run_killed_from_outside_resumes_to_the_uninterrupted_result(tmp_path)
         time.sleep(0.005)
     process.kill()
     _finish(process)
-    done = json.loads(state.read_text())["done"]
+    done = json.loads(state.read_text())["state"]["done"]
     assert 1 <= done < 4 and not (output / "report.json").exists()
     code, stderr = _finish(_start(args + ["resume=true"]))
     assert code == 0, stderr
@@ -248,13 +248,13 @@ def test_a_run_killed_from_outside_resumes_to_the_uninterrupted_result(tmp_path)
 # resume=true through the command line, in this process.
 def _interrupted(args: list[str], output: Path, monkeypatch, capsys, after: int = 1) -> None:
     """Run ``args`` until it has saved the step of sub-layer ``after``, then stop it as an error would."""
-    from kprune_cli.core import resume
+    from kprune_cli.runtime import steps as resume
 
     real_save = StepCheckpoints.save
 
-    def save_then_fail(self, adapter, progress, tuned):
-        real_save(self, adapter, progress, tuned)
-        if progress.done - 1 == after:
+    def save_then_fail(self, state, append_only=()):
+        real_save(self, state, append_only)
+        if state["done"] - 1 == after:
             raise RuntimeError("stopped for the test")
 
     monkeypatch.setattr(resume.StepCheckpoints, "save", save_then_fail)

@@ -26,18 +26,26 @@ from kprune_cli.config.settings import SampleSize, read_settings
 from kprune_cli.config.values import check_argument_types, required_keys
 from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path
 from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
-from kprune_cli.core.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
-from kprune_cli.core.resume import StepCheckpoints, run_identity
-from kprune_cli.core.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
+from kprune_cli.core.report import (
+    SMOKE_NOTE,
+    Report,
+    build_report,
+    peak_memory_mb,
+    print_summary,
+    run_identity,
+    write_reports,
+)
+from kprune_cli.core.safeguards import NonFiniteWeights, non_finite_tensors, prune_with_memory_retry
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
 from kprune_cli.models.slicing import prune_physically
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.runtime.console import console
-from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.errors import UserError, listed
 from kprune_cli.runtime.interrupts import deferred_interrupts
 from kprune_cli.runtime.output_dir import OutputDir, write_errors
+from kprune_cli.runtime.steps import StepCheckpoints
 from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.calibration import (
     CalibrationSample,
@@ -96,16 +104,6 @@ def draw_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBa
 RESULTS_REMEDY = "free space (or let this job write there) and run again with resume=true"
 
 
-def resume_batch_size(pruner: Pruner, steps: StepCheckpoints) -> list[str]:
-    """Give ``pruner`` the batch size its saved steps were made with, if it differs from the config's
-    (the interrupted run lowered it after running out of GPU memory); a note saying so."""
-    saved = steps.saved_batch_size()
-    if saved is None or getattr(pruner, "batch_size", saved) == saved:
-        return []
-    configured, pruner.batch_size = pruner.batch_size, saved
-    return [f"resumed with pruner.batch_size={saved}, as the interrupted run used it (configured: {configured})"]
-
-
 def run_pruning(cfg: DictConfig) -> Report:
     """Run one pruning job described by ``cfg`` (configs/run.yaml) and return its report."""
     output_path = Path(str(cfg.output_dir))  # always set: Hydra makes it (see configs/run.yaml)
@@ -120,7 +118,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             console.print(f"[bold]kprune:[/] {escape(str(output_path))} holds a finished run: nothing to resume",
                           highlight=False, soft_wrap=True)
             return finished
-        steps = StepCheckpoints(output_path, run_identity(cfg, settings.device), pruner)
+        steps = StepCheckpoints(output_path, run_identity(cfg, settings.device))
         if settings.resume:
             steps.check_resumable()
     except UserError:
@@ -163,8 +161,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             sample, shortfall = draw_sample(task, rows, tokenizer, settings.sample_size,
                                             settings.calibration_seed, settings.calibration_batch_size)
         notes += source_notes + shortfall
-        steps.bind_sample(sample)
-        notes += resume_batch_size(pruner, steps)
+        steps.bind_examples(sample.example_indices)
         problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
                                rate=settings.rate, device=device, seed=settings.seed, steps=steps)
         with timed(timing, "prune"):
