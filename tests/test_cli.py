@@ -13,8 +13,8 @@ from conftest import kprune
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForSequenceClassification
 
-from kprune_cli.cli.run import build_pruner
 from kprune_cli.config.paths import CONFIG_DIR
+from kprune_cli.core.stages import build_pruner
 from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.loading import load_model
 from kprune_cli.tasks.spec import get_task

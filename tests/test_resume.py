@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from test_cli import run_args
 
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.interrupts import catchable_interrupts
 from kprune_cli.runtime.locks import read_holder
 from kprune_cli.runtime.output_dir import LOCK_NAME, STEPS_NAME
@@ -470,7 +471,6 @@ def test_demo_cache_killed_while_prepared_is_rebuilt_and_two_builders_take_turns
 
 
 def test_full_disk_while_preparing_the_demo_cache_is_one_line(tmp_path):
-    from kprune_cli.runtime.errors import UserError
     from kprune_cli.tasks.demo import build_once
 
     def fill_the_disk(staging: Path) -> None:
@@ -481,3 +481,49 @@ def test_full_disk_while_preparing_the_demo_cache_is_one_line(tmp_path):
     with pytest.raises(UserError, match="No space left on device; set KPRUNE_CACHE"):
         build_once(target, fill_the_disk)
     assert sorted(path.name for path in target.parent.iterdir()) == [".minilm-demo.lock"]
+
+
+def test_kprune_state_dict_continues_an_interrupted_prune_without_a_store(tiny_model):
+    """The pruner's own contract: ``load_state_dict(state_dict())`` on a fresh model continues to the
+    uninterrupted result (the store only keeps that state)."""
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner())
+
+    def stop_after_first(sublayer, masks):
+        if sublayer == 1:
+            raise Killed
+
+    interrupted = KPrunePruner()
+    problem = make_problem(sharpen(tiny_model("bert")), rate=0.6)
+    with pytest.raises(Killed):
+        interrupted.prune(problem, on_step=stop_after_first)
+    state = interrupted.state_dict()
+    assert state["done"] == 2 and set(state["tuned"]) == {"0", "1"} and set(state["masks"]) == {"heads", "neurons"}
+    pruner = KPrunePruner()
+    pruner.load_state_dict(state)
+    result, weights = _pruned(tiny_model, pruner)
+    for got, want in zip(result.masks.heads + result.masks.neurons, expected.masks.heads + expected.masks.neurons):
+        assert torch.equal(got, want)
+    assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())
+
+
+def test_step_checkpoints_of_an_older_kprune_are_refused_in_one_line(tmp_path):
+    (tmp_path / STEPS_NAME).mkdir()
+    (tmp_path / STEPS_NAME / STATE_NAME).write_text(json.dumps({"version": 1, "done": 2, "batch_size": 32}))
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
+    with pytest.raises(UserError, match="written by an older kprune; start again with overwrite=true"):
+        steps.check_resumable()
+    assert steps.saved_steps() == 0
+
+
+def test_append_only_tensors_are_written_once(tmp_path):
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
+    first = {"layer": torch.ones(3)}
+    steps.save({"done": 1, "mask": torch.zeros(2), "tuned": {"0": first}}, append_only=("tuned",))
+    steps.save({"done": 2, "mask": torch.ones(2), "tuned": {"0": {"layer": torch.full((3,), 7.0)},
+                                                             "1": {"layer": torch.arange(3.0)}}},
+               append_only=("tuned",))
+    assert sorted(load_file(tmp_path / STEPS_NAME / "step-001.safetensors")) == ["mask", "tuned.1.layer"]
+    state = steps.load()
+    assert state["done"] == 2 and torch.equal(state["mask"], torch.ones(2))
+    assert torch.equal(state["tuned"]["0"]["layer"], torch.ones(3))  # as first saved: promised unchanged
+    assert torch.equal(state["tuned"]["1"]["layer"], torch.arange(3.0))

@@ -10,22 +10,17 @@ retried with smaller batches, and the report says so.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
-from transformers import PreTrainedTokenizerBase
 
-from kprune_cli.config.settings import SampleSize, read_settings
-from kprune_cli.config.values import check_argument_types, required_keys
+from kprune_cli.config.settings import read_settings
+from kprune_cli.config.values import required_keys
 from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path
-from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
+from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model
 from kprune_cli.core.report import (
     SMOKE_NOTE,
     Report,
@@ -35,11 +30,11 @@ from kprune_cli.core.report import (
     run_identity,
     write_reports,
 )
-from kprune_cli.core.safeguards import NonFiniteWeights, non_finite_tensors, prune_with_memory_retry
+from kprune_cli.core.safeguards import non_finite_tensors
+from kprune_cli.core.stages import build_pruner, draw_sample, flops_model, prune_and_slice
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
-from kprune_cli.models.slicing import prune_physically
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.errors import UserError, listed
@@ -47,34 +42,8 @@ from kprune_cli.runtime.interrupts import deferred_interrupts
 from kprune_cli.runtime.output_dir import OutputDir, write_errors
 from kprune_cli.runtime.steps import StepCheckpoints
 from kprune_cli.runtime.timing import timed
-from kprune_cli.tasks.calibration import (
-    CalibrationSample,
-    calibration_rows,
-    draw_calibration_examples,
-    draw_calibration_sample,
-)
+from kprune_cli.tasks.calibration import calibration_rows
 from kprune_cli.tasks.data import load_task_data
-from kprune_cli.tasks.spec import TaskSpec
-
-
-def build_pruner(cfg: DictConfig, name: str) -> Pruner:
-    """The pruner of the ``pruner`` config group; a :class:`UserError` for a value of the wrong type
-    (per the constructor's annotations) or one the constructor rejects."""
-    module, _, attribute = str(cfg._target_).rpartition(".")
-    try:
-        target = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise UserError(f"pruner={name}: _target_={cfg._target_!r} cannot be imported ({error})") from None
-    values = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
-              if not key.startswith("_")}
-    check_argument_types(target, values, "pruner.")
-    try:
-        return instantiate(cfg)
-    except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise UserError(f"pruner={name}: its config does not fit {cfg._target_} ({cause or error})") from None
 
 
 def refuse_unlabeled_source(pruner: Pruner, name: str, source: str | None) -> None:
@@ -83,22 +52,6 @@ def refuse_unlabeled_source(pruner: Pruner, name: str, source: str | None) -> No
         raise UserError(f"pruner={name} needs labelled calibration data (it uses the task loss), and "
                         f"calibration.source={source} has no labels: use calibration.source=null (the train split) "
                         f"or a pruner that needs none (kprune)")
-
-
-
-def draw_sample(task: TaskSpec, train: Dataset, tokenizer: PreTrainedTokenizerBase, size: SampleSize,
-                seed: int, batch_size: int) -> tuple[CalibrationSample, list[str]]:
-    """The calibration sample of ``size``, and a note for the report when the train split holds less."""
-    if size.unit == "examples":
-        sample = draw_calibration_examples(task, train, tokenizer, size.count, seed, batch_size)
-        drawn = sample.num_examples
-    else:
-        sample = draw_calibration_sample(task, train, tokenizer, size.count, seed, batch_size)
-        drawn = sample.num_tokens
-    if drawn >= size.count:
-        return sample, []
-    return sample, [f"{size} is more than the train split holds: the calibration sample is the whole split, "
-                    f"{sample.num_tokens} tokens in {sample.num_examples} examples"]
 
 
 RESULTS_REMEDY = "free space (or let this job write there) and run again with resume=true"
@@ -146,10 +99,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         if settings.smoke:
             notes.append(SMOKE_NOTE)
 
-        seq_len = task.avg_seq_len
-        if seq_len is None:
-            seq_len = measure_avg_seq_len(task, data[task.eval_splits[0]], tokenizer)
-        flops = adapter.flops(seq_len)
+        flops = flops_model(task, adapter, tokenizer, data[task.eval_splits[0]])
         dense_structure = adapter.structure()
         dense_params = count_parameters(model)
 
@@ -165,14 +115,10 @@ def run_pruning(cfg: DictConfig) -> Report:
         problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
                                rate=settings.rate, device=device, seed=settings.seed, steps=steps)
         with timed(timing, "prune"):
-            result = prune_with_memory_retry(pruner, problem, notes)
-            notes += result.notes + steps.notes()
+            result = prune_and_slice(pruner, problem, notes)
+            notes += steps.notes()
             if settings.resume and not steps.read:
                 notes.append(f"pruner={pruner_name} keeps no step checkpoints: resume=true ran it from the start")
-            prune_physically(adapter, result.masks)
-        if broken := non_finite_tensors(model):
-            raise NonFiniteWeights(f"pruning left NaN or infinite values in {listed(broken)}; nothing was saved"
-                                   + (f" (pruner notes: {'; '.join(result.notes)})" if result.notes else ""))
         with timed(timing, "evaluate_pruned"):
             pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
                                             batch_size=settings.eval_batch_size, notes=notes,

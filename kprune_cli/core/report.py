@@ -49,7 +49,7 @@ def versions() -> dict[str, str]:
     import datasets
     import transformers
 
-    from kprune_cli import __version__
+    from kprune_cli.runtime.version import __version__
 
     return {
         "kprune": __version__,
