@@ -154,6 +154,14 @@ def test_mistyped_key_is_one_line_naming_the_closest_keys(override, closest, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("pruner", ["kprune", "kwon"])
+def test_the_old_pruner_batch_size_names_the_two_keys_that_replace_it(pruner, tmp_path, capsys):
+    assert kprune("run", f"pruner={pruner}", "pruner.batch_size=16", f"output_dir={tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pruner.micro_batch_size" in err and "pruner.gradient_batch" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_keys_of_a_chosen_group_option_and_added_keys_are_known(capsys):
     assert kprune("run", "pruner=kwon", "pruner.rearrange=false", "--cfg", "job") == 0
     assert kprune("run", "+extra_note=1", "--cfg", "job") == 0
