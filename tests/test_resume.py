@@ -527,3 +527,19 @@ def test_append_only_tensors_are_written_once(tmp_path):
     assert state["done"] == 2 and torch.equal(state["mask"], torch.ones(2))
     assert torch.equal(state["tuned"]["0"]["layer"], torch.ones(3))  # as first saved: promised unchanged
     assert torch.equal(state["tuned"]["1"]["layer"], torch.arange(3.0))
+
+
+def test_a_resume_keeps_the_micro_batch_the_interrupted_run_used(tiny_model, tmp_path):
+    """An out-of-memory retry lowered the micro-batch before the kill: the resumed run uses it again (its
+    sums then match the saved steps'), and says so."""
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner(micro_batch_size=4))
+    lowered = KPrunePruner(micro_batch_size=4)
+    with pytest.raises(Killed):
+        _pruned(tiny_model, lowered, KilledAfter(tmp_path, 1, lowered))
+    pruner = KPrunePruner()  # as configured: 32
+    result, weights = _pruned(tiny_model, pruner, StepCheckpoints(tmp_path, {"config_hash": "x", "config": {},
+                                                                             "device": "cpu"}))
+    assert pruner.micro_batch_size == 4
+    assert any(note.startswith("resumed with pruner.micro_batch_size=4") and "configured: 32" in note
+               for note in result.notes)
+    assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())
