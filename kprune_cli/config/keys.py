@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 
 from kprune_cli.runtime.errors import UserError
 
-
 RENAMED_KEYS = {
     "pruner.batch_size": "it was split in two: pruner.micro_batch_size (sequences per forward/backward pass, memory "
                          "only) and pruner.gradient_batch (the method's gradient batch, what pruner=kwon's "
