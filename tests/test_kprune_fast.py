@@ -96,7 +96,7 @@ def test_residual_sums_walk_up_like_truncated_passes_and_restart_for_an_earlier_
 @pytest.mark.parametrize("head", ["classification", "qa"])
 def test_fast_schedule_matches_the_reference(tiny_model, family, head):
     results = []
-    for pruner in (KPrunePruner(batch_size=5), ReferenceKPrune(KPrunePruner(batch_size=5))):
+    for pruner in (KPrunePruner(micro_batch_size=5), ReferenceKPrune(KPrunePruner(micro_batch_size=5))):
         model = sharpen(tiny_model(family, head))
         problem = make_problem(model, task=TASK_OF_HEAD[head], rate=0.6)
         results.append((pruner.prune(problem), model.state_dict()))

@@ -35,6 +35,7 @@ from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.model_card import ModelCard
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.output_dir import write_json_atomic
+from kprune_cli.runtime.steps import flatten
 from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import TaskSpec
 
@@ -49,7 +50,7 @@ def versions() -> dict[str, str]:
     import datasets
     import transformers
 
-    from kprune_cli import __version__
+    from kprune_cli.runtime.version import __version__
 
     return {
         "kprune": __version__,
@@ -74,6 +75,13 @@ def config_hash(cfg: DictConfig) -> str:
     gives the same hash in any directory)."""
     text = OmegaConf.to_yaml(OmegaConf.create(experiment_values(cfg)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_identity(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """What a resumed run must share with the saved one (:class:`~kprune_cli.runtime.steps.StepCheckpoints`):
+    the config (hash and flattened values, without where the run writes or whether it resumes) and
+    the device type."""
+    return {"config_hash": config_hash(cfg), "config": flatten(experiment_values(cfg)), "device": device.type}
 
 
 def peak_memory_mb(device: torch.device) -> float:
