@@ -54,7 +54,8 @@ def _pruned(tiny_model, pruner, steps=None):
     return result, problem.model.state_dict()
 
 
-@pytest.mark.parametrize("options", [{}, {"iterative": False}, {"tune": False}])
+@pytest.mark.parametrize("options", [{}, {"iterative": False}, {"tune": False},
+                                     {"selection": "reconstruction", "affine_tuning": True}])
 @pytest.mark.parametrize("killed_after", [0, 1, 2, 3])
 def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny_model, tmp_path):
     expected, expected_weights = _pruned(tiny_model, KPrunePruner(**options))

@@ -57,11 +57,16 @@ class SublayerActivations:
 @dataclass
 class NormalEquations:
     """``gram = AᵀA`` ``(k, k)`` and ``rhs = Aᵀ(Y − X − b)`` ``(k, d)`` in float64, over the
-    ``columns`` ``(k,)`` of the output projection that belong to surviving units."""
+    ``columns`` ``(k,)`` of the output projection that belong to surviving units; ``a_sum = Σ_tokens A``
+    ``(k,)``, ``residual_sum = Σ_tokens (Y − X − b)`` ``(d,)`` and ``tokens`` (their count) let an
+    affine fit centre the system (:mod:`~kprune_cli.pruners.common.affine`)."""
 
     gram: torch.Tensor
     rhs: torch.Tensor
     columns: torch.Tensor
+    a_sum: torch.Tensor
+    residual_sum: torch.Tensor
+    tokens: int
 
 
 def kept_columns(adapter: ModelAdapter, masks: Masks, sublayer: int) -> torch.Tensor:
@@ -100,6 +105,9 @@ def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks
     k, d = columns.numel(), proj.out_features
     gram = torch.zeros(k, k, dtype=torch.float64, device=proj.weight.device)
     rhs = torch.zeros(k, d, dtype=torch.float64, device=proj.weight.device)
+    a_sum = torch.zeros(k, dtype=torch.float64, device=proj.weight.device)
+    residual_sum = torch.zeros(d, dtype=torch.float64, device=proj.weight.device)
+    tokens = 0
     bias = proj.bias.detach() if proj.bias is not None else 0.0
     for index, (batch, target) in enumerate(zip(batches, targets)):
         acts = sublayer_activations(model, adapter, masks, batch, sublayer,
@@ -108,4 +116,7 @@ def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks
         residual = (target - acts.x - bias).double()  # (tokens, d)
         gram += a.T @ a
         rhs += a.T @ residual
-    return NormalEquations(gram, rhs, columns)
+        a_sum += a.sum(dim=0)
+        residual_sum += residual.sum(dim=0)
+        tokens += a.shape[0]
+    return NormalEquations(gram, rhs, columns, a_sum, residual_sum, tokens)

@@ -38,6 +38,7 @@ from kprune_cli.pruners.common.kpms import kpms
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure, score
+from kprune_cli.pruners.kprune.select import select_and_tune
 from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.runtime.console import make_progress
 from kprune_cli.runtime.errors import UserError
@@ -48,6 +49,9 @@ StepCallback = Callable[[int, Masks], None]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 """Values of ``pruner.autocast`` besides ``false``: the precision of the measurement passes."""
+
+SELECTIONS = ("score", "reconstruction")
+"""Values of ``pruner.selection``: which units of a sub-layer survive (KPMS decides how many)."""
 
 
 class KPrunePruner:
@@ -65,12 +69,16 @@ class KPrunePruner:
     (``None``: the official code's for the task, 32 for GLUE and 12 for SQuAD, to which ``lambda_rep``
     is tuned, see :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`;
     1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`).
+    Opt-in, off by default (docs/kprune-plus.md): ``selection="reconstruction"`` picks a sub-layer's
+    survivors among its lower-scored units by the reconstruction error left after the re-fit
+    (:mod:`~kprune_cli.pruners.kprune.select`; needs ``tune`` and ``iterative``); ``affine_tuning``
+    re-fits the output bias with the weights (:mod:`~kprune_cli.pruners.kprune.tune`).
 
     Resumable (:class:`~kprune_cli.pruners.base.Resumable`): after each finished sub-layer its
     state is ``{"done", "budget", "notes", "timing", "micro_batch_size", "masks": {"heads":
-    {layer: (H,)}, "neurons": {layer: (N,)}}, "tuned": {sub-layer: {"weight": (d, width), "bias": (d,)}}}``
-    (``tuned``: the output projections of the finished sub-layers, the only weights it changes;
-    empty without ``tune``).
+    {layer: (H,)}, "neurons": {layer: (N,)}}, "tuned": {sub-layer: {"weight": (d, width), "bias": (d,)}},
+    "selection", "affine_tuning"}`` (``tuned``: the output projections of the finished sub-layers, the
+    only weights it changes; empty without ``tune``; the two switches: a resume must use the same).
     """
 
     name = "kprune"
@@ -79,7 +87,8 @@ class KPrunePruner:
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
                  micro_batch_size: int | None = 32, autocast: bool | str | None = False,
-                 gradient_batch: int | None = None) -> None:
+                 gradient_batch: int | None = None, selection: str = "score",
+                 affine_tuning: bool = False) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -103,6 +112,15 @@ class KPrunePruner:
         if autocast not in (False, None, *AUTOCAST_DTYPES):
             raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
         self.autocast = autocast or False
+        if selection not in SELECTIONS:
+            raise UserError(f"pruner.selection={selection}: choose {' or '.join(SELECTIONS)}")
+        if selection == "reconstruction" and not (tune and iterative):
+            raise UserError("pruner.selection=reconstruction needs pruner.tune=true and pruner.iterative=true "
+                            "(its cost is the error after the re-fit, chosen sub-layer by sub-layer)")
+        if affine_tuning and not tune:
+            raise UserError("pruner.affine_tuning=true needs pruner.tune=true (it is a variant of KPWT)")
+        self.selection = selection
+        self.affine_tuning = bool(affine_tuning)
         self._state: dict[str, Any] = {"done": 0, "micro_batch_size": micro_batch_size}
         self._resume_from: Mapping[str, Any] | None = None
         self._resume_notes: list[str] = []
@@ -125,6 +143,12 @@ class KPrunePruner:
         missing = [key for key in ("budget", "notes", "timing", "masks", "tuned") if key not in state]
         if missing:
             raise UserError(f"the saved K-prune state lacks {', '.join(missing)}: start again with overwrite=true")
+        switches = {"selection": self.selection, "affine_tuning": self.affine_tuning}
+        changed = [f"pruner.{key}={state.get(key, default)}" for key, default in (("selection", "score"),
+                   ("affine_tuning", False)) if state.get(key, default) != switches[key]]
+        if changed:
+            raise UserError(f"the interrupted run used {', '.join(changed)}: resume with the same, "
+                            f"or start again with overwrite=true")
         self._resume_from = state
         saved = state.get("micro_batch_size", self.micro_batch_size)
         if saved != self.micro_batch_size:
@@ -155,7 +179,7 @@ class KPrunePruner:
         num_sublayers = 2 * problem.adapter.num_layers
         if saved is None:
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
-            notes = self._precision_notes(problem.device)
+            notes = self._precision_notes(problem.device) + self._affine_notes(problem)
         else:
             start, budget, notes = int(saved["done"]), float(saved["budget"]), list(saved["notes"])
             layers = range(problem.adapter.num_layers)
@@ -181,13 +205,19 @@ class KPrunePruner:
                 kind, layer = sublayer_kind(s), s // 2
                 progress.update(bar, description=f"K-prune {kind.upper()} {layer}")
                 if self.iterative:
-                    self._search(problem, teacher, masks, s, budget, timing, hidden, gradient_batch)
-                    budget -= float(masks.of(kind)[layer].count_nonzero()) * problem.flops.cost(kind)
+                    scores, keep = self._search(problem, teacher, masks, s, budget, timing, hidden, gradient_batch)
+                    budget -= float(keep[s].count_nonzero()) * problem.flops.cost(kind)
                 if teacher_sums is not None:
                     with timed(timing, "teacher"):
                         sums = teacher_sums(s)
-                    with timed(timing, "tune"):
-                        notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden=hidden)
+                    with timed(timing, "tune"):  # with selection=reconstruction, the selection's time too
+                        if self.selection == "reconstruction":
+                            notes += select_and_tune(problem.model, problem.adapter, masks, teacher.batches, sums,
+                                                     s, scores[s], int(keep[s].count_nonzero()), hidden,
+                                                     self.affine_tuning)
+                        else:
+                            notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s,
+                                          hidden=hidden, affine=self.affine_tuning)
                 if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
                     with timed(timing, "measure"):
                         hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
@@ -215,6 +245,7 @@ class KPrunePruner:
                                     if getattr(projection, name) is not None}
         return {"done": done, "budget": budget, "notes": list(notes), "timing": dict(timing),
                 "micro_batch_size": self.micro_batch_size,
+                "selection": self.selection, "affine_tuning": self.affine_tuning,
                 "masks": {"heads": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.heads)},
                           "neurons": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.neurons)}},
                 "tuned": tuned}
@@ -237,6 +268,14 @@ class KPrunePruner:
         where = f"{sublayer_kind(start).upper()} {start // 2}" if start < num_sublayers else "the end"
         notes.append(f"resumed at sub-layer {start} ({where}) from the step checkpoints of an interrupted run")
 
+    def _affine_notes(self, problem: PruneProblem) -> list[str]:
+        """A note when ``affine_tuning`` meets output projections without a bias (fitted plainly)."""
+        projections = [parts.out_proj(kind) for parts in problem.adapter.layers() for kind in ("mha", "ffn")]
+        if not self.affine_tuning or all(proj.bias is not None for proj in projections):
+            return []
+        return ["pruner.affine_tuning: the output projections without a bias (this family has none) "
+                "were tuned plainly"]
+
     def _precision_notes(self, device: torch.device) -> list[str]:
         """A note when ``autocast`` asks for a precision that ``device`` only emulates (slower than float32)."""
         if not self.autocast or native_matmul(device, AUTOCAST_DTYPES[self.autocast]):
@@ -246,10 +285,13 @@ class KPrunePruner:
                 f"measurement passes ran emulated, slower than in float32; pruner.autocast=false is faster here"]
 
     def _search(self, problem: PruneProblem, teacher: Teacher, masks: Masks, from_sublayer: int,
-                budget: float, timing: dict[str, float], hidden: list[torch.Tensor], gradient_batch: int) -> None:
+                budget: float, timing: dict[str, float], hidden: list[torch.Tensor],
+                gradient_batch: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Measure sub-layers ``≥ from_sublayer`` (``hidden``: the student's hidden states entering
         their first layer; ``gradient_batch`` sequences per squared gradient), search, and write the
-        masks of the sub-layers it decides: only ``from_sublayer`` when iterative, all of them when one-shot."""
+        masks of the sub-layers it decides: only ``from_sublayer`` when iterative, all of them when
+        one-shot; with ``selection="reconstruction"`` none (:func:`select_and_tune` writes it).
+        Returns the scores and KPMS's keep-masks ``(units,)`` by sub-layer."""
         with timed(timing, "measure"):
             knowledge = measure(problem.model, problem.adapter, masks, teacher, from_sublayer, hidden,
                                 AUTOCAST_DTYPES.get(self.autocast), gradient_batch)
@@ -257,6 +299,7 @@ class KPrunePruner:
             scores = score(knowledge, masks, problem.flops, self.lambda_pred, self.lambda_rep, self.mu)
             keep = kpms(scores, problem.flops, budget)
         decided = [from_sublayer] if self.iterative else list(keep)
-        for s in decided:
+        for s in decided if self.selection == "score" else ():
             masks.of(sublayer_kind(s))[s // 2] = keep[s].to(masks.heads[0].dtype)
+        return scores, keep
 
