@@ -18,7 +18,8 @@ and the re-fitted optimum and inverse follow by rank-``|M|`` updates,
 
     W* ← W* − (G⁻¹)_{:,M} [(G⁻¹)_MM]⁻¹ W*_M          G⁻¹ ← G⁻¹ − (G⁻¹)_{:,M} [(G⁻¹)_MM]⁻¹ (G⁻¹)_{M,:}
 
-after which the rows and columns ``M`` are zero (they are then left out). :func:`greedy_removal`
+after which the rows and columns ``M`` are zero; they are dropped from the matrices whenever half
+of the rows held are such (so the ``O(n²)`` steps get cheaper as units go) and at the end. :func:`greedy_removal`
 removes, one at a time, the candidate of least cost; the final ``W*`` over the survivors is the
 ridge solution of the survivors' own system (``(G_SS)⁻¹ B_S``), i.e. KPWT's, so no further solve is needed.
 
@@ -68,28 +69,31 @@ def greedy_removal(gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, w
         return Removal([], None, fit.ridge, fit.attempts)
     solution, inverse = fit.solution.split([outputs, size], dim=1)
     solution, inverse = solution.clone(), (inverse + inverse.T) / 2
-    remaining = sorted(int(unit) for unit in candidates)
+    present = torch.arange(size // width, device=gram.device)  # units whose columns the matrices hold
+    remaining = candidates.to(gram.device).sort().values  # ascending: argmin's first minimum is the lowest index
     removed: list[int] = []
     offsets = torch.arange(width, device=gram.device)
+    eye_w = torch.eye(width, dtype=torch.float64, device=gram.device)
+    stale = torch.zeros(len(present), dtype=torch.bool, device=gram.device)  # removed units still held (zero rows)
     for _ in range(count):
-        units = torch.tensor(remaining, device=gram.device)
-        columns = (units[:, None] * width + offsets).flatten()  # (c·w,)
-        blocks = inverse[columns][:, columns].view(len(remaining), width, len(remaining), width)
-        blocks = blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (c, w, w): (G⁻¹)_MM per candidate
-        weights = solution[columns].view(len(remaining), width, outputs)  # (c, w, m): W*_M per candidate
+        rows = torch.searchsorted(present, remaining)[:, None] * width + offsets  # (c, w): their columns
+        blocks = inverse[rows[:, :, None], rows[:, None, :]]  # (c, w, w): (G⁻¹)_MM per candidate
+        weights = solution[rows]  # (c, w, m): W*_M per candidate
         factor, info = torch.linalg.cholesky_ex(blocks)
         cost = (weights * torch.cholesky_solve(weights, factor)).sum(dim=(1, 2))  # (c,)
         cost = torch.where((info == 0) & torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
-        best = int(torch.argmin(cost))  # the first minimum: the lowest unit index on ties
+        best = int(torch.argmin(cost))
         if not torch.isfinite(cost[best]):
             return Removal(removed, None, fit.ridge, fit.attempts)
-        unit = remaining.pop(best)
-        block = slice(unit * width, (unit + 1) * width)
-        step = torch.cholesky_solve(torch.eye(width, dtype=torch.float64, device=gram.device), factor[best])
-        left = inverse[:, block] @ step  # (n·w, w): (G⁻¹)_{:,M} [(G⁻¹)_MM]⁻¹
-        solution -= left @ solution[block]
-        inverse -= left @ inverse[block]
-        removed.append(unit)
-    alive = torch.ones(size // width, dtype=torch.bool, device=gram.device)
-    alive[removed] = False
-    return Removal(removed, solution[alive.repeat_interleave(width)], fit.ridge, fit.attempts)
+        block = rows[best]
+        left = inverse[:, block] @ torch.cholesky_solve(eye_w, factor[best])  # (p·w, w): G⁻¹_{:,M}[(G⁻¹)_MM]⁻¹
+        solution.addmm_(left, solution[block], alpha=-1)  # in place: no (p·w)² temporary per step
+        inverse.addmm_(left, inverse[block], alpha=-1)
+        removed.append(int(remaining[best]))
+        remaining = torch.cat([remaining[:best], remaining[best + 1:]])
+        stale[block[0] // width] = True
+        if 2 * len(removed) - 2 * (size // width - len(present)) >= len(present) or len(removed) == count:
+            kept_columns = (~stale).repeat_interleave(width)  # drop the stale rows: later steps get cheaper
+            present, solution = present[~stale], solution[kept_columns]
+            inverse, stale = inverse[kept_columns][:, kept_columns], stale[~stale]
+    return Removal(removed, solution, fit.ridge, fit.attempts)
