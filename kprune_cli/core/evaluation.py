@@ -16,14 +16,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kprune_cli.runtime.console import console, make_progress
 from kprune_cli.runtime.interrupts import deferred_interrupts
 from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
-from kprune_cli.tasks.metrics import compute_metrics
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
-from kprune_cli.tasks.squad import postprocess_predictions
 
 # Metric-name prefixes of the evaluation splits after the first (MNLI's mismatched dev set).
 SPLIT_PREFIXES = {"validation_mismatched": "mm_"}
-# Model outputs with one value per token (the others have one row per sequence).
-TOKEN_OUTPUTS = ("start_logits", "end_logits")
 
 
 @dataclass
@@ -85,32 +82,28 @@ def capped_evaluation_note(task: TaskSpec, datasets: DatasetDict, max_examples: 
 def evaluate_split(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
                    dataset: Dataset, device: torch.device | str, batch_size: BatchSize, progress: Progress,
                    description: str) -> dict[str, float]:
-    """The metrics of ``task`` on one split (rows with gold labels / answers)."""
+    """The metrics of ``task`` on one split (rows with gold labels / answers), as its kind computes them
+    (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.evaluate`)."""
+    kind = kind_of(task)
     features = tokenize_split(task, dataset, tokenizer, for_training=False)
-    if task.is_qa:
-        outputs = predict(model, tokenizer, features, TOKEN_OUTPUTS, device, batch_size,
-                          progress, description)
-        answers = postprocess_predictions(dataset, features, outputs["start_logits"], outputs["end_logits"],
-                                          version_2=task.extra.get("version_2_with_negative", False))
-        predictions = [answers[example_id] for example_id in dataset["id"]]
-        references = [answer["text"] for answer in dataset["answers"]]
-    else:
-        logits = np.stack(predict(model, tokenizer, features, ("logits",), device, batch_size,
-                                  progress, description)["logits"])  # (examples, num_labels)
-        predictions = logits[:, 0] if task.kind == "regression" else logits.argmax(axis=-1)
-        references = dataset[task.label_key]
-    return compute_metrics(task, predictions, references)
+
+    def run(output_names: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
+        return predict(model, tokenizer, features, output_names, device, batch_size, progress, description,
+                       token_outputs=kind.token_outputs)
+
+    return kind.evaluate(task, dataset, features, run)
 
 
 def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features: Dataset,
             output_names: tuple[str, ...], device: torch.device | str, batch_size: BatchSize,
-            progress: Progress, description: str) -> dict[str, list[np.ndarray]]:
+            progress: Progress, description: str, token_outputs: tuple[str, ...] = ()) -> dict[str, list[np.ndarray]]:
     """The model's outputs ``output_names`` for every feature, in the order of ``features``.
 
     Batches are sorted by length (longest first) to cut padding; each output comes back
     as one float32 array per feature: ``(num_labels,)`` for ``logits``, ``(tokens,)``
-    (padding removed) for the token-level ``start_logits`` / ``end_logits``. A batch of more
-    than one feature that runs out of GPU memory is retried with ``batch_size`` halved.
+    (padding removed) for the ``token_outputs`` with one value per token (QA's ``start_logits`` /
+    ``end_logits``). A batch of more than one feature that runs out of GPU memory is retried with
+    ``batch_size`` halved.
     """
     inputs = features.select_columns([key for key in MODEL_INPUT_KEYS if key in features.column_names])
     order = np.argsort(-feature_lengths(inputs), kind="stable")
@@ -134,7 +127,7 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features
                 for name in output_names:
                     values = result[name].float().cpu().numpy()  # (batch, num_labels) or (batch, seq)
                     for row, index in enumerate(indices):
-                        outputs[name][index] = values[row, :lengths[row]] if name in TOKEN_OUTPUTS else values[row]
+                        outputs[name][index] = values[row, :lengths[row]] if name in token_outputs else values[row]
                 progress.advance(bar, len(indices))
                 begin += len(indices)
     finally:

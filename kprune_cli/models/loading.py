@@ -16,19 +16,12 @@ from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
-from transformers import (
-    AutoConfig,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kprune_cli.models.adapters import check_supported
 from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, layout_of
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -48,13 +41,14 @@ def load_model(path: str, task: TaskSpec, device: torch.device | str = "cpu"
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A fine-tuned (or pruned) model for ``task`` and its tokenizer, float32, in eval mode, on ``device``.
 
-    The checkpoint must carry the task's head: ``...ForQuestionAnswering`` for a QA task,
-    ``...ForSequenceClassification`` with ``task.num_labels`` outputs otherwise.
+    The checkpoint must carry the head of the task's kind
+    (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.check_head`): ``...ForQuestionAnswering`` for a QA
+    task, ``...ForSequenceClassification`` with ``task.num_labels`` outputs for a GLUE task.
     """
     path = str(path)
     location = _locate(path)
     config = _load_config(location, path)
-    _check_head(config, task, path)
+    kind_of(task).check_head(config, task, path)
     tokenizer = _load_tokenizer(location, path)
     model, info = _load_weights(location, path, task, config, output_loading_info=True)
     if info["missing_keys"]:
@@ -62,6 +56,7 @@ def load_model(path: str, task: TaskSpec, device: torch.device | str = "cpu"
         raise UserError(f"model {path!r} lacks weights for {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}: it is not a complete {task.name} checkpoint")
     _limit_sequence_length(tokenizer, config)
+    kind_of(task).prepare_model(model, location)
     return model.to(device).eval(), tokenizer
 
 
@@ -86,9 +81,7 @@ def load_for_finetuning(path: str, task: TaskSpec, device: torch.device | str = 
     location = _locate(path)
     config = _load_config(location, path)
     tokenizer = _load_tokenizer(location, path)
-    config.num_labels = task.num_labels  # keeps the label names when the count already fits
-    if not task.is_qa:
-        config.problem_type = "regression" if task.num_labels == 1 else "single_label_classification"
+    kind_of(task).configure_head(config, task)
     model = _load_weights(location, path, task, config, ignore_mismatched_sizes=True)
     _limit_sequence_length(tokenizer, config)
     return model.to(device).train(), tokenizer
@@ -149,19 +142,6 @@ def _load_config(location: str, path: str) -> PretrainedConfig:
     return config
 
 
-def _check_head(config: PretrainedConfig, task: TaskSpec, path: str) -> None:
-    """A :class:`UserError` unless the checkpoint's head fits ``task``."""
-    wanted = "ForQuestionAnswering" if task.is_qa else "ForSequenceClassification"
-    architectures = config.architectures or []
-    if not any(name.endswith(wanted) for name in architectures):
-        found = ", ".join(architectures) or "no recorded architecture"
-        raise UserError(f"model {path!r} is a {found} checkpoint but task {task.name!r} needs a ...{wanted} "
-                        "one: pass a model fine-tuned on this task, or fine-tune one first (kprune finetune)")
-    if not task.is_qa and config.num_labels != task.num_labels:
-        raise UserError(f"model {path!r} has {config.num_labels} output labels but task {task.name!r} needs "
-                        f"{task.num_labels}: pass a model fine-tuned on {task.name}")
-
-
 def _load_tokenizer(location: str, path: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(location)
@@ -172,8 +152,8 @@ def _load_tokenizer(location: str, path: str) -> PreTrainedTokenizerBase:
 
 
 def _load_weights(location: str, path: str, task: TaskSpec, config: PretrainedConfig, **kwargs):
-    """``from_pretrained`` of the task's Auto class in float32, its messages silenced, its errors explained."""
-    auto_class = AutoModelForQuestionAnswering if task.is_qa else AutoModelForSequenceClassification
+    """``from_pretrained`` of the task kind's Auto class in float32, its messages silenced, its errors explained."""
+    auto_class = kind_of(task).auto_class
     ours = hasattr(config, STRUCTURE_KEY)  # a pruned checkpoint with modeling_kprune.py beside it
     try:
         with _quiet_loading():

@@ -118,25 +118,19 @@ def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
     return scores
 
 
-_LABEL_METRICS = {
+LABEL_METRICS = {
     "accuracy": accuracy,
     "f1": f1,
     "matthews_correlation": matthews_correlation,
     "pearson": pearson,
     "spearmanr": spearmanr,
 }
+"""The metrics of labelled examples by name, each ``(predictions, references) -> float``."""
 
 
-def compute_metrics(task: TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:
-    """Every metric of ``task.metrics``, as fractions.
-
-    GLUE: ``predictions`` are class ids (or scores for regression) and ``references`` the
-    labels, both ``(examples,)``. QA: ``predictions`` are answer texts and ``references``
-    the lists of gold answer texts (empty for an unanswerable SQuAD v2.0 question).
-    """
-    if task.is_qa:
-        scores = squad_scores(predictions, references, version_2=task.extra.get("version_2_with_negative", False))
-        return {name: scores[name] for name in task.metrics if name in scores}  # v2.0 splits may be empty
+def label_metrics(task: TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:
+    """Every metric of ``task.metrics`` from :data:`LABEL_METRICS`, of ``predictions`` (class ids or scores)
+    and ``references`` (labels), both ``(examples,)``."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    return {name: _LABEL_METRICS[name](predictions, references) for name in task.metrics}
+    return {name: LABEL_METRICS[name](predictions, references) for name in task.metrics}

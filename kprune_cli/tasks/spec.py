@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 class TaskSpec:
     """A task: its inputs, its head, its metrics and its FLOPs sequence length.
 
-    ``kind`` is ``"classification"``, ``"regression"`` (STS-B) or ``"qa"`` (SQuAD).
+    ``kind`` names its :class:`~kprune_cli.tasks.kinds.base.TaskKind` (``kind_of(task)``, which the
+    pipeline asks instead of branching on the name): ``"classification"``, ``"regression"`` (STS-B)
+    or ``"qa"`` (SQuAD).
     ``avg_seq_len`` is the dev-set average sequence length the FLOPs model uses
     (docs/design.md §4); ``None`` means: measure it on the dev split.
     """
@@ -28,10 +30,6 @@ class TaskSpec:
     eval_splits: tuple[str, ...] = ("validation",)
     max_length: int = 128
     extra: dict = field(default_factory=dict, hash=False, compare=False)
-
-    @property
-    def is_qa(self) -> bool:
-        return self.kind == "qa"
 
 
 def _glue(name: str, keys: tuple[str, ...], num_labels: int, metric: str, metrics: tuple[str, ...],

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -32,11 +31,9 @@ from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_taps
 from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
-from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.calibration import DRAW_INDEX, CalibrationSample
 from kprune_cli.tasks.data import TARGET_KEYS
-
-TASK_KINDS = ("classification", "regression", "qa")
+from kprune_cli.tasks.kinds import get_kind
 
 
 @dataclass
@@ -80,38 +77,15 @@ def micro_batches(sample: CalibrationSample, batch_size: int | None, device: tor
     return parts
 
 
-def _log_probs(outputs: ModelOutput, kind: str, temperature: float, token_mask: torch.Tensor) -> torch.Tensor:
-    """Log-softmax of the prediction at temperature ``T``: ``(batch, labels)`` or QA ``(batch, 2, seq)``."""
-    if kind == "qa":
-        logits = torch.stack((outputs.start_logits, outputs.end_logits), dim=1) / temperature  # (batch, 2, seq)
-        logits = logits.masked_fill(~token_mask[:, None, :], torch.finfo(logits.dtype).min)
-    else:
-        logits = outputs.logits / temperature  # (batch, labels)
-    return F.log_softmax(logits, dim=-1)
-
-
-def soft_target(outputs: ModelOutput, kind: str, temperature: float, token_mask: torch.Tensor) -> torch.Tensor:
-    """The teacher's soft target of one batch (see :class:`DistillBatch`), detached."""
-    if kind == "regression":
-        return outputs.logits.detach()
-    return _log_probs(outputs, kind, temperature, token_mask).detach()
-
-
 def distillation_loss(outputs: ModelOutput, target: torch.Tensor, kind: str, temperature: float,
                       token_mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample distillation loss ``(batch,)`` of the student's ``outputs`` against ``target``.
+    """Per-sample distillation loss ``(batch,)`` of the student's ``outputs`` against ``target``, as the
+    task kind ``kind`` defines it (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.distillation_loss`).
 
     Classification: ``T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))``; QA: the mean of the start- and
     end-position KLs over real tokens; regression: squared error (mean over outputs).
     """
-    if kind == "regression":
-        return (outputs.logits - target).pow(2).mean(dim=-1)
-    student = _log_probs(outputs, kind, temperature, token_mask)
-    terms = target.exp() * (target - student)
-    if kind == "qa":
-        terms = torch.where(token_mask[:, None, :], terms, torch.zeros_like(terms))  # (batch, 2, seq)
-        return temperature ** 2 * terms.sum(dim=-1).mean(dim=-1)
-    return temperature ** 2 * terms.sum(dim=-1)
+    return get_kind(kind).distillation_loss(outputs, target, temperature, token_mask)
 
 
 class ResidualSums:
@@ -178,8 +152,7 @@ class Teacher:
 
     def __init__(self, model: PreTrainedModel, kind: str, sample: CalibrationSample, temperature: float,
                  batch_size: int | None, device: torch.device | str, keep_model: bool = True) -> None:
-        if kind not in TASK_KINDS:
-            raise UserError(f"unsupported task kind {kind!r}: choose one of {', '.join(TASK_KINDS)}")
+        strategy = get_kind(kind)
         self.kind = kind
         self.temperature = temperature
         self.batches: list[DistillBatch] = []
@@ -187,7 +160,7 @@ class Teacher:
             for inputs in micro_batches(sample, batch_size, device, with_draw_index=True):
                 draw_index = inputs.pop(DRAW_INDEX)
                 token_mask = inputs["attention_mask"].bool()
-                target = soft_target(model(**inputs), kind, temperature, token_mask)
+                target = strategy.soft_target(model(**inputs), temperature, token_mask)
                 self.batches.append(DistillBatch(inputs, token_mask, target, draw_index))
         self._sums = ResidualSums(copy.deepcopy(model).eval(), self.batches) if keep_model else None
 

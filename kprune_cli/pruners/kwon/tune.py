@@ -44,6 +44,7 @@ from kprune_cli.pruners.common.lstsq import DEFAULT_RIDGE, solve_ridge
 from kprune_cli.pruners.common.reconstruction import NormalEquations, TokenBatch, normal_equations
 from kprune_cli.pruners.common.teacher import ResidualSums
 from kprune_cli.pruners.common.window import advance, encoder_inputs
+from kprune_cli.tasks.kinds import get_kind
 
 MAX_SCALE = 10.0
 """Tuned mask values beyond ``±MAX_SCALE`` are rejected (the official code's bound)."""
@@ -58,9 +59,9 @@ def teacher_budget(budget: float, total: float) -> float:
 
 
 def first_token_only(sublayer: int, num_sublayers: int, task_kind: str) -> bool:
-    """Whether ``sublayer`` is reconstructed on the first ([CLS]) token only: the last FFN of a
-    classification or regression model, whose head reads that token alone."""
-    return sublayer == num_sublayers - 1 and task_kind != "qa"
+    """Whether ``sublayer`` is reconstructed on the first ([CLS]) token only: the last FFN of a model whose
+    head reads that token alone (classification, regression; the kind says so)."""
+    return sublayer == num_sublayers - 1 and get_kind(task_kind).prediction_reads_first_token
 
 
 def first_tokens(batches: Sequence[TokenBatch], sums: Sequence[torch.Tensor]
