@@ -46,6 +46,7 @@ from kprune_cli.tasks.calibration import (
     draw_calibration_sample,
 )
 from kprune_cli.tasks.data import load_task_data
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
 
@@ -67,6 +68,13 @@ def build_pruner(cfg: DictConfig, name: str) -> Pruner:
         if isinstance(cause, UserError):
             raise cause from None
         raise UserError(f"pruner={name}: its config does not fit {cfg._target_} ({cause or error})") from None
+
+
+def refuse_unlabeled_task(pruner: Pruner, name: str, task: TaskSpec) -> None:
+    """A :class:`UserError` when a pruner that reads gold labels is given a task without (sentence embeddings)."""
+    if pruner.needs_labels and not kind_of(task).labelled:
+        raise UserError(f"pruner={name} needs gold labels (it uses the task loss), and task={task.name} has none "
+                        f"(a sentence-embedding task): use pruner=kprune, magnitude or random")
 
 
 def refuse_unlabeled_source(pruner: Pruner, name: str, source: str | None) -> None:
@@ -115,6 +123,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         with required_keys():
             pruner = build_pruner(cfg.pruner, pruner_name)
         refuse_unlabeled_source(pruner, pruner_name, settings.calibration_source)
+        refuse_unlabeled_task(pruner, pruner_name, settings.task)
         output = OutputDir(output_path, overwrite=settings.overwrite)
         if settings.resume and not settings.overwrite and (finished := output.finished_report()) is not None:
             console.print(f"[bold]kprune:[/] {escape(str(output_path))} holds a finished run: nothing to resume",
@@ -182,7 +191,7 @@ def run_pruning(cfg: DictConfig) -> Report:
                                             max_examples=settings.eval_max_examples)
         with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
             checkpoint_dir = output.path / "pruned"
-            checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path))
+            checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path), task=task)
         if settings.check_reload:
             with timed(timing, "check_reload"):
                 notes.append(check_reload(model, checkpoint_dir, task, sample.model_inputs(sample.batches[0], device),

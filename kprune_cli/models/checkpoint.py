@@ -3,7 +3,8 @@
 A checkpoint holds ``model.safetensors``, ``config.json`` (stock ``model_type`` plus
 ``kprune_structure`` and an ``auto_map`` entry), the tokenizer files and ``modeling_kprune.py``;
 ``AutoModelFor...from_pretrained(directory, trust_remote_code=True)`` rebuilds the pruned layers;
-:func:`check_reload` proves that a saved one does.
+:func:`check_reload` proves that a saved one does. A task kind may add files of its own (a
+sentence-embedding model: its sentence-transformers modules).
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, auto_map_for
 from kprune_cli.runtime.output_dir import atomic_directory
+from kprune_cli.tasks.data import sequence_limit
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
 
 def save_pruned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
-                dtype: torch.dtype | None = None) -> int:
+                dtype: torch.dtype | None = None, task: TaskSpec | None = None) -> int:
     """Write ``model`` (pruned or not) and ``tokenizer`` to ``directory``; returns its size in bytes.
+
+    ``task``: the files its kind adds beside the weights are written too
+    (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.write_companions`).
 
     ``dtype`` (default: the model's) is the dtype of the stored weights, e.g. ``torch.float16`` to
     match a half-precision source checkpoint; the model in memory is left untouched. The directory
@@ -35,6 +41,8 @@ def save_pruned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dire
     directory = Path(directory)
     with atomic_directory(directory, overwrite=True) as staging:
         _write(model, tokenizer, staging, dtype)
+        if task is not None:
+            kind_of(task).write_companions(model, staging, sequence_limit(task, tokenizer))
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.kinds.base import TaskKind
 from kprune_cli.tasks.kinds.classification import Classification
+from kprune_cli.tasks.kinds.embedding import SentenceEmbedding
 from kprune_cli.tasks.kinds.qa import QuestionAnswering
 from kprune_cli.tasks.kinds.regression import Regression
 from kprune_cli.tasks.spec import TaskSpec
 
-KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Regression(), QuestionAnswering())}
+KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Regression(), QuestionAnswering(),
+                                                            SentenceEmbedding())}
 """Every task kind by name (``TaskSpec.kind``)."""
 
 

@@ -104,8 +104,9 @@ class TaskKind(ABC):
         architectures = config.architectures or []
         if not any(name.endswith(self.head_suffix) for name in architectures):
             found = ", ".join(architectures) or "no recorded architecture"
-            raise UserError(f"model {path!r} is a {found} checkpoint but task {task.name!r} needs a ...{self.head_suffix} "
-                            "one: pass a model fine-tuned on this task, or fine-tune one first (kprune finetune)")
+            raise UserError(f"model {path!r} is a {found} checkpoint but task {task.name!r} needs a "
+                            f"...{self.head_suffix} one: pass a model fine-tuned on this task, or fine-tune one first "
+                            "(kprune finetune)")
 
     def configure_head(self, config: PretrainedConfig, task: TaskSpec) -> None:
         """Set ``config`` up for a fresh (or resized) head for fine-tuning on ``task``."""
