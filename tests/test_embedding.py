@@ -24,11 +24,13 @@ from kprune_cli.tasks.calibration import draw_calibration_sample
 from kprune_cli.tasks.data import collate, load_task_data, tokenize_split
 from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.kinds.embedding import EMBEDDING_OUTPUT, Pooling, read_pooling
-from kprune_cli.tasks.metrics import spearmanr
+from kprune_cli.tasks.kinds.retrieval import passages
+from kprune_cli.tasks.metrics import gold_ranks, mrr_at, spearmanr
 from kprune_cli.tasks.spec import get_task
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 STSB_EMBED = get_task("stsb_embed")
+SQUAD_RETRIEVAL = get_task("squad_retrieval")
 TEXTS = ["good fine day", "bad dull dark night", "nice", "great bright awful poor good fine"]
 
 
@@ -152,3 +154,58 @@ def test_run_stsb_embed_writes_a_sentence_transformers_folder(tmp_path, pruner):
     assert spearmanr(similarity, validation["label"]) == pytest.approx(report["metric"]["all"]["pruned"]["spearmanr"],
                                                                       abs=1e-6)
     assert not np.allclose(ours.numpy(), kprune_embeddings(encoder, texts).numpy())  # it was pruned
+
+
+def test_retrieval_ranks_and_metrics():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.4, 0.4, 0.1]])  # (queries, passages)
+    ranks = gold_ranks(scores, [0, 0, 1])
+    assert ranks.tolist() == [1, 3, 1]  # a tie with the gold passage does not rank before it
+    metrics = kind_of(SQUAD_RETRIEVAL).metrics(SQUAD_RETRIEVAL, scores, [0, 0, 1])
+    assert metrics == {"recall_at_1": pytest.approx(2 / 3), "recall_at_10": 1.0,
+                       "mrr_at_10": pytest.approx((1 + 1 / 3 + 1) / 3)}
+
+
+def write_squad_dev(directory: Path, articles: int = 6) -> Path:
+    """A tiny ``dev-v1.1.json`` alone: ``articles`` articles of two paragraphs with three questions each."""
+    rng = random.Random(1)
+    data = []
+    for article in range(articles):
+        paragraphs = []
+        for paragraph in range(2):
+            context = " ".join(rng.choice(WORDS) for _ in range(10))
+            qas = [{"id": f"{article}-{paragraph}-{number}", "question": " ".join(rng.choice(WORDS) for _ in range(3)),
+                    "answers": [{"text": context.split()[0], "answer_start": 0}]} for number in range(3)]
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"a{article}", "paragraphs": paragraphs})
+    directory.mkdir(parents=True)
+    (directory / "dev-v1.1.json").write_text(json.dumps({"version": "1.1", "data": data}))
+    return directory
+
+
+def test_run_squad_retrieval_on_held_out_articles(tmp_path):
+    encoder = write_encoder(tmp_path / "encoder")
+    data = write_squad_dev(tmp_path / "squad")
+    output = tmp_path / "out"
+    assert kprune("run", "task=squad_retrieval", f"model.path={encoder}", f"data_dir={data}", f"output_dir={output}",
+                  "pruner=kprune", "rate=0.5", "calibration.num_tokens=300", "calibration.batch_size=8",
+                  "device=cpu") == 0
+    report = json.loads((output / "report.json").read_text())
+    assert set(report["metric"]["all"]["pruned"]) == {"recall_at_1", "recall_at_10", "mrr_at_10"}
+    assert any("split by article" in note for note in report["notes"])
+
+    held_out = load_task_data(SQUAD_RETRIEVAL, data)["validation"]  # articles 3-5: 18 questions, 6 paragraphs
+    corpus, gold = passages(list(held_out["context"]))
+    assert len(held_out) == 18 and len(corpus) == 6
+    model = sentence_transformers.SentenceTransformer(report["checkpoint"]["path"], device="cpu",
+                                                      trust_remote_code=True)
+    queries = model.encode(list(held_out["question"]), normalize_embeddings=True)
+    passages_ = model.encode(corpus, normalize_embeddings=True)
+    scores = queries.astype(np.float64) @ passages_.astype(np.float64).T  # (18, 6)
+    # A random tiny encoder gives near-ties that float round-off may order either way: the reported MRR
+    # lies between those of the ranks with every near-tie lost and with every near-tie won.
+    gold_scores = scores[np.arange(len(gold)), gold][:, None]
+    lost = (scores > gold_scores - 1e-5).sum(axis=1)  # the gold passage itself counts once
+    won = 1 + (scores > gold_scores + 1e-5).sum(axis=1)
+    assert (won == gold_ranks(scores, gold)).mean() > 0.5
+    assert mrr_at(lost, 10) - 1e-9 <= report["metric"]["all"]["pruned"]["mrr_at_10"] <= mrr_at(won, 10) + 1e-9
+    assert mrr_at(won, 10) - mrr_at(lost, 10) < 0.2  # the bounds say something

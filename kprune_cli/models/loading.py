@@ -56,7 +56,7 @@ def load_model(path: str, task: TaskSpec, device: torch.device | str = "cpu"
         raise UserError(f"model {path!r} lacks weights for {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}: it is not a complete {task.name} checkpoint")
     _limit_sequence_length(tokenizer, config)
-    kind_of(task).prepare_model(model, location)
+    kind_of(task).prepare_model(model, tokenizer, location)
     return model.to(device).eval(), tokenizer
 
 

@@ -13,6 +13,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 from scipy.stats import rankdata
@@ -116,6 +117,29 @@ def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
                 scores[f"{name}_exact_match"] = float(np.mean(np.asarray(exact)[members]))
                 scores[f"{name}_f1"] = float(np.mean(np.asarray(overlap)[members]))
     return scores
+
+
+def gold_ranks(scores: np.ndarray, gold: Sequence[int]) -> np.ndarray:
+    """``(queries,)`` rank (1 = first) of each query's gold passage ``gold[i]`` among ``scores``
+    ``(queries, passages)``; a passage scoring the same as the gold one does not rank before it."""
+    gold = np.asarray(gold)
+    gold_scores = scores[np.arange(len(gold)), gold]  # (queries,)
+    return 1 + (scores > gold_scores[:, None]).sum(axis=1)
+
+
+def recall_at(ranks: np.ndarray, k: int) -> float:
+    """Fraction of queries whose gold passage ranks in the first ``k``."""
+    return float((ranks <= k).mean())
+
+
+def mrr_at(ranks: np.ndarray, k: int) -> float:
+    """Mean reciprocal rank of the gold passage, counted as 0 beyond rank ``k``."""
+    return float(np.where(ranks <= k, 1.0 / ranks, 0.0).mean())
+
+
+RETRIEVAL_METRICS = {"recall_at_1": partial(recall_at, k=1), "recall_at_10": partial(recall_at, k=10),
+                     "mrr_at_10": partial(mrr_at, k=10)}
+"""The metrics of a retrieval task by name, each of the gold passages' ranks ``(queries,)``."""
 
 
 LABEL_METRICS = {

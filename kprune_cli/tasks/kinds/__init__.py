@@ -15,10 +15,11 @@ from kprune_cli.tasks.kinds.classification import Classification
 from kprune_cli.tasks.kinds.embedding import SentenceEmbedding
 from kprune_cli.tasks.kinds.qa import QuestionAnswering
 from kprune_cli.tasks.kinds.regression import Regression
+from kprune_cli.tasks.kinds.retrieval import PassageRetrieval
 from kprune_cli.tasks.spec import TaskSpec
 
 KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Regression(), QuestionAnswering(),
-                                                            SentenceEmbedding())}
+                                                            SentenceEmbedding(), PassageRetrieval())}
 """Every task kind by name (``TaskSpec.kind``)."""
 
 

@@ -112,8 +112,8 @@ class TaskKind(ABC):
         """Set ``config`` up for a fresh (or resized) head for fine-tuning on ``task``."""
         config.num_labels = task.num_labels  # keeps the label names when the count already fits
 
-    def prepare_model(self, model: PreTrainedModel, location: str) -> None:
-        """Anything the kind adds to a model just loaded from ``location`` (nothing by default)."""
+    def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, location: str) -> None:
+        """Anything the kind adds to a model and its tokenizer just loaded from ``location`` (nothing by default)."""
 
     def write_companions(self, model: PreTrainedModel, directory: Path, max_length: int) -> None:
         """Files a saved checkpoint of ``model`` needs beside the weights (none by default)."""

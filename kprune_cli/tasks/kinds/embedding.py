@@ -6,6 +6,8 @@ are the prediction, as sentence-transformers computes them.
 ``cls``, ``mean``, ``max``, ``mean_sqrt_len_tokens``) and optionally ``Normalize`` (unit length). A plain
 ``transformers`` folder without ``modules.json`` gets **mean pooling without normalisation** (what
 sentence-transformers itself builds for such a folder). Other modules (``Dense``, ...) are refused.
+Texts are truncated at the folder's ``sentence_bert_config.json`` ``max_seq_length`` where it has one
+(and at the task's ``max_length``), as sentence-transformers truncates them.
 The pooled embedding is added to the encoder's outputs as ``sentence_embedding`` ``(batch, d)`` by a
 forward hook (:func:`attach_pooling`), so every caller of ``model(**inputs)`` sees it.
 
@@ -103,6 +105,16 @@ def read_pooling(location: str | Path) -> Pooling:
                         f"sentence-transformers model made of a Transformer, one Pooling and optionally Normalize")
     pooling_dir = root / modules[kinds.index("Pooling")]["path"]
     return Pooling(_pooling_mode(pooling_dir / "config.json"), "Normalize" in kinds, str(root))
+
+
+def read_max_seq_length(location: str | Path) -> int | None:
+    """``max_seq_length`` of the folder's ``sentence_bert_config.json``: sentence-transformers truncates
+    every text there; None without one."""
+    path = Path(location) / SENTENCE_CONFIG
+    if not path.is_file():
+        return None
+    limit = json.loads(path.read_text()).get("max_seq_length")
+    return int(limit) if limit is not None else None
 
 
 def _pooling_mode(path: Path) -> str:
@@ -213,9 +225,13 @@ class SentenceEmbedding(TaskKind):
         raise UserError(f"task {task.name} is a sentence-embedding task, without a head to fine-tune: "
                         f"prune a sentence-embedding model directly (kprune run task={task.name})")
 
-    def prepare_model(self, model: PreTrainedModel, location: str) -> None:
-        """Attach the pooling read from ``location`` (:func:`read_pooling`; a hub id gets the default)."""
-        attach_pooling(model, read_pooling(location) if Path(location).is_dir() else Pooling())
+    def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, location: str) -> None:
+        """Attach the pooling read from ``location`` (:func:`read_pooling`; a hub id gets the default) and
+        truncate where sentence-transformers does (:func:`read_max_seq_length`)."""
+        local = Path(location).is_dir()
+        attach_pooling(model, read_pooling(location) if local else Pooling())
+        if local and (limit := read_max_seq_length(location)) is not None:
+            tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
 
     def write_companions(self, model: PreTrainedModel, directory: Path, max_length: int) -> None:
         """The sentence-transformers files, so that ``SentenceTransformer(directory, trust_remote_code=True)``

@@ -26,27 +26,11 @@ from kprune_cli.tasks.squad import (
 QA_COLUMNS = ("id", "context", "question", "answers")
 
 
-class QuestionAnswering(TaskKind):
-    """Answer spans from ``start_logits`` / ``end_logits`` ``(batch, seq)``; distilled by the mean of the
-    start- and end-position KLs over real tokens."""
+class SquadFiles:
+    """The SQuAD file layout, for a kind whose data are SQuAD files: the official ``<split>-v1.1.json``
+    found first, SQuAD JSON read flat (HF ``squad`` columns), and one file alone split by article."""
 
-    name: ClassVar[str] = "qa"
-    auto_class: ClassVar[type] = AutoModelForQuestionAnswering
-    head_suffix: ClassVar[str] = "ForQuestionAnswering"
-    gradient_batch: ClassVar[int] = SQUAD_GRADIENT_BATCH
-    token_outputs: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
-    prediction_reads_first_token: ClassVar[bool] = False
     splits_single_file: ClassVar[bool] = True
-
-    def target_columns(self, task: TaskSpec) -> tuple[str, ...]:
-        return ("answers",)
-
-    def required_columns(self, task: TaskSpec, split: str) -> tuple[str, ...]:
-        return (*task.text_keys, *QA_COLUMNS)
-
-    def unlabeled_rows(self, rows: list[dict[str, str]]) -> list[dict[str, str]]:
-        """Each row gets an ``id``, which groups a question's windows."""
-        return [{**row, "id": str(index)} for index, row in enumerate(rows)]
 
     def official_files(self, task: TaskSpec, root: Path, split: str) -> list[Path]:
         """The official ``<split>-v1.1.json`` (``-v2.0`` for SQuAD v2.0)."""
@@ -67,6 +51,28 @@ class QuestionAnswering(TaskKind):
                 f"({len(halves['train'])} questions) form the train split, articles {first}-{num_articles - 1} "
                 f"({len(halves['validation'])} questions) the evaluation split")
         return {task.train_split: halves["train"], task.eval_splits[0]: halves["validation"]}, note
+
+
+class QuestionAnswering(SquadFiles, TaskKind):
+    """Answer spans from ``start_logits`` / ``end_logits`` ``(batch, seq)``; distilled by the mean of the
+    start- and end-position KLs over real tokens."""
+
+    name: ClassVar[str] = "qa"
+    auto_class: ClassVar[type] = AutoModelForQuestionAnswering
+    head_suffix: ClassVar[str] = "ForQuestionAnswering"
+    gradient_batch: ClassVar[int] = SQUAD_GRADIENT_BATCH
+    token_outputs: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
+    prediction_reads_first_token: ClassVar[bool] = False
+
+    def target_columns(self, task: TaskSpec) -> tuple[str, ...]:
+        return ("answers",)
+
+    def required_columns(self, task: TaskSpec, split: str) -> tuple[str, ...]:
+        return (*task.text_keys, *QA_COLUMNS)
+
+    def unlabeled_rows(self, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Each row gets an ``id``, which groups a question's windows."""
+        return [{**row, "id": str(index)} for index, row in enumerate(rows)]
 
     def tokenize(self, task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
                  for_training: bool) -> Dataset:
