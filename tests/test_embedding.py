@@ -192,6 +192,7 @@ def test_run_squad_retrieval_on_held_out_articles(tmp_path):
     report = json.loads((output / "report.json").read_text())
     assert set(report["metric"]["all"]["pruned"]) == {"recall_at_1", "recall_at_10", "mrr_at_10"}
     assert any("split by article" in note for note in report["notes"])
+    assert report["sample"]["windows"] == 2 * report["sample"]["examples"]  # each row's question and paragraph
 
     held_out = load_task_data(SQUAD_RETRIEVAL, data)["validation"]  # articles 3-5: 18 questions, 6 paragraphs
     corpus, gold = passages(list(held_out["context"]))

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kprune_cli.runtime.console import console, make_progress
 from kprune_cli.runtime.interrupts import deferred_interrupts
-from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
+from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, evaluation_features, feature_lengths
 from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
@@ -85,7 +85,7 @@ def evaluate_split(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     """The metrics of ``task`` on one split (rows with gold labels / answers), as its kind computes them
     (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.evaluate`)."""
     kind = kind_of(task)
-    features = tokenize_split(task, dataset, tokenizer, for_training=False)
+    features = evaluation_features(task, dataset, tokenizer)
 
     def run(output_names: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
         return predict(model, tokenizer, features, output_names, device, batch_size, progress, description,
@@ -161,4 +161,4 @@ def measure_avg_seq_len(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedT
     """Average tokens per feature of ``dataset`` (the evaluation split), special tokens
     included, truncated at :func:`~kprune_cli.tasks.data.sequence_limit`: the FLOPs model's S for tasks without a
     published value (``task.avg_seq_len is None``)."""
-    return float(feature_lengths(tokenize_split(task, dataset, tokenizer, for_training=False)).mean())
+    return float(feature_lengths(evaluation_features(task, dataset, tokenizer)).mean())

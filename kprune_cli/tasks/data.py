@@ -209,6 +209,14 @@ def tokenize_split(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokeni
     return kind_of(task).tokenize(task, dataset, tokenizer, sequence_limit(task, tokenizer), for_training)
 
 
+@deferred_interrupts()
+def evaluation_features(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Unpadded model features of an evaluation split, as the task's kind evaluates them: those of
+    :func:`tokenize_split` without training targets, or a layout of the kind's own (retrieval: the
+    questions, then the distinct paragraphs)."""
+    return kind_of(task).evaluation_features(task, dataset, tokenizer, sequence_limit(task, tokenizer))
+
+
 def sequence_limit(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> int:
     """Tokens per sequence: ``task.max_length``, or the model's limit where that is shorter
     (:func:`~kprune_cli.models.loading.load_model` sets ``tokenizer.model_max_length`` to it)."""

@@ -98,6 +98,12 @@ class TaskKind(ABC):
         """Unpadded model features of ``dataset``; rows of one example that give several features carry
         the same ``example_id``, consecutively."""
 
+    def evaluation_features(self, task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
+                            max_length: int) -> Dataset:
+        """The features :meth:`evaluate` reads for an evaluation split (by default :meth:`tokenize`'s, without
+        training targets)."""
+        return self.tokenize(task, dataset, tokenizer, max_length, for_training=False)
+
     # -- model -----------------------------------------------------------------------------------
     def check_head(self, config: PretrainedConfig, task: TaskSpec, path: str) -> None:
         """A :class:`UserError` unless the checkpoint's head fits ``task``."""
@@ -132,7 +138,7 @@ class TaskKind(ABC):
     # -- evaluation ------------------------------------------------------------------------------
     @abstractmethod
     def evaluate(self, task: TaskSpec, dataset: Dataset, features: Dataset, predict: Predict) -> dict[str, float]:
-        """Every metric of ``task`` on one evaluation split (its rows, and their features from :meth:`tokenize`)."""
+        """Every metric of ``task`` on one evaluation split (its rows, and their :meth:`evaluation_features`)."""
 
     @abstractmethod
     def metrics(self, task: TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:

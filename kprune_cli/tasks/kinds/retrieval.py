@@ -42,14 +42,12 @@ class PassageRetrieval(SquadFiles, SentenceEmbedding):
     def required_columns(self, task: TaskSpec, split: str) -> tuple[str, ...]:
         return task.text_keys
 
-    def tokenize(self, task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                 for_training: bool) -> Dataset:
-        """Calibration: each row's question and paragraph (see the module doc). Evaluation: the rows'
-        questions, then their distinct paragraphs (:func:`passages`), one feature each."""
-        if for_training:
-            return super().tokenize(task, dataset, tokenizer, max_length, for_training)
+    def evaluation_features(self, task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
+                            max_length: int) -> Dataset:
+        """The rows' questions, then their distinct paragraphs (:func:`passages`), one feature each (calibration
+        tokenises as :class:`SentenceEmbedding` does: each row's question and paragraph)."""
         question_key, passage_key = task.text_keys
-        texts = [str(text).strip() for text in [*dataset[question_key], *passages(dataset[passage_key])[0]]]
+        texts = [str(text).strip() for text in [*dataset[question_key], *passages(list(dataset[passage_key]))[0]]]
         features = Dataset.from_dict({"text": texts})
         return features.map(lambda batch, indices: {**tokenizer(batch["text"], truncation=True, max_length=max_length),
                                                     "example_id": indices},
