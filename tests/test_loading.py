@@ -182,9 +182,24 @@ def test_resolve_device():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-def test_cuda_without_cuda():
-    with pytest.raises(UserError, match="'cuda'.*not available"):
-        resolve_device("cuda")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
+def test_cuda_without_cuda(name):
+    with pytest.raises(UserError, match=f"'{name}'.*not available"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("name", ["cuda:", "cuda:x", "cuda:-1", "cuda 1"])
+def test_malformed_cuda_device_is_refused(name):
+    with pytest.raises(UserError, match="unknown device.*cuda:N"):
+        resolve_device(name)
+
+
+def test_cuda_index_is_checked_against_the_gpus_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="'cuda:2'.*2 GPUs.*cuda:0..cuda:1"):
+        resolve_device("cuda:2")
 
 
 def test_count_parameters(tiny_model):

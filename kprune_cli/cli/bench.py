@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig
 from rich.table import Table
 
-from kprune_cli.config.values import check_bool, check_int, check_optional_int
+from kprune_cli.config.values import check_int, check_optional_int
 from kprune_cli.core.builtins import resolve_model_path
 from kprune_cli.core.latency import interleaved_latency, latency_figures
 from kprune_cli.models.adapters import get_adapter

@@ -11,6 +11,7 @@ retried with smaller batches, and the report says so.
 from __future__ import annotations
 
 import importlib
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from kprune_cli.config.settings import SampleSize, read_settings
 from kprune_cli.config.values import check_argument_types, required_keys
 from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path
 from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model, measure_avg_seq_len
-from kprune_cli.core.report import SMOKE_NOTE, Report, build_report, peak_memory_mb, print_summary, write_reports
+from kprune_cli.core.report import SMOKE_NOTE, Report, build_report, print_summary, write_reports
 from kprune_cli.core.resume import StepCheckpoints, run_identity
 from kprune_cli.core.safeguards import NonFiniteWeights, listed, non_finite_tensors, prune_with_memory_retry
 from kprune_cli.models.adapters import get_adapter
@@ -36,8 +37,11 @@ from kprune_cli.models.slicing import prune_physically
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.hardware import announce_device
 from kprune_cli.runtime.interrupts import deferred_interrupts
+from kprune_cli.runtime.memory import peak_memory_mb, reset_peak_memory
 from kprune_cli.runtime.output_dir import OutputDir, write_errors
+from kprune_cli.runtime.precision import deterministic_algorithms
 from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.calibration import (
     CalibrationSample,
@@ -128,12 +132,16 @@ def run_pruning(cfg: DictConfig) -> Report:
         raise
     task, device = settings.task, settings.device
     timing: dict[str, float] = {}
+    numerics = ExitStack()  # deterministic=true until the job ends
     try:
         # Ctrl-C or SIGTERM while the lock is being taken is raised once it is held, inside this
         # try, so the directory is marked failed (not left locked); a refused claim leaves it as it was.
         with deferred_interrupts(), write_errors(f"output_dir={output_path}",
                                                  "choose an output_dir this job may write to"):
             output.claim(resume=settings.resume)
+        numerics.enter_context(deterministic_algorithms(settings.deterministic))  # before CUDA starts
+        announce_device(device)
+        reset_peak_memory(device)  # this job's peak, not the sweep's so far (one process runs a sweep's jobs)
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):
             model_path, notes = resolve_model_path(settings.model_path, task, device)
@@ -196,6 +204,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             checkpoint=(checkpoint_dir, checkpoint_bytes),
             sample=sample, sample_size=str(settings.sample_size), pruner_settings=result.settings, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
+            deterministic=settings.deterministic,
         )
         with write_errors(f"the reports into output_dir={output.path}", RESULTS_REMEDY):
             write_reports(report, output.path)
@@ -209,3 +218,5 @@ def run_pruning(cfg: DictConfig) -> Report:
             console.print(f"[bold]kprune:[/] {done} finished sub-layers are kept in {escape(str(steps.directory))}: "
                           f"the same command with resume=true continues from there", highlight=False, soft_wrap=True)
         raise
+    finally:
+        numerics.close()

@@ -216,5 +216,7 @@ class StepCheckpoints:
 
 def run_identity(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """What a resumed run must share with the saved one: the config (hash and values, without where
-    the run writes or whether it resumes) and the device type."""
-    return {"config_hash": config_hash(cfg), "config": _flat(experiment_values(cfg)), "device": device.type}
+    the run writes or whether it resumes), the device type and, on CUDA, the GPU model (another
+    model's kernels give other round-off)."""
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+    return {"config_hash": config_hash(cfg), "config": _flat(experiment_values(cfg)), "device": device.type, **gpu}

@@ -8,10 +8,13 @@ products; on an AVX2-only CPU they ran about ten times slower than float32 (READ
 
 from __future__ import annotations
 
+import platform
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from kprune_cli.runtime.console import console
 
 CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 """Linux ``/proc/cpuinfo`` flags of the native units for each half precision."""
@@ -46,3 +49,30 @@ def native_matmul(device: torch.device, dtype: torch.dtype) -> bool:
 def describe_cpu() -> str:
     """The CPU's vector extension as PyTorch uses it, e.g. ``"AVX2"`` or ``"AVX512"``."""
     return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def describe_device(device: torch.device) -> str:
+    """One line naming the device a command runs on, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3, bf16
+    native)`` or ``cpu (AMD EPYC 7B13, 2 threads, bf16 emulated)``."""
+    bf16 = "bf16 native" if native_matmul(device, torch.bfloat16) else "bf16 emulated"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)}, {bf16})"
+    return f"{device} ({cpu_model()}, {torch.get_num_threads()} threads, {bf16})"
+
+
+def announce_device(device: torch.device) -> None:
+    """Print the start line ``device: ...`` (:func:`describe_device`), so that a job that silently
+    fell back to the CPU (``device=auto`` with a CPU build of torch) shows it at once."""
+    console.print(f"[bold]device:[/] {describe_device(device)}", highlight=False, soft_wrap=True)

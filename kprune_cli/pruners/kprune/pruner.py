@@ -42,6 +42,7 @@ from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.runtime.console import make_progress
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import describe_cpu, native_matmul
+from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed
 
 StepCallback = Callable[[int, Masks], None]
@@ -96,6 +97,7 @@ class KPrunePruner:
             raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
         self.autocast = autocast or False
 
+    @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None,
               on_step: StepCallback | None = None) -> PruneResult:
         """Find keep-masks within ``problem.budget`` (tuning output projections in place when ``tune``).
@@ -104,6 +106,7 @@ class KPrunePruner:
         ``on_step(s, masks)``: called after sub-layer ``s`` has been pruned (and tuned).
         With ``problem.steps``, the progress is kept there after each sub-layer, and a run that
         finds some there continues after its last finished sub-layer, with the same result.
+        float32 products run in full float32 (no TF32; autocast regions keep their precision).
         """
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}
         with timed(timing, "teacher"):

@@ -29,6 +29,7 @@ from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.hooks import frozen
 from kprune_cli.pruners.common.teacher import micro_batches
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.precision import tolerant_determinism
 from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.data import TARGET_KEYS
 
@@ -59,12 +60,13 @@ def batch_gradients(model: PreTrainedModel, adapter: ModelAdapter,
     """``∂loss/∂m`` of one labelled micro-batch at all-ones masks, per sub-layer: ``(units_s,)``."""
     masks = Masks.ones(adapter, batch["input_ids"].device)
     tensors = [mask.requires_grad_(True) for mask in sublayer_masks(masks)]
-    with frozen(model), apply_masks(adapter, masks):
-        loss = model(**batch).loss
-    if loss is None:
-        raise UserError(f"the {model.__class__.__name__} returned no loss for the gold targets "
-                        f"{sorted(key for key in batch if key in TARGET_KEYS)}: pruner=kwon needs a task loss")
-    return [grad.detach() for grad in torch.autograd.grad(loss, tensors, materialize_grads=True)]
+    with tolerant_determinism():  # the CUDA NLL loss has no deterministic kernel
+        with frozen(model), apply_masks(adapter, masks):
+            loss = model(**batch).loss
+        if loss is None:
+            raise UserError(f"the {model.__class__.__name__} returned no loss for the gold targets "
+                            f"{sorted(key for key in batch if key in TARGET_KEYS)}: pruner=kwon needs a task loss")
+        return [grad.detach() for grad in torch.autograd.grad(loss, tensors, materialize_grads=True)]
 
 
 def mask_gradients(model: PreTrainedModel, adapter: ModelAdapter,

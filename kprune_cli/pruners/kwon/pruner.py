@@ -30,6 +30,7 @@ from kprune_cli.pruners.kwon.search import search_masks
 from kprune_cli.pruners.kwon.tune import LayerwiseTuning, teacher_budget
 from kprune_cli.runtime.console import make_progress, track
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.data import TARGET_KEYS
 
@@ -62,9 +63,10 @@ class KwonPruner:
         self.tune = tune
         self.teacher = teacher
 
+    @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None) -> PruneResult:
         """Find masks within ``problem.budget``; ``progress``: a running rich progress to add tasks to
-        (else a transient one is shown)."""
+        (else a transient one is shown). float32 products run in full float32 (no TF32)."""
         model, adapter = problem.model, problem.adapter
         num_sublayers = 2 * adapter.num_layers
         timing = {"fisher": 0.0, "search": 0.0, "rearrange": 0.0, "tune": 0.0}
