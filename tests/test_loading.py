@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file, save_file
-from transformers import BertModel, BertTokenizer, GPT2Config, GPT2ForSequenceClassification
+from transformers import AutoConfig, BertModel, BertTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-from kprune_cli.models.loading import _locate, count_parameters, load_for_finetuning, load_model, stored_dtype
+from kprune_cli.models.loading import _load_weights, _locate, count_parameters, load_for_finetuning, load_model, stored_dtype
 from kprune_cli.runtime.device import resolve_device
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.spec import get_task
@@ -223,3 +223,13 @@ def test_real_finetuned_minilm(shared_dir):
 def test_stored_dtype(tiny_model, save):
     assert stored_dtype(str(save(tiny_model("bert").half(), "half"))) == torch.float16
     assert stored_dtype(str(save(tiny_model("bert"), "full"))) == torch.float32
+
+
+@pytest.mark.parametrize("family, attention", [("bert", "sdpa"), ("modernbert", "sdpa"), ("mpnet", "eager")])
+def test_weights_load_with_sdpa_where_the_family_has_it(tiny_model, tmp_path, family, attention):
+    tiny_model(family).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    config.reference_compile = True  # transformers 4.5x's ModernBERT default on CUDA: compile the MLP
+    model = _load_weights(str(tmp_path), str(tmp_path), MRPC, config)
+    assert model.config._attn_implementation == attention
+    assert model.config.reference_compile is False
