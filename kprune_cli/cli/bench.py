@@ -9,10 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 from rich.table import Table
-
-import torch
 
 from kprune_cli.config.values import check_int, check_optional_int
 from kprune_cli.core.builtins import resolve_model_path
