@@ -76,3 +76,15 @@ def announce_device(device: torch.device) -> None:
     """Print the start line ``device: ...`` (:func:`describe_device`), so that a job that silently
     fell back to the CPU (``device=auto`` with a CPU build of torch) shows it at once."""
     console.print(f"[bold]device:[/] {describe_device(device)}", highlight=False, soft_wrap=True)
+
+
+FULL_RATE_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+"""CUDA compute capabilities with float64 at 1/2 the float32 rate or better (P100, V100, A100,
+H100/H200, B200); other GPUs (T4, A10, L4, RTX) run float64 at 1/32 to 1/64 of it."""
+
+
+def fast_float64(device: torch.device) -> bool:
+    """Whether ``device`` multiplies float64 matrices at a useful rate: CPUs and datacenter GPUs."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) in FULL_RATE_FLOAT64

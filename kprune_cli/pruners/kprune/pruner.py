@@ -35,6 +35,7 @@ from kprune_cli.pruners.base import PruneProblem, PruneProgress, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.pruners.common.reconstruction import check_gram_precision, gram_precision_notes, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure, score
@@ -63,7 +64,10 @@ class KPrunePruner:
     ``gradient_batch`` is the number of sequences per squared gradient of predictive knowledge
     (``None``: the official code's for the task, 32 for GLUE and 12 for SQuAD, to which ``lambda_rep``
     is tuned, see :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`;
-    1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`).
+    1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`); ``gram_precision``: KPWT's
+    per-micro-batch products, ``"float64"``, ``"float32"`` (summed in float64) or ``"auto"`` (float32
+    only on a GPU with slow float64, see
+    :func:`~kprune_cli.pruners.common.reconstruction.resolve_gram_precision`).
     """
 
     name = "kprune"
@@ -72,7 +76,7 @@ class KPrunePruner:
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
                  batch_size: int | None = 32, autocast: bool | str | None = False,
-                 gradient_batch: int | None = None) -> None:
+                 gradient_batch: int | None = None, gram_precision: str = "auto") -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -96,6 +100,7 @@ class KPrunePruner:
         if autocast not in (False, None, *AUTOCAST_DTYPES):
             raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
         self.autocast = autocast or False
+        self.gram_precision = check_gram_precision(gram_precision)
 
     @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None,
@@ -116,11 +121,12 @@ class KPrunePruner:
             # before any weight of layer l is tuned, so no copy of the model is needed.
             teacher_sums = ResidualSums(problem.model, teacher.batches) if self.tune else None
         gradient_batch = self.gradient_batch_of(problem)
+        gram_precision = resolve_gram_precision(self.gram_precision, problem.device)
         num_sublayers = 2 * problem.adapter.num_layers
         saved = problem.steps.last(problem.device) if problem.steps is not None else None
         if saved is None:
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
-            notes = self._precision_notes(problem.device)
+            notes = self._precision_notes(problem.device) + (gram_precision_notes(gram_precision) if self.tune else [])
         else:
             start, masks, budget, notes = saved.done, saved.masks, saved.budget, saved.notes
             for stage, seconds in saved.timing.items():  # the interrupted runs' time, plus this one's
@@ -147,7 +153,8 @@ class KPrunePruner:
                     with timed(timing, "teacher"):
                         sums = teacher_sums(s)
                     with timed(timing, "tune"):
-                        notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden=hidden)
+                        notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden=hidden,
+                                      precision=gram_precision)
                 if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
                     with timed(timing, "measure"):
                         hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)

@@ -23,7 +23,12 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import keep_masks
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
-from kprune_cli.pruners.common.reconstruction import TokenBatch
+from kprune_cli.pruners.common.reconstruction import (
+    TokenBatch,
+    check_gram_precision,
+    gram_precision_notes,
+    resolve_gram_precision,
+)
 from kprune_cli.pruners.kwon.fisher import fisher_importance, labelled_batches, mask_gradients
 from kprune_cli.pruners.kwon.rearrange import rearrange_units
 from kprune_cli.pruners.kwon.search import search_masks
@@ -46,14 +51,16 @@ class KwonPruner:
     :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`).
     ``rearrange`` / ``tune`` enable steps 3 / 4. ``teacher``: what mask tuning reconstructs,
     ``"intermediate"`` (official: the model pruned to the milder budget ``sqrt`` of the kept
-    fraction) or ``"original"`` (the unpruned model).
+    fraction) or ``"original"`` (the unpruned model). ``gram_precision``: mask tuning's
+    per-micro-batch products, ``"float64"``, ``"float32"`` (summed in float64) or ``"auto"`` (float32
+    only on a GPU with slow float64).
     """
 
     name = "kwon"
     needs_labels = True  # the Fisher information of the task loss
 
     def __init__(self, batch_size: int | None = None, rearrange: bool = True, tune: bool = True,
-                 teacher: str = "intermediate") -> None:
+                 teacher: str = "intermediate", gram_precision: str = "auto") -> None:
         if batch_size is not None and batch_size < 1:
             raise UserError(f"pruner.batch_size={batch_size}: must be a positive integer or null")
         if teacher not in TEACHERS:
@@ -62,6 +69,7 @@ class KwonPruner:
         self.rearrange = rearrange
         self.tune = tune
         self.teacher = teacher
+        self.gram_precision = check_gram_precision(gram_precision)
 
     @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None) -> PruneResult:
@@ -97,7 +105,10 @@ class KwonPruner:
                                    batch["attention_mask"].bool())
                         for batch in batches
                     ]
-                    tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind)
+                    precision = resolve_gram_precision(self.gram_precision, problem.device)
+                    notes += gram_precision_notes(precision)
+                    tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind,
+                                             precision)
                     bar = progress.add_task("Kwon et al.: mask tuning", total=adapter.num_layers)
                     for layer in track(progress, range(adapter.num_layers), bar):
                         notes += tuning.tune_layer(layer)
