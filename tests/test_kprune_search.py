@@ -16,7 +16,7 @@ import torch
 from kprune_helpers import DEVICES, TINY_FLOPS
 
 from kprune_cli.models.flops import FlopsModel
-from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.pruners.common.kpms import align_kept, kpms
 
 
 def _random_instance(generator: torch.Generator, max_units: int = 10):
@@ -120,3 +120,12 @@ def test_kpms_runs_under_deterministic_algorithms_and_answers_on_the_scores_devi
     assert all(keep[s].device.type == device for s in scores)
     assert all(torch.equal(keep[s].cpu(), expected[s]) for s in scores)
     assert 0 < sum(int(mask.sum()) for mask in expected.values()) < sum(v.numel() for v in scores.values())
+
+
+def test_align_kept_drops_the_lowest_scoring_survivors_down_to_a_multiple():
+    scores = torch.tensor([5.0, 1.0, 3.0, float("-inf"), 2.0, 4.0, 0.5], dtype=torch.float64)
+    keep = torch.tensor([True, True, True, False, True, True, False])  # 5 kept
+    aligned = align_kept(keep, scores, 4)
+    assert aligned.tolist() == [True, False, True, False, True, True, False]  # score 1.0 dropped
+    assert torch.equal(align_kept(aligned, scores, 4), aligned) and torch.equal(align_kept(keep, scores, 1), keep)
+    assert not align_kept(keep, scores, 8).any()

@@ -49,3 +49,17 @@ def kpms(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -
     keep[order[: int(fits.sum())]] = True
     pieces = keep.split([scores[s].numel() for s in sublayers])
     return {s: piece.to(scores[s].device) for s, piece in zip(sublayers, pieces)}
+
+
+def align_kept(keep: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``keep`` ``(units,)`` bool with its lowest-scoring kept units dropped until the count is a
+    multiple of ``multiple`` (rounded down, so the FLOPs stay within any budget ``keep`` met).
+    Tensor-core GEMMs run fastest on widths that are multiples of 8 (or 64)."""
+    surplus = int(keep.sum()) % multiple
+    if surplus == 0:
+        return keep
+    kept = keep.nonzero().squeeze(1)  # (kept,)
+    order = torch.argsort(scores[kept].double(), stable=True)  # lowest first; ties: lower index first
+    aligned = keep.clone()
+    aligned[kept[order[:surplus]]] = False
+    return aligned

@@ -34,7 +34,7 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneProgress, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
-from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.pruners.common.kpms import align_kept, kpms
 from kprune_cli.pruners.common.reconstruction import check_gram_precision, gram_precision_notes, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
@@ -67,7 +67,10 @@ class KPrunePruner:
     1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`); ``gram_precision``: KPWT's
     per-micro-batch products, ``"float64"``, ``"float32"`` (summed in float64) or ``"auto"`` (float32
     only on a GPU with slow float64, see
-    :func:`~kprune_cli.pruners.common.reconstruction.resolve_gram_precision`).
+    :func:`~kprune_cli.pruners.common.reconstruction.resolve_gram_precision`); ``align`` (default
+    off): round each FFN's kept neurons down to a multiple of it (e.g. 8 or 64, for tensor-core
+    GEMMs), dropping its lowest-scoring survivors; in the iterative schedule the FLOPs freed go to
+    the later sub-layers.
     """
 
     name = "kprune"
@@ -76,7 +79,7 @@ class KPrunePruner:
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
                  batch_size: int | None = 32, autocast: bool | str | None = False,
-                 gradient_batch: int | None = None, gram_precision: str = "auto") -> None:
+                 gradient_batch: int | None = None, gram_precision: str = "auto", align: int | None = None) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -89,6 +92,8 @@ class KPrunePruner:
             raise UserError(f"pruner.batch_size={batch_size}: must be a positive integer or null")
         if gradient_batch is not None and gradient_batch < 1:
             raise UserError(f"pruner.gradient_batch={gradient_batch}: must be a positive integer or null")
+        if align is not None and align < 1:
+            raise UserError(f"pruner.align={align}: must be a positive integer or null")
         self.lambda_pred = lambda_pred
         self.lambda_rep = lambda_rep
         self.mu = mu
@@ -101,6 +106,7 @@ class KPrunePruner:
             raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
         self.autocast = autocast or False
         self.gram_precision = check_gram_precision(gram_precision)
+        self.align = align
 
     @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None,
@@ -202,5 +208,7 @@ class KPrunePruner:
             keep = kpms(scores, problem.flops, budget)
         decided = [from_sublayer] if self.iterative else list(keep)
         for s in decided:
+            if self.align is not None and sublayer_kind(s) == "ffn":
+                keep[s] = align_kept(keep[s], scores[s], self.align)
             masks.of(sublayer_kind(s))[s // 2] = keep[s].to(masks.heads[0].dtype)
 
