@@ -42,7 +42,8 @@ RESULTS="$OUT/results.tsv"
 rm -rf "$OUT"/*.detail "$OUT"/smoke-* "$OUT"/deterministic-* "$OUT"/resumed "$OUT"/uninterrupted "$OUT"/finetuned
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SHARED=${KPRUNE_SHARED:-$(cd .. && pwd)/shared}
-if [ "$DRY" = 1 ]; then TOKENS=1000; LIMIT=120; else TOKENS=100000; LIMIT=300; fi
+LIMIT=300
+if [ "$DRY" = 1 ]; then TOKENS=1000; else TOKENS=100000; fi
 
 # check NAME LIMIT_S COMMAND...: run COMMAND (output in OUT/NAME.log), record ok/FAIL and seconds;
 # a line the command writes to OUT/NAME.detail becomes the row's detail.
