@@ -80,7 +80,7 @@ class ReferenceKPrune:
         p = self.pruner
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}
         with timed(timing, "teacher"):
-            teacher = Teacher(problem.model, problem.task.kind, problem.sample, p.temperature, p.batch_size,
+            teacher = Teacher(problem.model, problem.task.kind, problem.sample, p.temperature, p.micro_batch_size,
                               problem.device, keep_model=False)
             original = copy.deepcopy(problem.model).eval() if p.tune else None
         masks = Masks.ones(problem.adapter, problem.device)

@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from kprune_helpers import DEVICES
 from transformers import AutoModelForSequenceClassification
 
-from kprune_cli.cli.run import build_pruner
 from kprune_cli.config.paths import CONFIG_DIR
+from kprune_cli.core.stages import build_pruner
 from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.loading import load_model
 from kprune_cli.tasks.spec import get_task
@@ -156,6 +156,14 @@ def test_mistyped_key_is_one_line_naming_the_closest_keys(override, closest, tmp
     key = override.split("=")[0]
     assert len(err.splitlines()) == 1 and f"unknown key {key!r}" in err and f"did you mean {closest}" in err
     assert "+" + key not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pruner", ["kprune", "kwon"])
+def test_the_old_pruner_batch_size_names_the_two_keys_that_replace_it(pruner, tmp_path, capsys):
+    assert kprune("run", f"pruner={pruner}", "pruner.batch_size=16", f"output_dir={tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pruner.micro_batch_size" in err and "pruner.gradient_batch" in err
     assert not (tmp_path / "out").exists()
 
 

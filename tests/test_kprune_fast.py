@@ -97,7 +97,7 @@ def test_residual_sums_walk_up_like_truncated_passes_and_restart_for_an_earlier_
 @pytest.mark.parametrize("head", ["classification", "qa"])
 def test_fast_schedule_matches_the_reference(tiny_model, family, head, device):
     results = []
-    for pruner in (KPrunePruner(batch_size=5), ReferenceKPrune(KPrunePruner(batch_size=5))):
+    for pruner in (KPrunePruner(micro_batch_size=5), ReferenceKPrune(KPrunePruner(micro_batch_size=5))):
         model = sharpen(tiny_model(family, head))
         problem = make_problem(model, task=TASK_OF_HEAD[head], rate=0.6, device=device)
         results.append((pruner.prune(problem), {key: value.cpu() for key, value in model.state_dict().items()}))

@@ -111,7 +111,7 @@ def test_runs_for_every_task_head_and_family(tiny_model, family, head):
     model = sharpen(tiny_model(family, "qa" if head == "qa" else "classification",
                                num_labels=1 if head == "regression" else 2))
     problem = make_problem(model, task=TASK_OF_HEAD[head], rate=0.5)
-    result = KPrunePruner(batch_size=5).prune(problem)
+    result = KPrunePruner(micro_batch_size=5).prune(problem)
     assert [mask.shape for mask in result.masks.heads] == [(4,), (4,)]
     assert [mask.shape for mask in result.masks.neurons] == [(64,), (64,)]
     assert _flops(result.masks) <= problem.budget
@@ -146,7 +146,7 @@ def test_uses_a_given_progress(tiny_model):
 
 @pytest.mark.parametrize("kwargs", [
     {"lambda_rep": -1.0}, {"lambda_pred": 0.0, "lambda_rep": 0.0}, {"mu": 0.0}, {"temperature": -2.0},
-    {"batch_size": 0}, {"gradient_batch": 0}, {"align": 0},
+    {"micro_batch_size": 0}, {"gradient_batch": 0}, {"align": 0}, {"gram_precision": "fp16"},
 ])
 def test_rejects_bad_settings(kwargs):
     with pytest.raises(UserError):

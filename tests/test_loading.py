@@ -12,7 +12,14 @@ from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, BertModel, BertTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-from kprune_cli.models.loading import _load_weights, _locate, count_parameters, load_for_finetuning, load_model, stored_dtype
+from kprune_cli.models.loading import (
+    _load_weights,
+    _locate,
+    count_parameters,
+    load_for_finetuning,
+    load_model,
+    stored_dtype,
+)
 from kprune_cli.runtime.device import resolve_device
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.spec import get_task

@@ -86,9 +86,9 @@ def test_kwon_runs_where_deterministic_algorithms_are_enforced(restore_modes, de
         model = sharpen(make_tiny_model("bert"))
         return make_problem(model, sample=labelled(make_sample(model)), device=device)
 
-    free = KwonPruner(batch_size=4).prune(problem())
+    free = KwonPruner(gradient_batch=4).prune(problem())
     torch.use_deterministic_algorithms(True)  # raising mode, as transformers' enable_full_determinism sets
-    enforced = KwonPruner(batch_size=4).prune(problem())
+    enforced = KwonPruner(gradient_batch=4).prune(problem())
     assert torch.is_deterministic_algorithms_warn_only_enabled() is False
     assert all(torch.equal(a, b) for a, b in zip(free.masks.heads + free.masks.neurons,
                                                  enforced.masks.heads + enforced.masks.neurons))

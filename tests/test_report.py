@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from kprune_cli.core.report import config_hash, versions
-from kprune_cli.core.resume import run_identity
+from kprune_cli.core.report import config_hash, run_identity, versions
 
 
 def test_config_hash_ignores_the_output_directory_but_not_the_experiment():

@@ -33,9 +33,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from kprune_cli.models.flops import FlopsModel
+from kprune_cli.models.model_card import ModelCard
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.output_dir import write_json_atomic
 from kprune_cli.runtime.precision import matmul_precision
+from kprune_cli.runtime.steps import flatten
 from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import TaskSpec
 
@@ -51,7 +53,7 @@ def versions(device: torch.device | None = None) -> dict[str, str]:
     import datasets
     import transformers
 
-    from kprune_cli import __version__
+    from kprune_cli.runtime.version import __version__
 
     return {
         "kprune": __version__,
@@ -83,6 +85,14 @@ def config_hash(cfg: DictConfig) -> str:
     gives the same hash in any directory)."""
     text = OmegaConf.to_yaml(OmegaConf.create(experiment_values(cfg)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_identity(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """What a resumed run must share with the saved one (:class:`~kprune_cli.runtime.steps.StepCheckpoints`):
+    the config (hash and flattened values, without where the run writes or whether it resumes), the
+    device type and, on CUDA, the GPU model (another model's kernels give other round-off)."""
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+    return {"config_hash": config_hash(cfg), "config": flatten(experiment_values(cfg)), "device": device.type, **gpu}
 
 
 def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, device: torch.device,
@@ -192,6 +202,25 @@ def write_reports(report: Report, directory: Path) -> None:
     """Write report.md, then report.json (atomically, last: its presence marks success)."""
     (directory / "report.md").write_text(render_markdown(report))
     write_json_atomic(directory / "report.json", report)
+
+
+def model_card(report: Report, task: TaskSpec, source: str, command: str | None) -> ModelCard:
+    """The model card of the run's ``pruned/``, from its report; ``source``: the dense model pruned
+    (a directory or a hub id), ``command``: the command that ran it."""
+    capped = report["config"].get("eval_max_examples")
+    return ModelCard(
+        task=report["task"], question_answering=task.is_qa, source=source, base_model=_hub_id(source),
+        pruner=report["pruner"], rate=report["rate"], metric=report["metric"]["name"],
+        dense=report["metric"]["dense"], pruned=report["metric"]["pruned"],
+        evaluated_on=f"{task.eval_splits[0]} split" + (f", first {capped} examples" if capped else ""),
+        flops_kept=report["flops"]["pruned"] / report["flops"]["dense"], seq_len=report["flops"]["seq_len"],
+        layers=report["layers"], dense_layers=report["dense_layers"], command=command, smoke=report["smoke"],
+    )
+
+
+def _hub_id(path: str) -> str | None:
+    """``path`` when it names a model on the hub; ``None`` for a local directory or a built-in."""
+    return None if ":" in path or Path(path).expanduser().exists() else path
 
 
 def print_summary(report: Report) -> None:

@@ -3,7 +3,8 @@
 ``path`` is a local Hugging Face directory or a hub id. Weights are loaded in float32 (the shared
 models are stored in float16), in eval mode, on the requested device. Pruned checkpoints written by
 :func:`kprune_cli.models.checkpoint.save_pruned` are recognised by ``kprune_structure`` in their config
-and loaded through their own ``modeling_kprune.py`` (``trust_remote_code`` only for those).
+and loaded through their own ``modeling_kprune.py`` (``trust_remote_code`` only for those), whatever
+kprune version wrote them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from transformers import (
 )
 
 from kprune_cli.models.adapters import check_supported
-from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, layout_of
+from kprune_cli.models.families import layout_of
+from kprune_cli.models.families.kprune_common import STRUCTURE_KEY
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.spec import TaskSpec
 
