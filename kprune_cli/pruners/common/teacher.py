@@ -19,7 +19,7 @@ No gold labels are read anywhere.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -51,6 +51,21 @@ class DistillBatch(TokenBatch):
 
     target: torch.Tensor
     draw_index: torch.Tensor
+    _groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    def gradient_groups(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient batches of ``size`` sequences (in draw order) that this micro-batch's sequences
+        fall in, ``(groups,)`` long, and which sequence is in which, ``(groups, batch)`` float64 (1 or 0).
+        Found once per ``size`` (a data-dependent size: one host sync on a GPU), so that the
+        measurement passes, which use them at every sub-layer, need none."""
+        if size not in self._groups:
+            groups, inverse = torch.unique(self.draw_index // size, return_inverse=True)
+            positions = torch.arange(len(self.draw_index), device=self.draw_index.device)
+            membership = torch.zeros(len(groups), len(self.draw_index), dtype=torch.float64,
+                                     device=self.draw_index.device)
+            membership[inverse, positions] = 1.0
+            self._groups[size] = groups, membership
+        return self._groups[size]
 
 
 def micro_batches(sample: CalibrationSample, batch_size: int | None, device: torch.device | str,
@@ -191,7 +206,7 @@ class ResidualSums:
             for index, batch in enumerate(self.batches):
                 hidden[index] = window(batch.inputs, hidden[index])  # (batch, seq, d) entering layer + 1
                 for kind, values in sums.items():
-                    values.append(store[kind][batch.token_mask])  # (tokens_b, d)
+                    values.append(batch.select(store[kind]))  # (tokens_b, d)
         self._hidden = (layer + 1, hidden)
         return sums
 
