@@ -91,7 +91,7 @@ def _dev_metrics(task: TaskSpec, data: DatasetDict | None, tokenizer: PreTrained
     the task's dev split(s) of ``data``, evaluated as ``kprune eval`` does; a ``metrics_note`` instead
     without data."""
     if data is None:
-        note = f"no dev metrics: pass data_dir=<the {task.name} data> to measure the float32 and int8 models'"
+        note = f"no dev metrics: pass data_dir=<the {task.name} data> to evaluate the float32 and int8 models"
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         return {"metrics_note": note}
     metrics = {precision: evaluate_model(SessionModel(session), tokenizer, task, data, "cpu", batch_size=batch_size,

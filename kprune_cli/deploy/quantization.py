@@ -27,10 +27,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from kprune_cli.deploy.onnx_model import ort_session, run_session
 from kprune_cli.runtime.errors import UserError
 
 if TYPE_CHECKING:
@@ -64,13 +64,14 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
 
     # ONNX Runtime logs a warning on the root logger suggesting shape-inference pre-processing; that
     # serves static quantization's calibration, not the dynamic MatMul quantization done here.
-    logging.disable(logging.WARNING)
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.WARNING))
     try:
         quantize_dynamic(source, target, op_types_to_quantize=INT8_SETTINGS["op_types_to_quantize"],
                          per_channel=INT8_SETTINGS["per_channel"], reduce_range=INT8_SETTINGS["reduce_range"],
                          weight_type=QuantType.QInt8, extra_options=dict(INT8_SETTINGS["extra_options"]))
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(disabled)
     return {"format": "int8", "file": target.name, **INT8_SETTINGS,
             "bytes": {"float32": source.stat().st_size, "int8": target.stat().st_size}}
 
@@ -84,23 +85,20 @@ class SessionModel(nn.Module):
     def __init__(self, session: onnxruntime.InferenceSession) -> None:
         super().__init__()
         self.session = session
-        self.inputs = [node.name for node in session.get_inputs()]
         self.outputs = [node.name for node in session.get_outputs()]
 
     def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        feed = {name: inputs[name].cpu().numpy().astype(np.int64) for name in self.inputs}
-        return {name: torch.from_numpy(value) for name, value in zip(self.outputs, self.session.run(None, feed))}
+        found = run_session(self.session, inputs)
+        return {name: torch.from_numpy(value) for name, value in zip(self.outputs, found)}
 
 
-def int8_sessions(paths: dict[str, Path], threads: int | None = None) -> dict[str, onnxruntime.InferenceSession]:
+def int8_sessions(paths: dict[str, Path]) -> dict[str, onnxruntime.InferenceSession]:
     """Each float32 ONNX model of ``paths`` (role: file) quantized beside it (``<stem>.int8.onnx``)
-    and opened as an ONNX Runtime CPU session, per role."""
-    from kprune_cli.deploy.onnx_model import ort_session
-
+    and opened as an ONNX Runtime CPU session (:func:`ort_session`), per role."""
     sessions = {}
     for role, path in paths.items():
         target = path.with_name(f"{path.stem}.int8.onnx")
         quantize_int8(path, target)
-        sessions[role] = ort_session(target, threads)
+        sessions[role] = ort_session(target)
     return sessions
 
