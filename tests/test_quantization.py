@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import kprune, make_tiny_model
+from conftest import FAMILIES, kprune, make_tiny_model
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
+
+from test_onnx import prune_with_empty_sublayers
 
 from kprune_cli.core.evaluation import evaluate_model
 from kprune_cli.deploy.onnx_model import example_inputs, export_onnx, ort_session, run_session
@@ -34,19 +36,36 @@ def evaluate_session(path: Path, checkpoint: Path, data_dir: Path, max_examples:
     return evaluate_model(SessionModel(ort_session(path)), tokenizer, task, data, "cpu", max_examples=max_examples)
 
 
+def int8_beside_float32(model: torch.nn.Module, directory: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """``model`` exported and quantized in ``directory``: the quantization summary, and the float32 and
+    int8 ONNX models' logits ``(16, num_labels)`` on the same random inputs."""
+    export_onnx(model, directory / "model.onnx")
+    settings = quantize_int8(directory / "model.onnx", directory / INT8_FILE)
+    inputs = example_inputs(model, batch_size=16, seq_len=24, seed=3)
+    (float32,) = run_session(ort_session(directory / "model.onnx", threads=1), inputs)
+    (int8,) = run_session(ort_session(directory / INT8_FILE, threads=1), inputs)
+    return settings, float32, int8
+
+
 def test_int8_model_quantizes_every_linear_and_stays_close_to_float32(tmp_path):
-    model = make_tiny_model("bert").eval()
-    export_onnx(model, tmp_path / "model.onnx")
-    settings = quantize_int8(tmp_path / "model.onnx", tmp_path / INT8_FILE)
-    assert settings["bytes"]["int8"] < settings["bytes"]["float32"]
+    settings, float32, int8 = int8_beside_float32(make_tiny_model("bert").eval(), tmp_path)
+    assert settings["bytes"]["int8"] < settings["bytes"]["float32"] and settings["empty_products_left_float"] == 0
     ops = [node.op_type for node in onnx.load(tmp_path / INT8_FILE).graph.node]
     # 2 layers x 6 encoder Linears (q, k, v, attention output, FFN in and out), the pooler and the
     # classifier; attention's 2 products of two activations per layer stay float (MatMulConstBOnly).
     assert sum(op in INTEGER_OPS for op in ops) == 2 * 6 + 2 and ops.count("MatMul") == 2 * 2
-    inputs = example_inputs(model, batch_size=16, seq_len=24, seed=3)
-    (float32,) = run_session(ort_session(tmp_path / "model.onnx", threads=1), inputs)
-    (int8,) = run_session(ort_session(tmp_path / INT8_FILE, threads=1), inputs)
     assert not np.array_equal(int8, float32)  # it is quantized
+    assert np.abs(int8 - float32).max() <= 0.05 * np.abs(float32).max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_model_with_emptied_sublayers_quantizes(family, tmp_path):
+    """Layer 0 without attention, layer 1 without FFN: their Linears have no elements to quantize."""
+    model = make_tiny_model(family).eval()
+    prune_with_empty_sublayers(model)
+    settings, float32, int8 = int8_beside_float32(model, tmp_path)
+    # The products left with an empty weight in the exported graph: layer 0's attention output, layer 1's FFN input.
+    assert settings["empty_products_left_float"] == 2
     assert np.abs(int8 - float32).max() <= 0.05 * np.abs(float32).max()
 
 

@@ -14,6 +14,8 @@ data. The settings, and why (:data:`INT8_SETTINGS`):
 - ``MatMulConstBOnly`` (ONNX Runtime's default for dynamic mode, written out): only products with a
   constant weight are quantized; attention's activation x activation products (Q K^T, P V) stay
   float32, where quantizing the softmax probabilities per tensor would lose the small ones.
+- Products whose weight has no elements (a sub-layer pruned to nothing) are left out
+  (:func:`empty_products`): ONNX Runtime's per-channel quantizer fails on them.
 - ``per_channel=True``: one scale per output column of each weight. Pruned (sliced) weights keep
   columns of very different ranges; a single per-tensor scale would flatten the small ones.
 - ``reduce_range=True``: 7-bit weights. On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI)
@@ -62,6 +64,8 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
     return the settings with both files' sizes in bytes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    empty = empty_products(source)
+
     # ONNX Runtime logs a warning on the root logger suggesting shape-inference pre-processing; that
     # serves static quantization's calibration, not the dynamic MatMul quantization done here.
     disabled = logging.root.manager.disable
@@ -69,11 +73,23 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
     try:
         quantize_dynamic(source, target, op_types_to_quantize=INT8_SETTINGS["op_types_to_quantize"],
                          per_channel=INT8_SETTINGS["per_channel"], reduce_range=INT8_SETTINGS["reduce_range"],
-                         weight_type=QuantType.QInt8, extra_options=dict(INT8_SETTINGS["extra_options"]))
+                         weight_type=QuantType.QInt8, extra_options=dict(INT8_SETTINGS["extra_options"]),
+                         nodes_to_exclude=empty)
     finally:
         logging.disable(disabled)
-    return {"format": "int8", "file": target.name, **INT8_SETTINGS,
+    return {"format": "int8", "file": target.name, **INT8_SETTINGS, "empty_products_left_float": len(empty),
             "bytes": {"float32": source.stat().st_size, "int8": target.stat().st_size}}
+
+
+def empty_products(path: Path) -> list[str]:
+    """Names of the ``MatMul`` / ``Gemm`` nodes of the ONNX model at ``path`` whose weight has no
+    elements: the Linears of a sub-layer pruned to nothing (0 heads or 0 neurons), e.g. ``(hidden, 0)``.
+    There is nothing to quantize in them, and ONNX Runtime's per-channel quantizer fails on them."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    empty = {tensor.name for tensor in graph.initializer if 0 in tensor.dims}
+    return [node.name for node in graph.node if node.op_type in ("MatMul", "Gemm") and empty & set(node.input)]
 
 
 class SessionModel(nn.Module):
