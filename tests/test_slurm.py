@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,8 +17,8 @@ from conftest import write_mrpc_data, write_tiny_checkpoint
 from slurm_cluster import PARTITION, ClusterUnavailable, SlurmCluster, start_cluster
 from test_resume import _assert_same_result, _reference
 
-from kprune_cli.core.resume import STATE_NAME
 from kprune_cli.runtime.output_dir import STEPS_NAME
+from kprune_cli.runtime.steps import STATE_NAME
 
 KPRUNE = Path(sys.executable).with_name("kprune")
 HOOKS = Path(__file__).resolve().parent / "slurm_hooks"  # sitecustomize.py: KPRUNE_TEST_STEP_PAUSE
@@ -134,7 +133,7 @@ def test_a_job_requeued_while_pruning_resumes_to_the_uninterrupted_result(idle, 
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert state.exists(), (work / "sweep.log").read_text() + job_logs(sweep)
-    done = json.loads(state.read_text())["done"]
+    done = json.loads(state.read_text())["state"]["done"]
     (job,) = [job for job, status in idle.job_states().items() if status == "RUNNING"]
     idle.command("scontrol", "requeue", job)
 
@@ -143,7 +142,7 @@ def test_a_job_requeued_while_pruning_resumes_to_the_uninterrupted_result(idle, 
     while idle.job_states().get(job) != "PENDING" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert idle.job_states().get(job) == "PENDING"
-    kept = json.loads(state.read_text())["done"]
+    kept = json.loads(state.read_text())["state"]["done"]
     assert done <= kept < 4 and not (output / "report.json").exists()
     time.sleep(3)
     assert process.poll() is None, "the sweep ended while its job was requeued and pending"

@@ -5,7 +5,6 @@ default hub id onto a tiny local checkpoint."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

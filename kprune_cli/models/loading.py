@@ -174,13 +174,21 @@ def _load_tokenizer(location: str, path: str) -> PreTrainedTokenizerBase:
 
 
 def _load_weights(location: str, path: str, task: TaskSpec, config: PretrainedConfig, **kwargs):
-    """``from_pretrained`` of the task's Auto class in float32, its messages silenced, its errors explained."""
+    """``from_pretrained`` of the task's Auto class in float32, its messages silenced, its errors explained.
+
+    The attention is PyTorch's SDPA where the family has it (else eager), never a library's choice:
+    transformers 4.5x picks FlashAttention-2 for ModernBERT when ``flash-attn`` is installed, which
+    unpads the batch (``(tokens, d)`` hidden states) under the pruners' hooks; and ModernBERT's
+    ``reference_compile`` (4.5x) is switched off, as it would recompile whenever the hooks change.
+    """
     auto_class = AutoModelForQuestionAnswering if task.is_qa else AutoModelForSequenceClassification
     ours = hasattr(config, STRUCTURE_KEY)  # a pruned checkpoint with modeling_kprune.py beside it
+    if hasattr(config, "reference_compile"):
+        config.reference_compile = False
     try:
         with _quiet_loading():
-            return auto_class.from_pretrained(location, config=config, dtype=torch.float32,
-                                              trust_remote_code=ours, **kwargs)
+            return auto_class.from_pretrained(location, config=config, dtype=torch.float32, trust_remote_code=ours,
+                                              attn_implementation=attention_of(auto_class, config), **kwargs)
     except SafetensorError as error:
         raise UserError(f"the weights of model {path!r} are corrupted or truncated ({error}): "
                         "copy or download them again") from error
@@ -188,6 +196,13 @@ def _load_weights(location: str, path: str, task: TaskSpec, config: PretrainedCo
         if _is_hub(location):
             raise _hub_error(path, error) from error
         raise UserError(f"cannot load the weights of model {path!r}: {str(error).splitlines()[0]}") from error
+
+
+def attention_of(auto_class: type, config: PretrainedConfig) -> str:
+    """``"sdpa"`` where the stock model class of ``config`` supports it, else ``"eager"`` (MPNet,
+    DeBERTa-v2; a pruned checkpoint's class has its stock family's attention)."""
+    stock = auto_class._model_mapping.get(type(config), None)
+    return "sdpa" if stock is not None and getattr(stock, "_supports_sdpa", False) else "eager"
 
 
 @contextmanager

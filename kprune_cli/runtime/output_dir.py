@@ -7,7 +7,7 @@ Rules (what sweeps and scripts may rely on):
 - a failed or interrupted run (exception, Ctrl-C, SIGTERM) removes what it had written and
   leaves ``FAILED.json`` (error and config); a run stopped by a user mistake
   (:class:`UserError`) leaves nothing at all; either keeps its step checkpoints
-  (``.kprune-steps/``, kprune_cli/core/resume.py), which ``resume=true`` continues from;
+  (``.kprune-steps/``, kprune_cli/runtime/steps.py), which ``resume=true`` continues from;
 - a run killed outright (SIGKILL, power loss) cannot clean up: it leaves its lock file and no
   ``report.json`` (their presence and absence are the signal), perhaps a hidden staging
   directory; a ``pruned/`` is never half-written (it appears by renaming a complete staging

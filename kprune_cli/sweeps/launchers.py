@@ -4,7 +4,7 @@ hydra-submitit-launcher's launchers are submitit's checkpointable callables: whe
 a job (or its time runs out), submitit receives its signal (USR2), calls :meth:`checkpoint`,
 requeues the job with what that returns and exits it. The launchers here requeue it with
 ``resume=true`` added to the job's overrides, so that the job continues after its last finished
-sub-layer (kprune_cli/core/resume.py) instead of being refused its own non-empty directory. A job that
+sub-layer (kprune_cli/runtime/steps.py) instead of being refused its own non-empty directory. A job that
 SLURM requeued by itself (after SIGKILL, without submitit's signal: ``SLURM_RESTART_COUNT`` > 0)
 resumes too. Meanwhile the job's SIGTERM is left to submitit, which ignores it
 (kprune_cli/runtime/interrupts.py).

@@ -8,7 +8,7 @@ import os
 if os.environ.get("SLURM_JOB_ID") and os.environ.get("KPRUNE_TEST_STEP_PAUSE"):
     import time
 
-    from kprune_cli.core import resume
+    from kprune_cli.runtime import steps as resume
 
     _save = resume.StepCheckpoints.save
 
