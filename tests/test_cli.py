@@ -11,29 +11,34 @@ import pytest
 import torch
 from conftest import kprune
 from hydra import compose, initialize_config_dir
+from kprune_helpers import DEVICES
 from transformers import AutoModelForSequenceClassification
 
-from kprune_cli.cli.run import build_pruner
 from kprune_cli.config.paths import CONFIG_DIR
+from kprune_cli.core.stages import build_pruner
 from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.loading import load_model
 from kprune_cli.tasks.spec import get_task
 
 
-def run_args(checkpoint: Path, data: Path, output: Path, *extra: str) -> list[str]:
+def run_args(checkpoint: Path, data: Path, output: Path, *extra: str, device: str = "cpu") -> list[str]:
     return ["run", "task=mrpc", f"model.path={checkpoint}", f"data_dir={data}", f"output_dir={output}",
-            "calibration.num_tokens=300", "calibration.batch_size=8", "device=cpu", *extra]
+            "calibration.num_tokens=300", "calibration.batch_size=8", f"device={device}", *extra]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pruner", ["kprune", "magnitude"])
-def test_run_writes_checkpoint_and_report(pruner, tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+def test_run_writes_checkpoint_and_report(pruner, device, tiny_checkpoint, mrpc_dir, tmp_path, capsys):
     output = tmp_path / "out"
-    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, f"pruner={pruner}", "rate=0.5")) == 0
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, f"pruner={pruner}", "rate=0.5", device=device)) == 0
+    assert f"device: {device}" in capsys.readouterr().err  # the start line names the device picked
 
     report = json.loads((output / "report.json").read_text())
     for key in ("task", "pruner", "rate", "seed", "device", "config", "versions", "metric", "flops", "params",
                 "checkpoint", "layers", "timing", "peak_memory_mb"):
         assert key in report
+    assert report["device"].startswith(device) and ("gpu" in report["versions"]) == (device == "cuda")
+    assert report["numerics"] == {"deterministic": False, "matmul_precision": "highest"}
     assert report["task"] == "mrpc" and report["pruner"] == pruner and report["rate"] == 0.5
     assert set(report["metric"]["all"]["pruned"]) == {"accuracy", "f1"}
     assert 0.0 <= report["metric"]["pruned"] <= 1.0
@@ -151,6 +156,14 @@ def test_mistyped_key_is_one_line_naming_the_closest_keys(override, closest, tmp
     key = override.split("=")[0]
     assert len(err.splitlines()) == 1 and f"unknown key {key!r}" in err and f"did you mean {closest}" in err
     assert "+" + key not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pruner", ["kprune", "kwon"])
+def test_the_old_pruner_batch_size_names_the_two_keys_that_replace_it(pruner, tmp_path, capsys):
+    assert kprune("run", f"pruner={pruner}", "pruner.batch_size=16", f"output_dir={tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pruner.micro_batch_size" in err and "pruner.gradient_batch" in err
     assert not (tmp_path / "out").exists()
 
 

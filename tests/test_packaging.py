@@ -7,6 +7,7 @@ sub-package or config file missing from the wheel fails here, and so does a buil
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -69,3 +70,18 @@ def test_installed_copy_finds_its_configs(wheel, tmp_path):
     assert probe.returncode == 0, probe.stderr
     found = Path(probe.stdout.strip())
     assert found == target / "kprune_cli" / "configs" and (found / "run.yaml").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+                    reason="hydra-submitit-launcher is not installed (pip install -e .[cluster])")
+def test_installed_copy_registers_its_launchers_with_hydra(wheel, tmp_path):
+    """Unpacked alone, Hydra knows the package's launchers (hydra/launcher=slurm|local, issue #22)."""
+    from test_console_script import LAUNCHERS_REGISTERED
+
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    probe = subprocess.run([sys.executable, "-c", LAUNCHERS_REGISTERED + "import kprune_cli; print(kprune_cli.__file__)"],
+                           cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()).is_relative_to(target)  # the unpacked copy, not the source tree

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data, write_tiny_checkpoint
+from kprune_helpers import DEVICES
 from safetensors.torch import load_file
 from test_cli import run_args
 from transformers import BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
@@ -28,7 +29,7 @@ from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.loading import load_model
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
-from kprune_cli.runtime import locks
+from kprune_cli.runtime import interrupts, locks
 from kprune_cli.runtime.interrupts import Terminated, catchable_interrupts, deferred_interrupts
 from kprune_cli.runtime.locks import STALE_AFTER_S
 from kprune_cli.runtime.output_dir import FAILED_NAME, LOCK_NAME, STEPS_NAME, OutputDir
@@ -71,7 +72,7 @@ def assert_clean_user_error(code: int, err: str, expected: str, output: Path) ->
     (["pruner=kprune", "pruner.mu=abc"], "pruner.mu='abc'"),
     (["pruner=kprune", "pruner.mu=-1"], "pruner.mu=-1"),
     (["pruner=kprune", "pruner.tune=maybe"], "pruner.tune='maybe'"),
-    (["pruner=kprune", "pruner.batch_size=2.5"], "pruner.batch_size=2.5"),
+    (["pruner=kprune", "pruner.micro_batch_size=2.5"], "pruner.micro_batch_size=2.5"),
     (["pruner=kwon", "pruner.teacher=5"], "pruner.teacher=5"),
     (["pruner=magnitude", "+pruner.extra=1"], "MagnitudePruner"),
     (["pruner._target_=nope.Pruner"], "nope.Pruner"),
@@ -251,12 +252,15 @@ def _forward_that_runs_out_of_memory(monkeypatch, largest: int) -> list[int]:
     return seen
 
 
-def test_evaluation_out_of_memory_retries_with_smaller_batches(monkeypatch, tiny_checkpoint, mrpc_dir, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_out_of_memory_retries_with_smaller_batches(device, monkeypatch, tiny_checkpoint, mrpc_dir,
+                                                               tmp_path):
     reference = tmp_path / "reference"
-    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, reference, "pruner=magnitude", "eval_batch_size=16")) == 0
+    args = ("pruner=magnitude", "eval_batch_size=16")
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, reference, *args, device=device)) == 0
     seen = _forward_that_runs_out_of_memory(monkeypatch, largest=5)
     output = tmp_path / "out"
-    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude", "eval_batch_size=16")) == 0
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, *args, device=device)) == 0
     assert max(seen) == 16 and {size for size in seen if size <= 5} == {4}  # 16 -> 8 -> 4, the 24 rows in 6 batches
     report, expected = (json.loads((path / "report.json").read_text()) for path in (output, reference))
     assert report["metric"]["all"] == expected["metric"]["all"]
@@ -274,36 +278,41 @@ def test_out_of_memory_with_single_sequences_fails_the_run(monkeypatch, tiny_che
 
 
 class GreedyPruner:
-    """A pruner that corrupts the weights and runs out of memory while ``batch_size`` > ``fits``."""
+    """A pruner that corrupts the weights and runs out of memory while its micro-batch > ``fits``."""
 
-    def __init__(self, batch_size: int | None, fits: int) -> None:
-        self.batch_size, self.fits, self.weights_seen = batch_size, fits, []
+    def __init__(self, micro_batch_size: int | None, fits: int) -> None:
+        self.micro_batch_size, self.fits, self.weights_seen = micro_batch_size, fits, []
+
+    def micro_batch_of(self, problem: PruneProblem) -> int:
+        return self.micro_batch_size or 8
 
     def prune(self, problem: PruneProblem) -> PruneResult:
         weight = problem.adapter.layers()[0].ffn_out.weight
         self.weights_seen.append(weight.detach().clone())
         with torch.no_grad():
             weight.mul_(3.0)  # tuning in place, before running out of memory
-        if (self.batch_size or 8) > self.fits:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if self.micro_batch_of(problem) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return PruneResult(masks=Masks.ones(problem.adapter))
 
 
-@pytest.mark.parametrize("batch_size", [8, None])
-def test_pruning_out_of_memory_restarts_with_half_the_batch_and_the_original_weights(batch_size, tiny_model):
+@pytest.mark.parametrize("micro_batch_size", [8, None])
+def test_pruning_out_of_memory_restarts_with_half_the_batch_and_the_original_weights(micro_batch_size, tiny_model,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**40, 2**40))  # the caches fit
     model = tiny_model("bert")
     adapter = get_adapter(model)
     sample = CalibrationSample([{"input_ids": torch.ones(8, 4, dtype=torch.long),
                                  "attention_mask": torch.ones(8, 4, dtype=torch.long)}])
     problem = PruneProblem(model=model, adapter=adapter, task=get_task("mrpc"), sample=sample,
                            flops=FlopsModel(32, 8, 10.0), rate=0.5, device=torch.device("cuda"))
-    pruner, notes = GreedyPruner(batch_size, fits=2), []
+    pruner, notes = GreedyPruner(micro_batch_size, fits=2), []
     prune_with_memory_retry(pruner, problem, notes)
-    assert pruner.batch_size == 2 and len(notes) == 2 and "pruner.batch_size=8" in notes[0]
+    assert pruner.micro_batch_size == 2 and len(notes) == 2 and "pruner.micro_batch_size=8" in notes[0]
     for seen in pruner.weights_seen[1:]:
         torch.testing.assert_close(seen, pruner.weights_seen[0], rtol=0, atol=0)
-    with pytest.raises(torch.OutOfMemoryError):
-        prune_with_memory_retry(GreedyPruner(batch_size, fits=0), problem, [])
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        prune_with_memory_retry(GreedyPruner(micro_batch_size, fits=0), problem, [])
 
 
 # Determinism.
@@ -541,14 +550,16 @@ def signal_after_claim(output: Path, signum: int, delay: float) -> threading.Thr
 
 @pytest.fixture
 def signals_only_inside_the_job(tmp_path):
-    """SIGINT raises KeyboardInterrupt (as Python's default handler does) only while a job holds a
-    lock under ``tmp_path``, SIGTERM outside the job is ignored: a late signal cannot stop pytest."""
+    """SIGINT interrupts as kprune's own handler does (held inside ``deferred_interrupts``) only while a
+    job holds a lock under ``tmp_path``, SIGTERM outside the job is ignored: a late signal cannot stop
+    pytest. (kprune installs its handler only over Python's default one, so this one stands in for it;
+    one that raised at once would stop the claim half-way, which a real Ctrl-C cannot.)"""
     def holding() -> bool:
         return any(tmp_path.glob(f"*/{LOCK_NAME}"))
 
     def on_sigint(signum, frame):
         if holding():
-            raise KeyboardInterrupt
+            interrupts._interrupt(KeyboardInterrupt())
 
     previous = signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, signal.SIG_IGN)
     yield

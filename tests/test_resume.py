@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kprune, write_mrpc_data, write_tiny_checkpoint
-from kprune_helpers import make_problem, sharpen
+from kprune_helpers import DEVICES, make_problem, sharpen
 from safetensors.torch import load_file
 from test_cli import run_args
 
-from kprune_cli.core.resume import STATE_NAME, StepCheckpoints
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.interrupts import catchable_interrupts
 from kprune_cli.runtime.locks import read_holder
 from kprune_cli.runtime.output_dir import LOCK_NAME, STEPS_NAME
+from kprune_cli.runtime.steps import STATE_NAME, StepCheckpoints
 
 
 class Killed(BaseException):
@@ -35,12 +36,12 @@ class KilledAfter(StepCheckpoints):
     """Step checkpoints of a run that dies right after saving sub-layer ``last``."""
 
     def __init__(self, directory: Path, last: int, pruner: object) -> None:
-        super().__init__(directory, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+        super().__init__(directory, {"config_hash": "x", "config": {}, "device": "cpu"})
         self.last_saved = last
 
-    def save(self, adapter, progress, tuned) -> None:
-        super().save(adapter, progress, tuned)
-        if progress.done - 1 == self.last_saved:
+    def save(self, state, append_only=()) -> None:
+        super().save(state, append_only)
+        if state["done"] - 1 == self.last_saved:
             raise Killed
 
 
@@ -48,7 +49,7 @@ def _pruned(tiny_model, pruner, steps=None):
     problem = make_problem(sharpen(tiny_model("bert")), rate=0.6)
     problem.steps = steps
     if steps is not None:
-        steps.bind_sample(problem.sample)
+        steps.bind_examples(problem.sample.example_indices)
     result = pruner.prune(problem)
     return result, problem.model.state_dict()
 
@@ -60,7 +61,7 @@ def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny
     pruner = KPrunePruner(**options)
     with pytest.raises(Killed):
         _pruned(tiny_model, pruner, KilledAfter(tmp_path, killed_after, pruner))
-    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
     result, weights = _pruned(tiny_model, KPrunePruner(**options), steps)
     for got, want in zip(result.masks.heads + result.masks.neurons, expected.masks.heads + expected.masks.neurons):
         assert torch.equal(got, want)
@@ -75,7 +76,7 @@ def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny
 
 
 def test_steps_that_cannot_be_written_for_lack_of_space_are_skipped_with_a_note(monkeypatch, tiny_model, tmp_path):
-    from kprune_cli.core import resume
+    from kprune_cli.runtime import steps as resume
 
     expected, expected_weights = _pruned(tiny_model, KPrunePruner())
     real_save = resume.save_file
@@ -87,19 +88,19 @@ def test_steps_that_cannot_be_written_for_lack_of_space_are_skipped_with_a_note(
 
     monkeypatch.setattr(resume, "save_file", fill_the_disk)
     pruner = KPrunePruner()
-    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
     result, weights = _pruned(tiny_model, pruner, steps)
     assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())
     assert result.notes == expected.notes
     assert len(steps.notes()) == 1 and "sub-layers 0, 1, 2, 3" in steps.notes()[0]
     assert "No space left" in steps.notes()[0]
     assert list((tmp_path / STEPS_NAME).iterdir()) == []  # no partial file left to trust
-    assert steps.last(torch.device("cpu")) is None
+    assert steps.load() is None
 
 
 def test_a_killed_save_leaves_the_previous_step_valid(monkeypatch, tiny_model, tmp_path):
     """Killed between the step file and the state that counts it: the resume starts one step earlier."""
-    from kprune_cli.core import resume
+    from kprune_cli.runtime import steps as resume
 
     pruner = KPrunePruner()
     with pytest.raises(Killed):
@@ -111,12 +112,12 @@ def test_a_killed_save_leaves_the_previous_step_valid(monkeypatch, tiny_model, t
             raise Killed
         real_replace(staging, target)
 
-    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"}, pruner)
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
     monkeypatch.setattr(resume, "_replace_durably", die_before_the_state)
     with pytest.raises(Killed):
         _pruned(tiny_model, KPrunePruner(), steps)
     state = json.loads((tmp_path / STEPS_NAME / STATE_NAME).read_text())
-    assert state["done"] == 2 and (tmp_path / STEPS_NAME / "step-002.safetensors").exists()
+    assert state["state"]["done"] == 2 and (tmp_path / STEPS_NAME / "step-002.safetensors").exists()
     monkeypatch.undo()
     expected, expected_weights = _pruned(tiny_model, KPrunePruner())
     result, weights = _pruned(tiny_model, KPrunePruner(), steps)
@@ -129,7 +130,7 @@ KILLING_RUN = """
 import os, signal, sys
 from pathlib import Path
 
-from kprune_cli.core import resume
+from kprune_cli.runtime import steps as resume
 from kprune_cli.models import checkpoint
 
 where, nth = os.environ["KILL_AT"].split(":")
@@ -189,7 +190,7 @@ def _assert_killed(process: subprocess.Popen, output: Path, resumes_at: int) -> 
     code, stderr = _finish(process)
     assert code == -signal.SIGKILL, stderr
     assert not (output / "report.json").exists() and (output / LOCK_NAME).exists()
-    assert json.loads((output / STEPS_NAME / STATE_NAME).read_text())["done"] == resumes_at
+    assert json.loads((output / STEPS_NAME / STATE_NAME).read_text())["state"]["done"] == resumes_at
 
 
 def _assert_same_result(output: Path, reference: Path, resumed_at: list[int]) -> None:
@@ -212,12 +213,16 @@ def _reference(args: list[str], output: Path) -> Path:
     return output
 
 
-def test_a_run_killed_at_three_points_resumes_to_the_uninterrupted_result(tiny_checkpoint, mrpc_dir, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_killed_at_three_points_resumes_to_the_uninterrupted_result(device, tiny_checkpoint, mrpc_dir,
+                                                                          tmp_path):
     """One real run SIGKILLed three times in a row (while a step's state is renamed into place,
     half-way through writing a step file, while pruned/ is written), resumed each time: it ends
-    bit for bit as the uninterrupted run, and its notes say where it resumed."""
+    bit for bit as the uninterrupted run, and its notes say where it resumed (on CUDA with
+    deterministic=true, which that promise needs there)."""
     output = tmp_path / "out"
-    args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune")
+    extra = ["deterministic=true"] if device == "cuda" else []
+    args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune", *extra, device=device)
     for kill_at, resumes_at in (("state-rename:2", 1), ("step-write:2", 2), ("pruned:1", 4)):
         extra = ["resume=true"] if kill_at != "state-rename:2" else []
         _assert_killed(_start(args + extra, kill_at), output, resumes_at)
@@ -238,7 +243,7 @@ def test_a_run_killed_from_outside_resumes_to_the_uninterrupted_result(tmp_path)
         time.sleep(0.005)
     process.kill()
     _finish(process)
-    done = json.loads(state.read_text())["done"]
+    done = json.loads(state.read_text())["state"]["done"]
     assert 1 <= done < 4 and not (output / "report.json").exists()
     code, stderr = _finish(_start(args + ["resume=true"]))
     assert code == 0, stderr
@@ -248,13 +253,13 @@ def test_a_run_killed_from_outside_resumes_to_the_uninterrupted_result(tmp_path)
 # resume=true through the command line, in this process.
 def _interrupted(args: list[str], output: Path, monkeypatch, capsys, after: int = 1) -> None:
     """Run ``args`` until it has saved the step of sub-layer ``after``, then stop it as an error would."""
-    from kprune_cli.core import resume
+    from kprune_cli.runtime import steps as resume
 
     real_save = StepCheckpoints.save
 
-    def save_then_fail(self, adapter, progress, tuned):
-        real_save(self, adapter, progress, tuned)
-        if progress.done - 1 == after:
+    def save_then_fail(self, state, append_only=()):
+        real_save(self, state, append_only)
+        if state["done"] - 1 == after:
             raise RuntimeError("stopped for the test")
 
     monkeypatch.setattr(resume.StepCheckpoints, "save", save_then_fail)
@@ -470,7 +475,6 @@ def test_demo_cache_killed_while_prepared_is_rebuilt_and_two_builders_take_turns
 
 
 def test_full_disk_while_preparing_the_demo_cache_is_one_line(tmp_path):
-    from kprune_cli.runtime.errors import UserError
     from kprune_cli.tasks.demo import build_once
 
     def fill_the_disk(staging: Path) -> None:
@@ -481,3 +485,65 @@ def test_full_disk_while_preparing_the_demo_cache_is_one_line(tmp_path):
     with pytest.raises(UserError, match="No space left on device; set KPRUNE_CACHE"):
         build_once(target, fill_the_disk)
     assert sorted(path.name for path in target.parent.iterdir()) == [".minilm-demo.lock"]
+
+
+def test_kprune_state_dict_continues_an_interrupted_prune_without_a_store(tiny_model):
+    """The pruner's own contract: ``load_state_dict(state_dict())`` on a fresh model continues to the
+    uninterrupted result (the store only keeps that state)."""
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner())
+
+    def stop_after_first(sublayer, masks):
+        if sublayer == 1:
+            raise Killed
+
+    interrupted = KPrunePruner()
+    problem = make_problem(sharpen(tiny_model("bert")), rate=0.6)
+    with pytest.raises(Killed):
+        interrupted.prune(problem, on_step=stop_after_first)
+    state = interrupted.state_dict()
+    assert state["done"] == 2 and set(state["tuned"]) == {"0", "1"} and set(state["masks"]) == {"heads", "neurons"}
+    pruner = KPrunePruner()
+    pruner.load_state_dict(state)
+    result, weights = _pruned(tiny_model, pruner)
+    for got, want in zip(result.masks.heads + result.masks.neurons, expected.masks.heads + expected.masks.neurons):
+        assert torch.equal(got, want)
+    assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())
+
+
+def test_step_checkpoints_of_an_older_kprune_are_refused_in_one_line(tmp_path):
+    (tmp_path / STEPS_NAME).mkdir()
+    (tmp_path / STEPS_NAME / STATE_NAME).write_text(json.dumps({"version": 1, "done": 2, "batch_size": 32}))
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
+    with pytest.raises(UserError, match="written by an older kprune; start again with overwrite=true"):
+        steps.check_resumable()
+    assert steps.saved_steps() == 0
+
+
+def test_append_only_tensors_are_written_once(tmp_path):
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
+    first = {"layer": torch.ones(3)}
+    steps.save({"done": 1, "mask": torch.zeros(2), "tuned": {"0": first}}, append_only=("tuned",))
+    steps.save({"done": 2, "mask": torch.ones(2), "tuned": {"0": {"layer": torch.full((3,), 7.0)},
+                                                             "1": {"layer": torch.arange(3.0)}}},
+               append_only=("tuned",))
+    assert sorted(load_file(tmp_path / STEPS_NAME / "step-001.safetensors")) == ["mask", "tuned.1.layer"]
+    state = steps.load()
+    assert state["done"] == 2 and torch.equal(state["mask"], torch.ones(2))
+    assert torch.equal(state["tuned"]["0"]["layer"], torch.ones(3))  # as first saved: promised unchanged
+    assert torch.equal(state["tuned"]["1"]["layer"], torch.arange(3.0))
+
+
+def test_a_resume_keeps_the_micro_batch_the_interrupted_run_used(tiny_model, tmp_path):
+    """An out-of-memory retry lowered the micro-batch before the kill: the resumed run uses it again (its
+    sums then match the saved steps'), and says so."""
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner(micro_batch_size=4))
+    lowered = KPrunePruner(micro_batch_size=4)
+    with pytest.raises(Killed):
+        _pruned(tiny_model, lowered, KilledAfter(tmp_path, 1, lowered))
+    pruner = KPrunePruner()  # as configured: 32
+    result, weights = _pruned(tiny_model, pruner, StepCheckpoints(tmp_path, {"config_hash": "x", "config": {},
+                                                                             "device": "cpu"}))
+    assert pruner.micro_batch_size == 4
+    assert any(note.startswith("resumed with pruner.micro_batch_size=4") and "configured: 32" in note
+               for note in result.notes)
+    assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())

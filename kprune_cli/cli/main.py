@@ -33,6 +33,7 @@ from kprune_cli.runtime.console import console
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.interrupts import catchable_interrupts
 from kprune_cli.runtime.output_dir import write_failure
+from kprune_cli.sweeps.launchers import register_launchers
 from kprune_cli.sweeps.status import SweepFailed
 
 USAGE = """\
@@ -292,6 +293,7 @@ def run_hydra_command(command: str, overrides: list[str]) -> None:
     except UserError as error:
         _print_error(error)
         sys.exit(UserError.exit_code)
+    register_launchers()  # before Hydra looks for hydra/launcher=slurm|local
     _JobState.started = False
     sys.argv = [f"kprune {command}", *overrides]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(

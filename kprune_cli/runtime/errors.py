@@ -8,3 +8,8 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def listed(names: list[str], limit: int = 3) -> str:
+    """The first ``limit`` names, and how many more there are, for an error message."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

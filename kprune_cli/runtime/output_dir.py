@@ -7,7 +7,7 @@ Rules (what sweeps and scripts may rely on):
 - a failed or interrupted run (exception, Ctrl-C, SIGTERM) removes what it had written and
   leaves ``FAILED.json`` (error and config); a run stopped by a user mistake
   (:class:`UserError`) leaves nothing at all; either keeps its step checkpoints
-  (``.kprune-steps/``, kprune_cli/core/resume.py), which ``resume=true`` continues from;
+  (``.kprune-steps/``, kprune_cli/runtime/steps.py), which ``resume=true`` continues from;
 - a run killed outright (SIGKILL, power loss) cannot clean up: it leaves its lock file and no
   ``report.json`` (their presence and absence are the signal), perhaps a hidden staging
   directory; a ``pruned/`` is never half-written (it appears by renaming a complete staging
@@ -180,9 +180,32 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
                         f"or pass overwrite=true")
 
 
+def new_file_mode() -> int:
+    """The permissions a new file gets under this process's umask (``0o644`` under the usual ``022``)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    umask = next((int(line.split()[1], 8) for line in status.splitlines() if line.startswith("Umask:")), None)
+    if umask is None:  # no /proc (macOS): read it by setting it, then put it back at once
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def follow_umask(directory: Path) -> None:
+    """Give every file under ``directory`` the permissions of a new file (:func:`new_file_mode`):
+    libraries that write through private temporary files (safetensors) leave them ``0600``."""
+    mode = new_file_mode()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``target``; on success it becomes ``target``.
+    """Yield a fresh temporary directory beside ``target``; on success it becomes ``target``, its
+    files readable as the umask allows (:func:`follow_umask`).
 
     On failure the temporary directory is removed and ``target`` is untouched (an ``OSError`` if
     another process made ``target`` meanwhile). An existing empty ``target`` is replaced; a
@@ -195,6 +218,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     staging.mkdir()  # not tempfile.mkdtemp: that makes it private (0700) instead of following the umask
     try:
         yield staging
+        follow_umask(staging)
         if target.exists() and overwrite:
             old = target.with_name(f"{staging.name}.old")
             os.replace(target, old)

@@ -15,6 +15,7 @@ split would (``tests/test_unlabeled.py``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset
@@ -40,6 +41,21 @@ def read_unlabeled(task: TaskSpec, path: str | Path) -> Dataset:
                 rows.append(reader(task, line.rstrip("\r\n"), f"{path}:{number}"))
     if not rows:
         raise UserError(f"calibration.source={str(path)!r} holds no examples: give one per line")
+    return _dataset(task, rows)
+
+
+def rows_from_texts(task: TaskSpec, texts: Sequence[str]) -> Dataset:
+    """The rows of ``texts``, one example each, as a line of a plain text file gives them (a task of
+    text pairs takes the two texts separated by a tab); a :class:`UserError` names a bad one."""
+    rows = [_text_row(task, text, f"calibration text {index}") for index, text in enumerate(texts) if text.strip()]
+    if not rows:
+        raise UserError("the calibration texts hold no examples: give a list of non-empty strings")
+    return _dataset(task, rows)
+
+
+def _dataset(task: TaskSpec, rows: list[dict[str, str]]) -> Dataset:
+    """``rows`` as a dataset, completed by the task's kind (QA: an ``id`` per row, which groups a
+    question's windows)."""
     return Dataset.from_list(kind_of(task).unlabeled_rows(rows))
 
 

@@ -19,10 +19,11 @@ No gold labels are read anywhere.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -32,7 +33,7 @@ from kprune_cli.pruners.common.hooks import capture_taps
 from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
 from kprune_cli.tasks.calibration import DRAW_INDEX, CalibrationSample
-from kprune_cli.tasks.data import TARGET_KEYS
+from kprune_cli.tasks.data import MODEL_INPUT_KEYS, TARGET_KEYS
 from kprune_cli.tasks.kinds import get_kind
 
 
@@ -48,33 +49,76 @@ class DistillBatch(TokenBatch):
 
     target: torch.Tensor
     draw_index: torch.Tensor
+    _groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    def gradient_groups(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient batches of ``size`` sequences (in draw order) that this micro-batch's sequences
+        fall in, ``(groups,)`` long, and which sequence is in which, ``(groups, batch)`` float64 (1 or 0).
+        Found once per ``size`` (a data-dependent size: one host sync on a GPU), so that the
+        measurement passes, which use them at every sub-layer, need none."""
+        if size not in self._groups:
+            groups, inverse = torch.unique(self.draw_index // size, return_inverse=True)
+            positions = torch.arange(len(self.draw_index), device=self.draw_index.device)
+            membership = torch.zeros(len(groups), len(self.draw_index), dtype=torch.float64,
+                                     device=self.draw_index.device)
+            membership[inverse, positions] = 1.0
+            self._groups[size] = groups, membership
+        return self._groups[size]
 
 
 def micro_batches(sample: CalibrationSample, batch_size: int | None, device: torch.device | str,
                   with_targets: bool = False, with_draw_index: bool = False) -> list[dict[str, torch.Tensor]]:
-    """The sample's model inputs on ``device``, split into at most ``batch_size`` sequences each.
+    """The sample's model inputs on ``device`` in micro-batches of at most ``batch_size`` sequences.
 
-    Columns that are padding in every sequence of a micro-batch are dropped (sorted batches
-    mostly lose their padding); this does not change any real token's output. With
-    ``with_targets`` the batch's gold targets (``labels`` or ``start_positions`` /
+    A calibration batch larger than ``batch_size`` is split; consecutive smaller ones are merged
+    while their sequences fit in ``batch_size`` (right-padded to the longest; ``None``: the
+    calibration batches as they are). Columns that are padding in every sequence of a micro-batch
+    are then dropped (sorted batches mostly lose their padding); neither changes any real token's
+    output. With ``with_targets`` the batch's gold targets (``labels`` or ``start_positions`` /
     ``end_positions``, ``(batch,)``) come along too; with ``with_draw_index``, the sequences'
     places in the draw order under :data:`~kprune_cli.tasks.calibration.DRAW_INDEX` ``(batch,)``.
     """
     parts = []
-    for batch, draw_index in zip(sample.batches, sample.draw_indices()):
-        inputs = sample.model_inputs(batch, device)
-        per_sequence = {key: batch[key].to(device) for key in TARGET_KEYS if with_targets and key in batch}
-        if with_draw_index:
-            per_sequence[DRAW_INDEX] = draw_index.to(device)
-        size = int(inputs["input_ids"].shape[0])
+    for batch in _merged(sample, batch_size, device, with_targets, with_draw_index):
+        size = int(batch["input_ids"].shape[0])
         step = size if batch_size is None else batch_size
-        for start in range(0, size, step):
-            part = {key: value[start:start + step] for key, value in inputs.items()}
-            used = part["attention_mask"].bool().any(dim=0).nonzero()
-            length = int(used.max()) + 1 if used.numel() else 1
-            parts.append({**{key: value[:, :length] for key, value in part.items()},
-                          **{key: value[start:start + step] for key, value in per_sequence.items()}})
+        parts += [drop_padding_columns({key: value[start:start + step] for key, value in batch.items()})
+                  for start in range(0, size, step)]
     return parts
+
+
+def drop_padding_columns(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` without the trailing columns that are padding in all its sequences: the model inputs
+    ``(batch, seq)`` are cut to ``(batch, used)``; other values, ``(batch,)``, stay as they are."""
+    used = batch["attention_mask"].bool().any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    return {key: value[:, :length] if key in MODEL_INPUT_KEYS else value for key, value in batch.items()}
+
+
+def _merged(sample: CalibrationSample, batch_size: int | None, device: torch.device | str, with_targets: bool,
+            with_draw_index: bool) -> list[dict[str, torch.Tensor]]:
+    """The calibration batches on ``device``, consecutive ones concatenated while their sequences
+    fit in ``batch_size`` (each batch alone when it is ``None``)."""
+    groups: list[list[dict[str, torch.Tensor]]] = []
+    for batch, draw_index in zip(sample.batches, sample.draw_indices()):
+        values = sample.model_inputs(batch, device)
+        values.update({key: batch[key].to(device) for key in TARGET_KEYS if with_targets and key in batch})
+        if with_draw_index:
+            values[DRAW_INDEX] = draw_index.to(device)
+        held = sum(int(part["input_ids"].shape[0]) for part in groups[-1]) if groups else 0
+        if groups and batch_size is not None and held + int(values["input_ids"].shape[0]) <= batch_size:
+            groups[-1].append(values)
+        else:
+            groups.append([values])
+    return [group[0] if len(group) == 1 else _concatenated(group) for group in groups]
+
+
+def _concatenated(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``batches`` as one, the model inputs right-padded with zeros to the longest (the attention mask
+    marks the padding)."""
+    length = max(int(batch["input_ids"].shape[1]) for batch in batches)
+    return {key: torch.cat([F.pad(batch[key], (0, length - batch[key].shape[1])) if key in MODEL_INPUT_KEYS
+                            else batch[key] for batch in batches]) for key in batches[0]}
 
 
 def distillation_loss(outputs: ModelOutput, target: torch.Tensor, kind: str, temperature: float,
@@ -137,7 +181,7 @@ class ResidualSums:
             for index, batch in enumerate(self.batches):
                 hidden[index] = window(batch.inputs, hidden[index])  # (batch, seq, d) entering layer + 1
                 for kind, values in sums.items():
-                    values.append(store[kind][batch.token_mask])  # (tokens_b, d)
+                    values.append(batch.select(store[kind]))  # (tokens_b, d)
         self._hidden = (layer + 1, hidden)
         return sums
 

@@ -25,16 +25,17 @@ ranks units by representational knowledge only (as would the official code's fir
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from rich.progress import Progress
 
 from kprune_cli.models.masks import Masks
-from kprune_cli.pruners.base import PruneProblem, PruneProgress, PruneResult
-from kprune_cli.pruners.common import sublayer_kind
+from kprune_cli.pruners.base import PruneProblem, PruneResult
+from kprune_cli.pruners.common import sublayer_kind, sublayer_parts
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
-from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.pruners.common.kpms import align_kept, kpms
+from kprune_cli.pruners.common.reconstruction import check_gram_precision, gram_precision_notes, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure, score
@@ -42,6 +43,7 @@ from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.runtime.console import make_progress
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import describe_cpu, native_matmul
+from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed
 
 StepCallback = Callable[[int, Masks], None]
@@ -55,14 +57,28 @@ class KPrunePruner:
 
     ``lambda_pred`` / ``lambda_rep`` weigh predictive / representational knowledge, ``mu``
     up-weights heads, ``temperature`` softens the distillation targets; ``tune`` enables KPWT,
-    ``iterative`` selects the sub-layer-wise schedule (else one-shot); ``batch_size`` caps the
-    sequences per forward/backward pass (memory only); ``autocast`` (``"bf16"`` or ``"fp16"``,
+    ``iterative`` selects the sub-layer-wise schedule (else one-shot); ``micro_batch_size``: the
+    sequences per forward/backward pass (memory only: it splits or merges the calibration batches,
+    and changes results only in the last float bits; ``None``: the calibration batches as they
+    are); ``autocast`` (``"bf16"`` or ``"fp16"``,
     default off) runs the measurement passes in that precision (faster on GPUs, slightly
     different scores; see :func:`~kprune_cli.pruners.kprune.measure.measure`);
     ``gradient_batch`` is the number of sequences per squared gradient of predictive knowledge
     (``None``: the official code's for the task, 32 for GLUE and 12 for SQuAD, to which ``lambda_rep``
     is tuned, see :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`;
-    1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`).
+    1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`); ``gram_precision``: KPWT's
+    per-micro-batch products, ``"float64"``, ``"float32"`` (summed in float64) or ``"auto"`` (float32
+    only on a GPU with slow float64, see
+    :func:`~kprune_cli.pruners.common.reconstruction.resolve_gram_precision`); ``align`` (default
+    off): round each FFN's kept neurons down to a multiple of it (e.g. 8 or 64, for tensor-core
+    GEMMs), dropping its lowest-scoring survivors; in the iterative schedule the FLOPs freed go to
+    the later sub-layers.
+
+    Resumable (:class:`~kprune_cli.pruners.base.Resumable`): after each finished sub-layer its
+    state is ``{"done", "budget", "notes", "timing", "micro_batch_size", "masks": {"heads":
+    {layer: (H,)}, "neurons": {layer: (N,)}}, "tuned": {sub-layer: {"weight": (d, width), "bias": (d,)}}}``
+    (``tuned``: the output projections of the finished sub-layers, the only weights it changes;
+    empty without ``tune``).
     """
 
     name = "kprune"
@@ -70,8 +86,8 @@ class KPrunePruner:
 
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
-                 batch_size: int | None = 32, autocast: bool | str | None = False,
-                 gradient_batch: int | None = None) -> None:
+                 micro_batch_size: int | None = 32, autocast: bool | str | None = False,
+                 gradient_batch: int | None = None, gram_precision: str = "auto", align: int | None = None) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -80,22 +96,55 @@ class KPrunePruner:
         for key, value in (("mu", mu), ("temperature", temperature)):
             if value <= 0:
                 raise UserError(f"pruner.{key}={value}: must be > 0")
-        if batch_size is not None and batch_size < 1:
-            raise UserError(f"pruner.batch_size={batch_size}: must be a positive integer or null")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise UserError(f"pruner.micro_batch_size={micro_batch_size}: must be a positive integer or null")
         if gradient_batch is not None and gradient_batch < 1:
             raise UserError(f"pruner.gradient_batch={gradient_batch}: must be a positive integer or null")
+        if align is not None and align < 1:
+            raise UserError(f"pruner.align={align}: must be a positive integer or null")
         self.lambda_pred = lambda_pred
         self.lambda_rep = lambda_rep
         self.mu = mu
         self.temperature = temperature
         self.tune = tune
         self.iterative = iterative
-        self.batch_size = batch_size
+        self.micro_batch_size = micro_batch_size
         self.gradient_batch = gradient_batch
         if autocast not in (False, None, *AUTOCAST_DTYPES):
             raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
         self.autocast = autocast or False
+        self.gram_precision = check_gram_precision(gram_precision)
+        self.align = align
+        self._state: dict[str, Any] = {"done": 0, "micro_batch_size": micro_batch_size}
+        self._resume_from: Mapping[str, Any] | None = None
+        self._resume_notes: list[str] = []
 
+    def micro_batch_of(self, problem: PruneProblem) -> int:
+        """Sequences per pass on ``problem``: ``micro_batch_size``, else its largest calibration batch."""
+        return self.micro_batch_size or max(int(batch["input_ids"].shape[0]) for batch in problem.sample.batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state after the last finished sub-layer (see the class docstring); ``{"done": 0, ...}``
+        before any."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` at the next :meth:`prune`, with the micro-batch size it was made with
+        (an out-of-memory retry may have lowered it; a note says so)."""
+        if int(state["done"]) == 0:
+            self._resume_from = None
+            return
+        missing = [key for key in ("budget", "notes", "timing", "masks", "tuned") if key not in state]
+        if missing:
+            raise UserError(f"the saved K-prune state lacks {', '.join(missing)}: start again with overwrite=true")
+        self._resume_from = state
+        saved = state.get("micro_batch_size", self.micro_batch_size)
+        if saved != self.micro_batch_size:
+            self._resume_notes = [f"resumed with pruner.micro_batch_size={saved}, as the interrupted run used it "
+                                  f"(configured: {self.micro_batch_size})"]
+            self.micro_batch_size = saved
+
+    @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None,
               on_step: StepCallback | None = None) -> PruneResult:
         """Find keep-masks within ``problem.budget`` (tuning output projections in place when ``tune``).
@@ -104,25 +153,34 @@ class KPrunePruner:
         ``on_step(s, masks)``: called after sub-layer ``s`` has been pruned (and tuned).
         With ``problem.steps``, the progress is kept there after each sub-layer, and a run that
         finds some there continues after its last finished sub-layer, with the same result.
+        float32 products run in full float32 (no TF32; autocast regions keep their precision).
         """
+        if problem.steps is not None and (state := problem.steps.load()) is not None:
+            self.load_state_dict(state)
+        saved, self._resume_from = self._resume_from, None
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}
         with timed(timing, "teacher"):
             teacher = Teacher(problem.model, problem.task.kind, problem.sample, self.temperature,
-                              self.batch_size, problem.device, keep_model=False)
+                              self.micro_batch_size, problem.device, keep_model=False)
             # The teacher's pre-LN sums come from the model itself: layer l's are taken at step 2l,
             # before any weight of layer l is tuned, so no copy of the model is needed.
             teacher_sums = ResidualSums(problem.model, teacher.batches) if self.tune else None
         gradient_batch = self.gradient_batch_of(problem)
+        gram_precision = resolve_gram_precision(self.gram_precision, problem.device)
         num_sublayers = 2 * problem.adapter.num_layers
-        saved = problem.steps.last(problem.device) if problem.steps is not None else None
         if saved is None:
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
-            notes = self._precision_notes(problem.device)
+            notes = self._precision_notes(problem.device) + (gram_precision_notes(gram_precision) if self.tune else [])
         else:
-            start, masks, budget, notes = saved.done, saved.masks, saved.budget, saved.notes
-            for stage, seconds in saved.timing.items():  # the interrupted runs' time, plus this one's
+            start, budget, notes = int(saved["done"]), float(saved["budget"]), list(saved["notes"])
+            layers = range(problem.adapter.num_layers)
+            masks = Masks(*([saved["masks"][kind][str(layer)].to(problem.device) for layer in layers]
+                            for kind in ("heads", "neurons")))
+            for stage, seconds in saved["timing"].items():  # the interrupted runs' time, plus this one's
                 timing[stage] = timing.get(stage, 0.0) + seconds
-            self._resume(problem, teacher_sums, start, notes)
+            self._resume(problem, teacher_sums, start, saved["tuned"], notes)
+        notes += self._resume_notes
+        self._resume_notes = []
         inputs = [batch.inputs for batch in teacher.batches]
         with timed(timing, "measure"):
             hidden = encoder_inputs(problem.model, problem.adapter, inputs)  # entering layer 0
@@ -144,12 +202,14 @@ class KPrunePruner:
                     with timed(timing, "teacher"):
                         sums = teacher_sums(s)
                     with timed(timing, "tune"):
-                        notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden=hidden)
+                        notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden=hidden,
+                                      precision=gram_precision)
                 if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
                     with timed(timing, "measure"):
                         hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
+                self._state = self._snapshot(problem, s + 1, masks, budget, notes, timing)
                 if problem.steps is not None:
-                    problem.steps.save(problem.adapter, PruneProgress(s + 1, masks, budget, notes, timing), self.tune)
+                    problem.steps.save(self._state, append_only=("tuned",))
                 if on_step is not None:
                     on_step(s, masks)
                 progress.advance(bar)
@@ -159,15 +219,37 @@ class KPrunePruner:
         """Sequences per squared gradient on ``problem``: ``gradient_batch``, else the task's official size."""
         return self.gradient_batch or official_gradient_batch(problem.task, problem.adapter.hidden_size)
 
+    def _snapshot(self, problem: PruneProblem, done: int, masks: Masks, budget: float, notes: list[str],
+                  timing: dict[str, float]) -> dict[str, Any]:
+        """The state after sub-layer ``done - 1`` (see the class docstring): masks copied, tuned weights
+        by reference (a finished sub-layer's weights never change again)."""
+        tuned: dict[str, dict[str, torch.Tensor]] = {}
+        for sublayer in range(done if self.tune else 0):
+            parts, kind = sublayer_parts(problem.adapter, sublayer)
+            projection = parts.out_proj(kind)
+            tuned[str(sublayer)] = {name: getattr(projection, name).detach() for name in ("weight", "bias")
+                                    if getattr(projection, name) is not None}
+        return {"done": done, "budget": budget, "notes": list(notes), "timing": dict(timing),
+                "micro_batch_size": self.micro_batch_size,
+                "masks": {"heads": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.heads)},
+                          "neurons": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.neurons)}},
+                "tuned": tuned}
+
     @staticmethod
-    def _resume(problem: PruneProblem, teacher_sums: ResidualSums | None, start: int, notes: list[str]) -> None:
+    @torch.no_grad()
+    def _resume(problem: PruneProblem, teacher_sums: ResidualSums | None, start: int,
+                tuned: Mapping[str, Mapping[str, torch.Tensor]], notes: list[str]) -> None:
         """Continue a killed run at sub-layer ``start``: the teacher's residual sums of that layer are
         taken from the still original model (as the uninterrupted run took them, before tuning it),
-        then the tuned weights of the finished sub-layers are loaded from the step checkpoints."""
+        then the tuned weights of the finished sub-layers (``tuned``, by sub-layer) are loaded."""
         num_sublayers = 2 * problem.adapter.num_layers
         if teacher_sums is not None and start < num_sublayers:
             teacher_sums(start)
-        problem.steps.restore(problem.adapter, start)
+        for sublayer, weights in tuned.items():
+            parts, kind = sublayer_parts(problem.adapter, int(sublayer))
+            projection = parts.out_proj(kind)
+            for name, tensor in weights.items():
+                getattr(projection, name).copy_(tensor)
         where = f"{sublayer_kind(start).upper()} {start // 2}" if start < num_sublayers else "the end"
         notes.append(f"resumed at sub-layer {start} ({where}) from the step checkpoints of an interrupted run")
 
@@ -192,5 +274,7 @@ class KPrunePruner:
             keep = kpms(scores, problem.flops, budget)
         decided = [from_sublayer] if self.iterative else list(keep)
         for s in decided:
+            if self.align is not None and sublayer_kind(s) == "ffn":
+                keep[s] = align_kept(keep[s], scores[s], self.align)
             masks.of(sublayer_kind(s))[s // 2] = keep[s].to(masks.heads[0].dtype)
 

@@ -23,13 +23,19 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import keep_masks
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
-from kprune_cli.pruners.common.reconstruction import TokenBatch
-from kprune_cli.pruners.kwon.fisher import fisher_importance, labelled_batches, mask_gradients
+from kprune_cli.pruners.common.reconstruction import (
+    TokenBatch,
+    check_gram_precision,
+    gram_precision_notes,
+    resolve_gram_precision,
+)
+from kprune_cli.pruners.kwon.fisher import fisher_importance, labelled_batches, mask_gradients, split_batch
 from kprune_cli.pruners.kwon.rearrange import rearrange_units
 from kprune_cli.pruners.kwon.search import search_masks
 from kprune_cli.pruners.kwon.tune import LayerwiseTuning, teacher_budget
 from kprune_cli.runtime.console import make_progress, track
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.data import TARGET_KEYS
 
@@ -39,44 +45,52 @@ TEACHERS = ("intermediate", "original")
 class KwonPruner:
     """Kwon et al. (NeurIPS 2022): Fisher-based mask search, rearrangement and mask tuning, without retraining.
 
-    ``batch_size``: sequences per gradient batch; the Fisher sums squared *per-batch* gradients,
-    so this is part of the method, not only a memory knob (``None``: the official code's for the
+    ``gradient_batch``: sequences per gradient batch; the Fisher sums squared *per-batch* gradients,
+    so this is part of the method, not a memory knob (``None``: the official code's for the
     task, 32 for GLUE and 12 for SQuAD, see
     :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`).
+    ``micro_batch_size``: sequences per forward/backward pass (memory only: a gradient batch's
+    ``∂loss/∂m`` is accumulated over its micro-batches; ``None``: one pass per gradient batch).
     ``rearrange`` / ``tune`` enable steps 3 / 4. ``teacher``: what mask tuning reconstructs,
     ``"intermediate"`` (official: the model pruned to the milder budget ``sqrt`` of the kept
-    fraction) or ``"original"`` (the unpruned model).
+    fraction) or ``"original"`` (the unpruned model). ``gram_precision``: mask tuning's
+    per-micro-batch products, ``"float64"``, ``"float32"`` (summed in float64) or ``"auto"`` (float32
+    only on a GPU with slow float64).
     """
 
     name = "kwon"
     needs_labels = True  # the Fisher information of the task loss
 
-    def __init__(self, batch_size: int | None = None, rearrange: bool = True, tune: bool = True,
-                 teacher: str = "intermediate") -> None:
-        if batch_size is not None and batch_size < 1:
-            raise UserError(f"pruner.batch_size={batch_size}: must be a positive integer or null")
+    def __init__(self, gradient_batch: int | None = None, micro_batch_size: int | None = None, rearrange: bool = True,
+                 tune: bool = True, teacher: str = "intermediate", gram_precision: str = "auto") -> None:
+        for key, value in (("gradient_batch", gradient_batch), ("micro_batch_size", micro_batch_size)):
+            if value is not None and value < 1:
+                raise UserError(f"pruner.{key}={value}: must be a positive integer or null")
         if teacher not in TEACHERS:
             raise UserError(f"pruner.teacher={teacher!r}: choose one of {', '.join(TEACHERS)}")
-        self.batch_size = batch_size
+        self.gradient_batch = gradient_batch
+        self.micro_batch_size = micro_batch_size
         self.rearrange = rearrange
         self.tune = tune
         self.teacher = teacher
+        self.gram_precision = check_gram_precision(gram_precision)
 
+    @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None) -> PruneResult:
         """Find masks within ``problem.budget``; ``progress``: a running rich progress to add tasks to
-        (else a transient one is shown)."""
+        (else a transient one is shown). float32 products run in full float32 (no TF32)."""
         model, adapter = problem.model, problem.adapter
         num_sublayers = 2 * adapter.num_layers
         timing = {"fisher": 0.0, "search": 0.0, "rearrange": 0.0, "tune": 0.0}
-        batch_size = self.batch_size or official_gradient_batch(problem.task, adapter.hidden_size)
-        batches = labelled_batches(problem.sample, batch_size, problem.device)
+        gradient_batch = self.gradient_batch_of(problem)
+        batches = labelled_batches(problem.sample, gradient_batch, problem.device)
         notes: list[str] = []
         owned = progress is None
         progress = make_progress() if owned else progress
         with progress if owned else nullcontext():
             with timed(timing, "fisher"):
                 bar = progress.add_task("Kwon et al.: Fisher", total=len(batches))
-                grads = mask_gradients(model, adapter, track(progress, batches, bar))
+                grads = mask_gradients(model, adapter, track(progress, batches, bar), self.micro_batch_size)
                 importance = fisher_importance(grads)
             with timed(timing, "search"):
                 keep = search_masks(importance, problem.flops, problem.budget)
@@ -91,15 +105,27 @@ class KwonPruner:
                     reference = self._reference(problem, importance)
                 with timed(timing, "tune"):
                     token_batches = [
-                        TokenBatch({k: v for k, v in batch.items() if k not in TARGET_KEYS},
-                                   batch["attention_mask"].bool())
-                        for batch in batches
+                        TokenBatch({k: v for k, v in part.items() if k not in TARGET_KEYS},
+                                   part["attention_mask"].bool())
+                        for batch in batches for part in split_batch(batch, self.micro_batch_size)
                     ]
-                    tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind)
+                    precision = resolve_gram_precision(self.gram_precision, problem.device)
+                    notes += gram_precision_notes(precision)
+                    tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind,
+                                             precision)
                     bar = progress.add_task("Kwon et al.: mask tuning", total=adapter.num_layers)
                     for layer in track(progress, range(adapter.num_layers), bar):
                         notes += tuning.tune_layer(layer)
-        return PruneResult(masks=masks, notes=notes, timing=timing, settings={"gradient_batch": batch_size})
+        return PruneResult(masks=masks, notes=notes, timing=timing, settings={"gradient_batch": gradient_batch})
+
+    def gradient_batch_of(self, problem: PruneProblem) -> int:
+        """Sequences per gradient batch on ``problem``: ``gradient_batch``, else the task's official size."""
+        return self.gradient_batch or official_gradient_batch(problem.task, problem.adapter.hidden_size)
+
+    def micro_batch_of(self, problem: PruneProblem) -> int:
+        """Sequences per pass on ``problem``: ``micro_batch_size`` (at most the gradient batch), else the
+        gradient batch."""
+        return min(self.micro_batch_size or self.gradient_batch_of(problem), self.gradient_batch_of(problem))
 
     def _reference(self, problem: PruneProblem, importance: Mapping[int, torch.Tensor]) -> Masks:
         """The masks of the model that mask tuning reconstructs (see the class docstring)."""

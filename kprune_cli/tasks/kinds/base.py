@@ -42,6 +42,7 @@ class TaskKind(ABC):
     - ``name``: the kind's name, as ``TaskSpec.kind`` spells it;
     - ``auto_class``: the stock ``transformers`` Auto class of the model (with its task head);
     - ``head_suffix``: how the class name of a fitting checkpoint ends (``"ForQuestionAnswering"``);
+    - ``pipeline_tag``: the Hugging Face hub's pipeline tag of such a model (its model card says it);
     - ``gradient_batch``: the official codes' sequences per squared gradient;
     - ``token_outputs``: model outputs with one value per token (padding is cut off in evaluation);
     - ``prediction_reads_first_token``: whether the head reads the first ([CLS]) token only, so that
@@ -55,6 +56,7 @@ class TaskKind(ABC):
     name: ClassVar[str]
     auto_class: ClassVar[type]
     head_suffix: ClassVar[str]
+    pipeline_tag: ClassVar[str]
     gradient_batch: ClassVar[int]
     token_outputs: ClassVar[tuple[str, ...]] = ()
     prediction_reads_first_token: ClassVar[bool]

@@ -25,6 +25,7 @@ class Classification(TaskKind):
     name: ClassVar[str] = "classification"
     auto_class: ClassVar[type] = AutoModelForSequenceClassification
     head_suffix: ClassVar[str] = "ForSequenceClassification"
+    pipeline_tag: ClassVar[str] = "text-classification"
     gradient_batch: ClassVar[int] = GLUE_GRADIENT_BATCH
     prediction_reads_first_token: ClassVar[bool] = True
     label_type: ClassVar[type] = int

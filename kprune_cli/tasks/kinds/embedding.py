@@ -187,6 +187,7 @@ class SentenceEmbedding(TaskKind):
     name: ClassVar[str] = "embedding"
     auto_class: ClassVar[type] = AutoModel
     head_suffix: ClassVar[str] = ""
+    pipeline_tag: ClassVar[str] = "sentence-similarity"
     gradient_batch: ClassVar[int] = GLUE_GRADIENT_BATCH  # no official value: the sentence-level tasks' 32
     prediction_reads_first_token: ClassVar[bool] = False
     labelled: ClassVar[bool] = False

@@ -60,6 +60,7 @@ class QuestionAnswering(SquadFiles, TaskKind):
     name: ClassVar[str] = "qa"
     auto_class: ClassVar[type] = AutoModelForQuestionAnswering
     head_suffix: ClassVar[str] = "ForQuestionAnswering"
+    pipeline_tag: ClassVar[str] = "question-answering"
     gradient_batch: ClassVar[int] = SQUAD_GRADIENT_BATCH
     token_outputs: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
     prediction_reads_first_token: ClassVar[bool] = False

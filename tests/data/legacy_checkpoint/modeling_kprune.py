@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import (
-    MODEL_MAPPING,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     DebertaV2ForQuestionAnswering,
@@ -314,8 +313,8 @@ def prune_layer(layer: nn.Module, config: PretrainedConfig, heads: torch.Tensor,
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The transformer layers of ``model`` (a task model or the bare encoder), bottom-up."""
-    return find_module(model.base_model, layout_of(model.config).layers)
+    """The transformer layers of ``model``, bottom-up."""
+    return find_module(getattr(model, model.base_model_prefix), layout_of(model.config).layers)
 
 
 def resize_to_structure(model: PreTrainedModel, structure: list[dict[str, int]]) -> None:
@@ -338,17 +337,11 @@ def _pruned_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
                                                     "__doc__": f"{base.__name__} with pruned layers."})
 
 
-def bare_encoder_class(layout: Layout) -> type[PreTrainedModel]:
-    """The stock encoder without a task head (``BertModel`` ...) of ``layout``'s family: sentence-embedding models."""
-    return MODEL_MAPPING[layout.task_classes[0].config_class]
-
-
 PRUNED_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {
-    stock: _pruned_class(stock) for layout in LAYOUTS.values()
-    for stock in (*layout.task_classes, bare_encoder_class(layout))
+    stock: _pruned_class(stock) for layout in LAYOUTS.values() for stock in layout.task_classes
 }
-"""The pruned class of every stock task class and bare encoder; each is also a module attribute
-(``KPruneBertFor...``, ``KPruneBertModel``), which is what a checkpoint's ``auto_map`` names."""
+"""The pruned class of every stock task class; each is also a module attribute (``KPruneBertFor...``),
+which is what a checkpoint's ``auto_map`` names."""
 globals().update({pruned.__name__: pruned for pruned in PRUNED_CLASSES.values()})
 
 
@@ -358,5 +351,5 @@ def auto_map_for(model: PreTrainedModel) -> dict[str, str]:
     if stock is None:
         raise ValueError(f"no pruned class for {type(model).__name__}: supported are "
                          f"{', '.join(cls.__name__ for cls in PRUNED_CLASSES)}")
-    head = "".join(stock.__name__.partition("For")[1:])  # "ForSequenceClassification"; "" for a bare encoder
+    head = stock.__name__[stock.__name__.index("For"):]  # "ForSequenceClassification"
     return {f"AutoModel{head}": f"{__name__.rsplit('.', 1)[-1]}.{PRUNED_CLASSES[stock].__name__}"}
