@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, BertConfig, PreTrainedModel
+from transformers import BertConfig, PreTrainedModel
 
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.flops import FlopsModel
 from kprune_cli.pruners.base import PruneProblem
 from kprune_cli.tasks.calibration import CalibrationSample, draw_calibration_sample
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec, get_task
 
 SHARED_DIR = Path(os.environ.get("KPRUNE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -85,8 +86,7 @@ def load_case(directory: Path) -> BenchCase:
     """Read a case written by :meth:`BenchCase.save`."""
     meta = json.loads((directory / "case.json").read_text())
     task = get_task(meta["task"])
-    auto = AutoModelForQuestionAnswering if task.is_qa else AutoModelForSequenceClassification
-    model = auto.from_pretrained(directory / "model", dtype=torch.float32).eval()
+    model = kind_of(task).auto_class.from_pretrained(directory / "model", dtype=torch.float32).eval()
     sample = CalibrationSample(torch.load(directory / "sample.pt", weights_only=True))
     return BenchCase(meta["name"], model, task, sample, meta["rate"], meta["source"])
 
@@ -119,8 +119,7 @@ def random_model(task: TaskSpec, seed: int = 0, vocab_size: int = 30522, **shape
     predictions are far from uniform and distillation gradients are not vanishingly small."""
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=vocab_size, num_labels=task.num_labels, **shape)
-    auto = AutoModelForQuestionAnswering if task.is_qa else AutoModelForSequenceClassification
-    model = auto.from_config(config).eval()
+    model = kind_of(task).auto_class.from_config(config).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

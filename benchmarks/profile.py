@@ -10,9 +10,10 @@ bound by their matmuls or by the work around them.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.cases import BenchCase
@@ -36,6 +37,24 @@ def op_group(name: str) -> str:
     return next((group for group, fragments in OP_GROUPS.items() if any(f in name for f in fragments)), "other")
 
 
+def self_times(events: Iterable, cuda: bool) -> tuple[dict[str, float], int]:
+    """Self time in µs by operator name, and the matmul FLOPs, of the profiler's ``events``
+    (``key_averages()``): CPU self time, or with ``cuda`` the device time of the operators. On a GPU
+    the rows include the kernels themselves (``void cutlass...``, ``Memcpy...``) beside the
+    operators whose self device time already holds them, so only the operators' rows (CPU
+    events) are summed, else the device time would be counted twice."""
+    self_us: dict[str, float] = {}
+    matmul_flops = 0
+    for event in events:
+        if cuda and event.device_type != DeviceType.CPU:
+            continue
+        spent = event.self_device_time_total if cuda else event.self_cpu_time_total
+        self_us[event.key] = self_us.get(event.key, 0.0) + spent
+        if op_group(event.key) == "matmul":
+            matmul_flops += event.flops or 0
+    return self_us, matmul_flops
+
+
 def profile_pruning(case: BenchCase, device: str = "cpu", top: int = 8) -> dict:
     """Prune ``case`` (in place) with the fast schedule under ``torch.profiler``.
 
@@ -53,13 +72,7 @@ def profile_pruning(case: BenchCase, device: str = "cpu", top: int = 8) -> dict:
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - wall
-    self_us: dict[str, float] = {}
-    matmul_flops = 0
-    for event in profiler.key_averages():
-        spent = event.self_device_time_total if cuda else event.self_cpu_time_total
-        self_us[event.key] = self_us.get(event.key, 0.0) + spent
-        if op_group(event.key) == "matmul":
-            matmul_flops += event.flops or 0
+    self_us, matmul_flops = self_times(profiler.key_averages(), cuda)
     total_us = sum(self_us.values())
     groups: dict[str, float] = {}
     for name, spent in self_us.items():

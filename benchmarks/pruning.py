@@ -14,8 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import re
-import resource
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from benchmarks.reference import ReferenceKPrune
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_cli.runtime.memory import peak_resident_mb, reset_peak_resident, resident_mb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """Where ``python -m benchmarks.worker`` is found (the harness is not part of the installed package)."""
@@ -64,35 +63,6 @@ def tuned_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The output projections' weights (what KPWT tunes), on the CPU, by ``"<layer>.<kind>"``."""
     return {f"{index}.{kind}": parts.out_proj(kind).weight.detach().cpu().clone()
             for index, parts in enumerate(get_adapter(model).layers()) for kind in ("mha", "ffn")}
-
-
-def resident_mb() -> float:
-    """This process's resident memory now (Linux ``/proc``; else its peak so far)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * resource.getpagesize() / 2**20
-    except OSError:
-        return peak_resident_mb()
-
-
-def reset_peak_resident() -> None:
-    """Restart the peak-resident-memory count where Linux allows it (``/proc/self/clear_refs``);
-    elsewhere the peak stays that of the whole process."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_resident_mb() -> float:
-    """This process's peak resident memory since :func:`reset_peak_resident` (Linux ``VmHWM``),
-    or since it started (``ru_maxrss``: KB on Linux, bytes on macOS)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**10
-    except (OSError, AttributeError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def run_variant(case: BenchCase, variant: str, device: str = "cpu") -> VariantRun:

@@ -28,6 +28,7 @@ from kprune_cli.pruners.common.teacher import DistillBatch, Teacher
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.pruner import AUTOCAST_DTYPES, KPrunePruner
 from kprune_cli.pruners.kprune.tune import kpwt
+from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed
 
 
@@ -74,6 +75,7 @@ class ReferenceKPrune:
             raise ValueError("the reference schedule is the iterative one")
         self.pruner = pruner
 
+    @full_float32()
     def prune(self, problem: PruneProblem) -> PruneResult:
         p = self.pruner
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}

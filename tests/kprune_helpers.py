@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import PreTrainedModel
 
@@ -13,6 +14,9 @@ from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import TASKS
 
 TINY_FLOPS = FlopsModel(hidden_size=32, head_size=8, seq_len=12)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs a CUDA GPU")])]
+"""Devices to parametrise a test over: its CUDA twin runs with ``pytest -m cuda`` on a GPU machine."""
 TASK_OF_HEAD = {"classification": "mrpc", "regression": "stsb", "qa": "squad"}
 
 
@@ -41,12 +45,13 @@ def sharpen(model: PreTrainedModel, factor: float = 10.0) -> PreTrainedModel:
 
 
 def make_problem(model: PreTrainedModel, task: str = "mrpc", rate: float = 0.5,
-                 sample: CalibrationSample | None = None) -> PruneProblem:
-    """A pruning problem on the tiny-model FLOPs model (hidden 32, head size 8, S = 12)."""
+                 sample: CalibrationSample | None = None, device: str = "cpu") -> PruneProblem:
+    """A pruning problem on the tiny-model FLOPs model (hidden 32, head size 8, S = 12); the model
+    is moved to ``device``."""
     return PruneProblem(
-        model=model, adapter=get_adapter(model), task=TASKS[task],
+        model=model.to(device), adapter=get_adapter(model), task=TASKS[task],
         sample=sample if sample is not None else make_sample(model),
-        flops=TINY_FLOPS, rate=rate, device=torch.device("cpu"),
+        flops=TINY_FLOPS, rate=rate, device=torch.device(device),
     )
 
 

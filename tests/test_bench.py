@@ -7,15 +7,16 @@ import functools
 import importlib
 import json
 import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from rich.console import Console
+from torch.autograd import DeviceType
 
 from benchmarks.cases import load_case, random_case, random_sample, truncate
 from benchmarks.inference import inference_speed
-from benchmarks.profile import op_group, profile_pruning
+from benchmarks.profile import op_group, profile_pruning, self_times
 from benchmarks.pruning import agreement, compare_schedules, fit_power, run_isolated, run_variant
 from benchmarks.suite import Settings, busy_warning, run_suite
 from benchmarks.tables import render
@@ -181,3 +182,17 @@ def test_script_rejects_unknown_sections(bench_script, capsys):
 def test_script_rejects_a_non_positive_main_token_count(bench_script, capsys):
     assert bench_script.main(["--sections", "pruning", "--main-tokens", "0"]) == 2
     assert "--main-tokens 0" in capsys.readouterr().err
+
+
+def test_device_time_counts_each_kernel_once():
+    def row(key, device_type, self_device_us, self_cpu_us=1.0, flops=0):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_device_us,
+                               self_cpu_time_total=self_cpu_us, flops=flops)
+
+    events = [row("aten::mm", DeviceType.CPU, 100.0, flops=10), row("aten::add", DeviceType.CPU, 20.0),
+              row("void cutlass_80_gemm", DeviceType.CUDA, 100.0),  # the kernel of aten::mm, already counted
+              row("Memcpy HtoD", DeviceType.CUDA, 5.0)]
+    device_us, flops = self_times(events, cuda=True)
+    assert device_us == {"aten::mm": 100.0, "aten::add": 20.0} and flops == 10
+    cpu_us, _ = self_times(events, cuda=False)
+    assert sum(cpu_us.values()) == 4.0

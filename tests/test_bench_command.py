@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import kprune
 
 
@@ -23,6 +24,24 @@ def test_bench_times_checkpoint_beside_its_dense_model(tiny_checkpoint, mrpc_dir
         assert row["checkpoint"]["repeats"] == 2 and row["checkpoint"]["median_ms"] > 0
         assert row["speedup"] == row["dense"]["median_ms"] / row["checkpoint"]["median_ms"]
         assert row["flops_ratio"] > 1.5  # 60% of FLOPs removed at S = 53.24; S = 12 weighs heads less
+
+
+def test_bench_times_in_the_dtype_asked(tiny_checkpoint, capsys):
+    assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "batch_sizes=[2]", "repeats=2",
+                  "seq_len=12", "device=cpu", "dtype=bf16", "onnx=false") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]["checkpoint"]["dtype"] == "bfloat16"
+    assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "dtype=fp64", "device=cpu") == 2
+    assert "dtype='fp64' is not allowed: give fp32, bf16, fp16" in capsys.readouterr().err
+
+
+def test_onnx_auto_times_onnx_runtime_on_a_cpu_bench_only(monkeypatch):
+    from kprune_cli.cli import bench
+    from kprune_cli.deploy import onnx_model
+
+    monkeypatch.setattr(onnx_model, "onnx_available", lambda: True)
+    assert bench._onnx_wanted("auto", torch.device("cpu"))
+    assert not bench._onnx_wanted("auto", torch.device("cuda", 0))
+    assert not bench._onnx_wanted(False, torch.device("cpu"))
 
 
 def test_bench_rejects_bad_values(tiny_checkpoint, capsys):

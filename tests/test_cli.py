@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import kprune
 from hydra import compose, initialize_config_dir
+from kprune_helpers import DEVICES
 from transformers import AutoModelForSequenceClassification
 
 from kprune_cli.config.paths import CONFIG_DIR
@@ -20,20 +21,24 @@ from kprune_cli.models.loading import load_model
 from kprune_cli.tasks.spec import get_task
 
 
-def run_args(checkpoint: Path, data: Path, output: Path, *extra: str) -> list[str]:
+def run_args(checkpoint: Path, data: Path, output: Path, *extra: str, device: str = "cpu") -> list[str]:
     return ["run", "task=mrpc", f"model.path={checkpoint}", f"data_dir={data}", f"output_dir={output}",
-            "calibration.num_tokens=300", "calibration.batch_size=8", "device=cpu", *extra]
+            "calibration.num_tokens=300", "calibration.batch_size=8", f"device={device}", *extra]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pruner", ["kprune", "magnitude"])
-def test_run_writes_checkpoint_and_report(pruner, tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+def test_run_writes_checkpoint_and_report(pruner, device, tiny_checkpoint, mrpc_dir, tmp_path, capsys):
     output = tmp_path / "out"
-    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, f"pruner={pruner}", "rate=0.5")) == 0
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, f"pruner={pruner}", "rate=0.5", device=device)) == 0
+    assert f"device: {device}" in capsys.readouterr().err  # the start line names the device picked
 
     report = json.loads((output / "report.json").read_text())
     for key in ("task", "pruner", "rate", "seed", "device", "config", "versions", "metric", "flops", "params",
                 "checkpoint", "layers", "timing", "peak_memory_mb"):
         assert key in report
+    assert report["device"].startswith(device) and ("gpu" in report["versions"]) == (device == "cuda")
+    assert report["numerics"] == {"deterministic": False, "matmul_precision": "highest"}
     assert report["task"] == "mrpc" and report["pruner"] == pruner and report["rate"] == 0.5
     assert set(report["metric"]["all"]["pruned"]) == {"accuracy", "f1"}
     assert 0.0 <= report["metric"]["pruned"] <= 1.0

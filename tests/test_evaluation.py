@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kprune_cli.core.evaluation import evaluate_model, measure_avg_seq_len
 from kprune_cli.tasks.data import load_task_data, tokenize_split
-from kprune_cli.tasks.metrics import compute_metrics
+from kprune_cli.tasks.kinds import compute_metrics
 from kprune_cli.tasks.spec import get_task
 from kprune_cli.tasks.squad import postprocess_predictions
 

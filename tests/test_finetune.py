@@ -144,6 +144,7 @@ def test_read_settings_turns_the_config_into_checked_values(tmp_path: Path) -> N
     ("warmup_ratio=2", "warmup_ratio=2 is not allowed: give a number from 0 to 1"),
     ("weight_decay=-0.1", "weight_decay=-0.1 is not allowed: give a number >= 0"),
     ("max_steps=0", "max_steps=0 is not allowed: give an integer >= 1 or null"),
+    ("gradient_accumulation_steps=0", "gradient_accumulation_steps=0 is not allowed: give an integer >= 1"),
     ("max_length=0", "max_length=0 is not allowed: give an integer >= 1 or null"),
     ("seed=-1", "seed=-1 is not allowed: give an integer from 0 to 4294967295"),
     ("overwrite=maybe", "overwrite='maybe' is not allowed: give true or false"),
@@ -198,3 +199,40 @@ def test_run_finetune_is_deterministic_for_a_seed_head_included(pretrained_dir, 
     assert "classifier.weight" in weights[0]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_two_accumulated_batches_of_4_train_like_one_batch_of_8(tokenizer, demo_dir: Path) -> None:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    models = [tiny_bert(tokenizer) for _ in range(2)]  # no dropout: the passes see the same network
+    for model, batch_size, passes in zip(models, (8, 4), (1, 2)):
+        finetune(model, tokenizer, TASK, data, dataclasses.replace(RECIPE, batch_size=batch_size, max_steps=6,
+                                                                   gradient_accumulation_steps=passes), device="cpu")
+    start = tiny_bert(tokenizer).state_dict()
+    moved = 0
+    for name, value in models[0].state_dict().items():
+        torch.testing.assert_close(models[1].state_dict()[name], value, rtol=1e-4, atol=1e-5)
+        moved += not torch.equal(value, start[name])
+    assert moved > 10  # training changed the weights
+
+
+def test_epochs_count_optimizer_steps_of_the_accumulated_batch(tokenizer, demo_dir: Path) -> None:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    with Progress(disable=True) as progress:
+        finetune(tiny_bert(tokenizer), tokenizer, TASK, data,
+                 dataclasses.replace(RECIPE, epochs=1, batch_size=16, gradient_accumulation_steps=4),
+                 device="cpu", progress=progress)
+        assert progress.tasks[0].total == 256 // (16 * 4)
+
+
+def test_running_out_of_gpu_memory_is_a_user_error_naming_the_knobs(tokenizer, demo_dir: Path, monkeypatch) -> None:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    model = tiny_bert(tokenizer)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(model, "forward", out_of_memory)
+    with pytest.raises(UserError) as caught:
+        finetune(model, tokenizer, TASK, data, dataclasses.replace(RECIPE, max_steps=2), device="cpu")
+    message = str(caught.value)
+    assert "batch_size=16" in message and "gradient_accumulation_steps=2" in message and "\n" not in message

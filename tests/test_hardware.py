@@ -52,3 +52,21 @@ def test_kprune_in_float32_leaves_no_precision_note(tiny_model, flags):
     model = sharpen(tiny_model("bert"))
     result = KPrunePruner().prune(make_problem(model, rate=0.5, sample=make_sample(model, num=8)))
     assert not any("autocast" in note for note in result.notes)
+
+
+def test_the_device_line_names_the_gpu_or_the_cpu(monkeypatch, flags):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Fake 80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert hardware.describe_device(torch.device("cuda", 1)) == "cuda:1 (NVIDIA Fake 80GB, bf16 emulated)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert hardware.describe_device(torch.device("cuda", 0)).endswith("bf16 native)")
+    flags("avx512_bf16")
+    line = hardware.describe_device(torch.device("cpu"))
+    assert line.startswith(f"cpu ({hardware.cpu_model()}, {torch.get_num_threads()} threads") and "bf16 native" in line
+
+
+def test_float64_is_fast_on_cpus_and_datacenter_gpus_only(monkeypatch):
+    assert hardware.fast_float64(torch.device("cpu"))
+    for capability, fast in (((8, 0), True), ((9, 0), True), ((8, 6), False), ((8, 9), False), ((7, 5), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert hardware.fast_float64(torch.device("cuda", 0)) is fast

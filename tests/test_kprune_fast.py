@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
+from kprune_helpers import DEVICES, TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, sharpen
 
 from benchmarks.reference import ReferenceKPrune, kpms_scan, truncated_teacher_sums
 from kprune_cli.models.adapters import get_adapter
@@ -92,14 +92,15 @@ def test_residual_sums_walk_up_like_truncated_passes_and_restart_for_an_earlier_
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 @pytest.mark.parametrize("head", ["classification", "qa"])
-def test_fast_schedule_matches_the_reference(tiny_model, family, head):
+def test_fast_schedule_matches_the_reference(tiny_model, family, head, device):
     results = []
     for pruner in (KPrunePruner(micro_batch_size=5), ReferenceKPrune(KPrunePruner(micro_batch_size=5))):
         model = sharpen(tiny_model(family, head))
-        problem = make_problem(model, task=TASK_OF_HEAD[head], rate=0.6)
-        results.append((pruner.prune(problem), model.state_dict()))
+        problem = make_problem(model, task=TASK_OF_HEAD[head], rate=0.6, device=device)
+        results.append((pruner.prune(problem), {key: value.cpu() for key, value in model.state_dict().items()}))
     (fast, fast_weights), (reference, reference_weights) = results
     assert any((mask == 0).any() for mask in fast.masks.heads + fast.masks.neurons)
     for a, b in zip(fast.masks.heads + fast.masks.neurons, reference.masks.heads + reference.masks.neurons):

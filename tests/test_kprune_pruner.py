@@ -69,6 +69,18 @@ def test_final_flops_within_budget(tiny_model, rate):
     assert all(seconds >= 0 for seconds in result.timing.values())
 
 
+@pytest.mark.parametrize("iterative", [True, False])
+def test_align_keeps_a_multiple_of_neurons_per_layer_within_budget(tiny_model, iterative):
+    problem = make_problem(sharpen(tiny_model("bert")), rate=0.5)
+    plain = KPrunePruner(iterative=iterative).prune(problem)
+    problem = make_problem(sharpen(tiny_model("bert")), rate=0.5)
+    aligned = KPrunePruner(iterative=iterative, align=8).prune(problem)
+    counts = [int(mask.count_nonzero()) for mask in aligned.masks.neurons]
+    assert all(count % 8 == 0 for count in counts)
+    assert counts != [int(mask.count_nonzero()) for mask in plain.masks.neurons]  # the alignment did something
+    assert _flops(aligned.masks) <= problem.budget * (1 + 1e-9)
+
+
 def test_rate_zero_prunes_nothing_and_keeps_outputs(tiny_model):
     model = sharpen(tiny_model("bert"))
     sample = make_sample(model)
@@ -134,7 +146,7 @@ def test_uses_a_given_progress(tiny_model):
 
 @pytest.mark.parametrize("kwargs", [
     {"lambda_rep": -1.0}, {"lambda_pred": 0.0, "lambda_rep": 0.0}, {"mu": 0.0}, {"temperature": -2.0},
-    {"micro_batch_size": 0}, {"gradient_batch": 0},
+    {"micro_batch_size": 0}, {"gradient_batch": 0}, {"align": 0}, {"gram_precision": "fp16"},
 ])
 def test_rejects_bad_settings(kwargs):
     with pytest.raises(UserError):

@@ -13,10 +13,10 @@ import itertools
 
 import pytest
 import torch
-from kprune_helpers import TINY_FLOPS
+from kprune_helpers import DEVICES, TINY_FLOPS
 
 from kprune_cli.models.flops import FlopsModel
-from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.pruners.common.kpms import align_kept, kpms
 
 
 def _random_instance(generator: torch.Generator, max_units: int = 10):
@@ -103,3 +103,29 @@ def test_kpms_keeps_everything_at_the_full_budget_despite_rounding():
 def test_kpms_rejects_nan_scores():
     with pytest.raises(ValueError, match="NaN"):
         kpms({0: torch.tensor([1.0, float("nan")], dtype=torch.float64)}, TINY_FLOPS, 1e9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kpms_runs_under_deterministic_algorithms_and_answers_on_the_scores_device(device):
+    generator = torch.Generator().manual_seed(3)
+    scores = {s: torch.rand(12 if s % 2 == 0 else 64, generator=generator, dtype=torch.float64) for s in range(4)}
+    budget = 0.5 * TINY_FLOPS.total([{"heads": 12, "neurons": 64}] * 2)
+    expected = kpms(scores, TINY_FLOPS, budget)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # raising mode: a float cumsum on CUDA would raise here
+    try:
+        keep = kpms({s: value.to(device) for s, value in scores.items()}, TINY_FLOPS, budget)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(keep[s].device.type == device for s in scores)
+    assert all(torch.equal(keep[s].cpu(), expected[s]) for s in scores)
+    assert 0 < sum(int(mask.sum()) for mask in expected.values()) < sum(v.numel() for v in scores.values())
+
+
+def test_align_kept_drops_the_lowest_scoring_survivors_down_to_a_multiple():
+    scores = torch.tensor([5.0, 1.0, 3.0, float("-inf"), 2.0, 4.0, 0.5], dtype=torch.float64)
+    keep = torch.tensor([True, True, True, False, True, True, False])  # 5 kept
+    aligned = align_kept(keep, scores, 4)
+    assert aligned.tolist() == [True, False, True, False, True, True, False]  # score 1.0 dropped
+    assert torch.equal(align_kept(aligned, scores, 4), aligned) and torch.equal(align_kept(keep, scores, 1), keep)
+    assert not align_kept(keep, scores, 8).any()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kprune_helpers import make_sample, partial_masks, sharpen
+from kprune_helpers import make_problem, make_sample, partial_masks, sharpen
 
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.hooks import capture_taps, forward_until
 from kprune_cli.pruners.common.lstsq import solve_ridge
+from kprune_cli.pruners.common.reconstruction import normal_equations, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
+from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.pruners.kprune.tune import kpwt
+from kprune_cli.runtime.errors import UserError
 
 
 def _setup(tiny_model, sharp: bool = False):
@@ -142,3 +145,38 @@ def test_solve_ridge_grows_the_ridge_then_gives_up():
     assert hopeless.solution is None and hopeless.attempts == 4
     nan = solve_ridge(torch.full((2, 2), float("nan"), dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64))
     assert nan.solution is None
+
+
+def test_float32_gram_products_match_the_float64_ones_closely(tiny_model):
+    model, adapter, teacher, masks = _setup(tiny_model, sharp=True)
+    systems = {precision: normal_equations(model, adapter, masks, teacher.batches, teacher.residual_sums(1), 1,
+                                           precision=precision) for precision in ("float64", "float32")}
+    for name in ("gram", "rhs"):
+        exact, fast = getattr(systems["float64"], name), getattr(systems["float32"], name)
+        assert fast.dtype == torch.float64 and not torch.equal(fast, exact)  # the products did differ
+        torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
+
+
+def test_kprune_with_float32_gram_products_stays_close_to_float64(tiny_model):
+    results = {}
+    for precision in ("float64", "float32"):
+        model = sharpen(tiny_model("bert"))
+        result = KPrunePruner(gram_precision=precision).prune(make_problem(model))
+        results[precision] = result, [parts.out_proj(kind).weight.detach().clone()
+                                      for parts in get_adapter(model).layers() for kind in ("mha", "ffn")]
+    (exact, exact_weights), (fast, fast_weights) = results["float64"], results["float32"]
+    assert exact.masks.kept() == fast.masks.kept()
+    for a, b in zip(exact_weights, fast_weights):  # float32 round-off, amplified by the solve's conditioning
+        assert float((b - a).norm() / a.norm()) < 1e-4
+    assert any("float32 products" in note for note in fast.notes)
+    assert not any("float32 products" in note for note in exact.notes)
+
+
+def test_gram_precision_auto_keeps_float64_except_on_gpus_with_slow_float64(monkeypatch):
+    assert resolve_gram_precision("auto", torch.device("cpu")) == "float64"
+    assert resolve_gram_precision("float32", torch.device("cpu")) == "float32"
+    for capability, expected in (((8, 0), "float64"), ((9, 0), "float64"), ((8, 6), "float32"), ((7, 5), "float32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert resolve_gram_precision("auto", torch.device("cuda", 0)) == expected
+    with pytest.raises(UserError, match="gram_precision='float16'"):
+        KPrunePruner(gram_precision="float16")

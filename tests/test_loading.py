@@ -10,9 +10,16 @@ import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file, save_file
-from transformers import BertModel, BertTokenizer, GPT2Config, GPT2ForSequenceClassification
+from transformers import AutoConfig, BertModel, BertTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-from kprune_cli.models.loading import _locate, count_parameters, load_for_finetuning, load_model, stored_dtype
+from kprune_cli.models.loading import (
+    _load_weights,
+    _locate,
+    count_parameters,
+    load_for_finetuning,
+    load_model,
+    stored_dtype,
+)
 from kprune_cli.runtime.device import resolve_device
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.spec import get_task
@@ -182,9 +189,24 @@ def test_resolve_device():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-def test_cuda_without_cuda():
-    with pytest.raises(UserError, match="'cuda'.*not available"):
-        resolve_device("cuda")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
+def test_cuda_without_cuda(name):
+    with pytest.raises(UserError, match=f"'{name}'.*not available"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("name", ["cuda:", "cuda:x", "cuda:-1", "cuda 1"])
+def test_malformed_cuda_device_is_refused(name):
+    with pytest.raises(UserError, match="unknown device.*cuda:N"):
+        resolve_device(name)
+
+
+def test_cuda_index_is_checked_against_the_gpus_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="'cuda:2'.*2 GPUs.*cuda:0..cuda:1"):
+        resolve_device("cuda:2")
 
 
 def test_count_parameters(tiny_model):
@@ -208,3 +230,13 @@ def test_real_finetuned_minilm(shared_dir):
 def test_stored_dtype(tiny_model, save):
     assert stored_dtype(str(save(tiny_model("bert").half(), "half"))) == torch.float16
     assert stored_dtype(str(save(tiny_model("bert"), "full"))) == torch.float32
+
+
+@pytest.mark.parametrize("family, attention", [("bert", "sdpa"), ("modernbert", "sdpa"), ("mpnet", "eager")])
+def test_weights_load_with_sdpa_where_the_family_has_it(tiny_model, tmp_path, family, attention):
+    tiny_model(family).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    config.reference_compile = True  # transformers 4.5x's ModernBERT default on CUDA: compile the MLP
+    model = _load_weights(str(tmp_path), str(tmp_path), MRPC, config)
+    assert model.config._attn_implementation == attention
+    assert model.config.reference_compile is False

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from kprune_cli.tasks.kinds import compute_metrics
 from kprune_cli.tasks.metrics import (
     accuracy,
-    compute_metrics,
     f1,
     matthews_correlation,
     normalize_answer,

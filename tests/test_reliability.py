@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data, write_tiny_checkpoint
+from kprune_helpers import DEVICES
 from safetensors.torch import load_file
 from test_cli import run_args
 from transformers import BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
@@ -251,12 +252,15 @@ def _forward_that_runs_out_of_memory(monkeypatch, largest: int) -> list[int]:
     return seen
 
 
-def test_evaluation_out_of_memory_retries_with_smaller_batches(monkeypatch, tiny_checkpoint, mrpc_dir, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_out_of_memory_retries_with_smaller_batches(device, monkeypatch, tiny_checkpoint, mrpc_dir,
+                                                               tmp_path):
     reference = tmp_path / "reference"
-    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, reference, "pruner=magnitude", "eval_batch_size=16")) == 0
+    args = ("pruner=magnitude", "eval_batch_size=16")
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, reference, *args, device=device)) == 0
     seen = _forward_that_runs_out_of_memory(monkeypatch, largest=5)
     output = tmp_path / "out"
-    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "pruner=magnitude", "eval_batch_size=16")) == 0
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, *args, device=device)) == 0
     assert max(seen) == 16 and {size for size in seen if size <= 5} == {4}  # 16 -> 8 -> 4, the 24 rows in 6 batches
     report, expected = (json.loads((path / "report.json").read_text()) for path in (output, reference))
     assert report["metric"]["all"] == expected["metric"]["all"]

@@ -240,7 +240,8 @@ def test_checkpoint_files_follow_the_umask(umask, mode, tmp_path):
 
 
 def card(**changes) -> ModelCard:
-    values = dict(task="mrpc", question_answering=False, source="org/bert-mrpc", base_model="org/bert-mrpc",
+    values = dict(task="mrpc", pipeline_tag="text-classification", auto_class="AutoModelForSequenceClassification",
+                  source="org/bert-mrpc", base_model="org/bert-mrpc",
                   pruner="kprune", rate=0.6, metric="accuracy", dense=0.8725, pruned=0.8603,
                   evaluated_on="validation split", flops_kept=0.3998, seq_len=53.24,
                   layers=[{"heads": 3, "neurons": 40}, {"heads": 0, "neurons": 7}],
@@ -264,7 +265,8 @@ def test_the_model_card_has_hub_front_matter_and_says_what_was_done():
     assert "| 100% | 40.0% |" in text
     assert "| 0 | 3 / 4 | 40 / 64 |" in text and "| 1 | 0 / 4 | 7 / 64 |" in text
     assert "kprune run task=mrpc rate=0.6" in text and "trust_remote_code=True" in text
-    qa = card(question_answering=True, base_model=None, pruner="kwon").render()
+    qa = card(pipeline_tag="question-answering", auto_class="AutoModelForQuestionAnswering", base_model=None,
+              pruner="kwon").render()
     assert front_matter(qa) == {"library_name": "transformers", "pipeline_tag": "question-answering",
                                 "tags": ["kprune", "pruning", "structured-pruning", "kwon", "mrpc"]}
     assert "AutoModelForQuestionAnswering.from_pretrained(path, trust_remote_code=True)" in qa

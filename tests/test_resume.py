@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kprune, write_mrpc_data, write_tiny_checkpoint
-from kprune_helpers import make_problem, sharpen
+from kprune_helpers import DEVICES, make_problem, sharpen
 from safetensors.torch import load_file
 from test_cli import run_args
 
@@ -214,12 +214,16 @@ def _reference(args: list[str], output: Path) -> Path:
     return output
 
 
-def test_a_run_killed_at_three_points_resumes_to_the_uninterrupted_result(tiny_checkpoint, mrpc_dir, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_killed_at_three_points_resumes_to_the_uninterrupted_result(device, tiny_checkpoint, mrpc_dir,
+                                                                          tmp_path):
     """One real run SIGKILLed three times in a row (while a step's state is renamed into place,
     half-way through writing a step file, while pruned/ is written), resumed each time: it ends
-    bit for bit as the uninterrupted run, and its notes say where it resumed."""
+    bit for bit as the uninterrupted run, and its notes say where it resumed (on CUDA with
+    deterministic=true, which that promise needs there)."""
     output = tmp_path / "out"
-    args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune")
+    extra = ["deterministic=true"] if device == "cuda" else []
+    args = run_args(tiny_checkpoint, mrpc_dir, output, "pruner=kprune", *extra, device=device)
     for kill_at, resumes_at in (("state-rename:2", 1), ("step-write:2", 2), ("pruned:1", 4)):
         extra = ["resume=true"] if kill_at != "state-rename:2" else []
         _assert_killed(_start(args + extra, kill_at), output, resumes_at)

@@ -13,7 +13,8 @@ from conftest import kprune
 from datasets import Dataset
 from transformers import BertConfig, BertForQuestionAnswering
 
-from kprune_cli.tasks.metrics import compute_metrics, squad_scores
+from kprune_cli.tasks.kinds import compute_metrics
+from kprune_cli.tasks.metrics import squad_scores
 from kprune_cli.tasks.spec import get_task
 from kprune_cli.tasks.squad import postprocess_predictions, tokenize_squad
 

@@ -15,6 +15,7 @@ from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model
 from kprune_cli.models.loading import count_parameters, load_model
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.device import resolve_device
+from kprune_cli.runtime.hardware import announce_device
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import get_task
 
@@ -26,6 +27,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     max_examples = check_optional_int("eval_max_examples", cfg.eval_max_examples, 1)
     task = get_task(str(cfg.task.name))
     device = resolve_device(str(cfg.device))
+    announce_device(device)
     checkpoint, _ = resolve_model_path(str(cfg.checkpoint), task, device)
     data = load_task_data(task, resolve_data_dir(task, cfg.data_dir), splits=task.eval_splits)
     model, tokenizer = load_model(checkpoint, task, device)

@@ -21,6 +21,7 @@ from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path
 from kprune_cli.core.finetune import FinetuneRecipe, finetune, load_seeded, read_recipe, write_finetuned
 from kprune_cli.runtime.console import console, make_progress
 from kprune_cli.runtime.device import resolve_device
+from kprune_cli.runtime.hardware import announce_device
 from kprune_cli.runtime.output_dir import atomic_directory, check_output_dir
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import TaskSpec, get_task
@@ -64,6 +65,7 @@ def run_finetune(cfg: DictConfig) -> Path:
     settings = read_settings(cfg)
     task, device, recipe = settings.task, settings.device, settings.recipe
     check_output_dir(settings.output_dir, settings.overwrite)  # before the minutes of training, not after
+    announce_device(device)
 
     model_path, _ = resolve_model_path(settings.model_path, task, device)
     datasets = load_task_data(task, data_dir=resolve_data_dir(task, settings.data_dir))

@@ -11,6 +11,7 @@ retried with smaller batches, and the report says so.
 from __future__ import annotations
 
 import shlex
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -27,7 +28,6 @@ from kprune_cli.core.report import (
     Report,
     build_report,
     model_card,
-    peak_memory_mb,
     print_summary,
     run_identity,
     write_reports,
@@ -41,12 +41,24 @@ from kprune_cli.models.model_card import write_model_card
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.errors import UserError, listed
+from kprune_cli.runtime.hardware import announce_device
 from kprune_cli.runtime.interrupts import deferred_interrupts
+from kprune_cli.runtime.memory import peak_memory_mb, reset_peak_memory
 from kprune_cli.runtime.output_dir import OutputDir, write_errors
+from kprune_cli.runtime.precision import deterministic_algorithms
 from kprune_cli.runtime.steps import StepCheckpoints
 from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.calibration import calibration_rows
 from kprune_cli.tasks.data import load_task_data
+from kprune_cli.tasks.kinds import kind_of
+from kprune_cli.tasks.spec import TaskSpec
+
+
+def refuse_unlabeled_task(pruner: Pruner, name: str, task: TaskSpec) -> None:
+    """A :class:`UserError` when a pruner that reads gold labels is given a task without (sentence embeddings)."""
+    if pruner.needs_labels and not kind_of(task).labelled:
+        raise UserError(f"pruner={name} needs gold labels (it uses the task loss), and task={task.name} has none "
+                        f"(a sentence-embedding task): use pruner=kprune, magnitude or random")
 
 
 def refuse_unlabeled_source(pruner: Pruner, name: str, source: str | None) -> None:
@@ -78,6 +90,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         with required_keys():
             pruner = build_pruner(cfg.pruner, pruner_name)
         refuse_unlabeled_source(pruner, pruner_name, settings.calibration_source)
+        refuse_unlabeled_task(pruner, pruner_name, settings.task)
         output = OutputDir(output_path, overwrite=settings.overwrite)
         if settings.resume and not settings.overwrite and (finished := output.finished_report()) is not None:
             console.print(f"[bold]kprune:[/] {escape(str(output_path))} holds a finished run: nothing to resume",
@@ -91,12 +104,16 @@ def run_pruning(cfg: DictConfig) -> Report:
         raise
     task, device = settings.task, settings.device
     timing: dict[str, float] = {}
+    numerics = ExitStack()  # deterministic=true until the job ends
     try:
         # Ctrl-C or SIGTERM while the lock is being taken is raised once it is held, inside this
         # try, so the directory is marked failed (not left locked); a refused claim leaves it as it was.
         with deferred_interrupts(), write_errors(f"output_dir={output_path}",
                                                  "choose an output_dir this job may write to"):
             output.claim(resume=settings.resume)
+        numerics.enter_context(deterministic_algorithms(settings.deterministic))  # before CUDA starts
+        announce_device(device)
+        reset_peak_memory(device)  # this job's peak, not the sweep's so far (one process runs a sweep's jobs)
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):
             model_path, notes = resolve_model_path(settings.model_path, task, device, settings.default_model)
@@ -138,7 +155,7 @@ def run_pruning(cfg: DictConfig) -> Report:
                                             max_examples=settings.eval_max_examples)
         with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
             checkpoint_dir = output.path / "pruned"
-            checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path))
+            checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path), task=task)
         if settings.check_reload:
             with timed(timing, "check_reload"):
                 notes.append(check_reload(model, checkpoint_dir, task, sample.model_inputs(sample.batches[0], device),
@@ -152,6 +169,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             checkpoint=(checkpoint_dir, checkpoint_bytes),
             sample=sample, sample_size=str(settings.sample_size), pruner_settings=result.settings, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
+            deterministic=settings.deterministic,
         )
         with write_errors(f"the reports into output_dir={output.path}", RESULTS_REMEDY):
             card = write_model_card(checkpoint_dir, model_card(report, task, model_path, run_command(output.path)))
@@ -167,3 +185,5 @@ def run_pruning(cfg: DictConfig) -> Report:
             console.print(f"[bold]kprune:[/] {done} finished sub-layers are kept in {escape(str(steps.directory))}: "
                           f"the same command with resume=true continues from there", highlight=False, soft_wrap=True)
         raise
+    finally:
+        numerics.close()

@@ -98,6 +98,7 @@ class RunSettings:
     resume: bool
     check_reload: bool
     smoke: bool
+    deterministic: bool
 
 
 def read_settings(cfg: DictConfig) -> RunSettings:
@@ -125,6 +126,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             resume=check_bool("resume", cfg.resume),
             check_reload=check_bool("check_reload", cfg.check_reload),
             smoke=check_bool("smoke", cfg.smoke),
+            deterministic=check_bool("deterministic", cfg.deterministic),
             device=resolve_device(str(cfg.device)),  # last: it imports torch
         )
 

@@ -15,15 +15,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kprune_cli.runtime.console import console, make_progress
 from kprune_cli.runtime.interrupts import deferred_interrupts
-from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
-from kprune_cli.tasks.metrics import compute_metrics
+from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, evaluation_features, feature_lengths
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
-from kprune_cli.tasks.squad import postprocess_predictions
 
 # Metric-name prefixes of the evaluation splits after the first (MNLI's mismatched dev set).
 SPLIT_PREFIXES = {"validation_mismatched": "mm_"}
-# Model outputs with one value per token (the others have one row per sequence).
-TOKEN_OUTPUTS = ("start_logits", "end_logits")
 
 
 @dataclass
@@ -85,36 +82,34 @@ def capped_evaluation_note(task: TaskSpec, datasets: DatasetDict, max_examples: 
 def evaluate_split(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
                    dataset: Dataset, device: torch.device | str, batch_size: BatchSize, progress: Progress,
                    description: str) -> dict[str, float]:
-    """The metrics of ``task`` on one split (rows with gold labels / answers)."""
-    features = tokenize_split(task, dataset, tokenizer, for_training=False)
-    if task.is_qa:
-        outputs = predict(model, tokenizer, features, TOKEN_OUTPUTS, device, batch_size,
-                          progress, description)
-        answers = postprocess_predictions(dataset, features, outputs["start_logits"], outputs["end_logits"],
-                                          version_2=task.extra.get("version_2_with_negative", False))
-        predictions = [answers[example_id] for example_id in dataset["id"]]
-        references = [answer["text"] for answer in dataset["answers"]]
-    else:
-        logits = np.stack(predict(model, tokenizer, features, ("logits",), device, batch_size,
-                                  progress, description)["logits"])  # (examples, num_labels)
-        predictions = logits[:, 0] if task.kind == "regression" else logits.argmax(axis=-1)
-        references = dataset[task.label_key]
-    return compute_metrics(task, predictions, references)
+    """The metrics of ``task`` on one split (rows with gold labels / answers), as its kind computes them
+    (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.evaluate`)."""
+    kind = kind_of(task)
+    features = evaluation_features(task, dataset, tokenizer)
+
+    def run(output_names: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
+        return predict(model, tokenizer, features, output_names, device, batch_size, progress, description,
+                       token_outputs=kind.token_outputs)
+
+    return kind.evaluate(task, dataset, features, run)
 
 
 def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features: Dataset,
             output_names: tuple[str, ...], device: torch.device | str, batch_size: BatchSize,
-            progress: Progress, description: str) -> dict[str, list[np.ndarray]]:
+            progress: Progress, description: str, token_outputs: tuple[str, ...] = ()) -> dict[str, list[np.ndarray]]:
     """The model's outputs ``output_names`` for every feature, in the order of ``features``.
 
     Batches are sorted by length (longest first) to cut padding; each output comes back
     as one float32 array per feature: ``(num_labels,)`` for ``logits``, ``(tokens,)``
-    (padding removed) for the token-level ``start_logits`` / ``end_logits``. A batch of more
-    than one feature that runs out of GPU memory is retried with ``batch_size`` halved.
+    (padding removed) for the ``token_outputs`` with one value per token (QA's ``start_logits`` /
+    ``end_logits``). A batch of more than one feature that runs out of GPU memory is retried with
+    ``batch_size`` halved. The outputs stay on ``device`` until the split is done and are copied to
+    the host once (no sync per batch on a GPU).
     """
     inputs = features.select_columns([key for key in MODEL_INPUT_KEYS if key in features.column_names])
     order = np.argsort(-feature_lengths(inputs), kind="stable")
-    outputs = {name: [None] * len(inputs) for name in output_names}
+    done: list[tuple[np.ndarray, list[int]]] = []  # per batch: its features' indices and real lengths
+    results: dict[str, list[torch.Tensor]] = {name: [] for name in output_names}  # per batch, on ``device``
     bar = progress.add_task(description, total=len(order))
     was_training = model.training
     model.eval()
@@ -126,20 +121,39 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features
                 with deferred_interrupts():  # datasets' fingerprinting would swallow Ctrl-C
                     rows = inputs.select(indices).to_list()
                 batch = collate(rows, tokenizer)
-                lengths = batch["attention_mask"].sum(dim=1).tolist()
                 result = _forward(model, batch, device, retry=len(indices) > 1)
                 if result is None:
                     batch_size.halve(len(indices), f"evaluating {description}")
                     continue
+                done.append((indices, batch["attention_mask"].sum(dim=1).tolist()))
                 for name in output_names:
-                    values = result[name].float().cpu().numpy()  # (batch, num_labels) or (batch, seq)
-                    for row, index in enumerate(indices):
-                        outputs[name][index] = values[row, :lengths[row]] if name in TOKEN_OUTPUTS else values[row]
+                    results[name].append(result[name])  # (batch, num_labels) or (batch, seq)
                 progress.advance(bar, len(indices))
                 begin += len(indices)
     finally:
         model.train(was_training)
+    outputs = {name: [None] * len(inputs) for name in output_names}
+    for name, tensors in results.items():
+        for (indices, lengths), values in zip(done, _to_host(tensors)):
+            for row, index in enumerate(indices):
+                outputs[name][index] = values[row, :lengths[row]] if name in token_outputs else values[row]
     return outputs
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """``tensors`` (per batch, ``(batch, ...)``, on one device; the last dimension may differ between
+    batches) as float32 arrays, copied to the host in one transfer; padding added along the last
+    dimension is cut off again."""
+    if not tensors:
+        return []
+    width = max(tensor.shape[-1] for tensor in tensors)
+    joined = torch.cat([torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[-1])) for tensor in tensors])
+    host = joined.cpu().numpy()
+    pieces, begin = [], 0
+    for tensor in tensors:
+        pieces.append(host[begin:begin + tensor.shape[0], ..., :tensor.shape[-1]])
+        begin += tensor.shape[0]
+    return pieces
 
 
 def _forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], device: torch.device | str,
@@ -149,7 +163,7 @@ def _forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], device: tor
     pass's tensors before the retry."""
     try:
         return model(**{key: value.to(device) for key, value in batch.items()})
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError needs torch >= 2.5
         if not retry:
             raise
     return None
@@ -168,4 +182,4 @@ def measure_avg_seq_len(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedT
     """Average tokens per feature of ``dataset`` (the evaluation split), special tokens
     included, truncated at :func:`~kprune_cli.tasks.data.sequence_limit`: the FLOPs model's S for tasks without a
     published value (``task.avg_seq_len is None``)."""
-    return float(feature_lengths(tokenize_split(task, dataset, tokenizer, for_training=False)).mean())
+    return float(feature_lengths(evaluation_features(task, dataset, tokenizer)).mean())

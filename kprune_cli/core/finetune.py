@@ -3,8 +3,10 @@ behind ``kprune finetune``, whose command is :mod:`kprune_cli.cli.finetune`).
 
 Standard recipe: AdamW (no decay on biases and LayerNorm weights), linear schedule with warm-up,
 gradient clipping at 1.0, shuffled batches from a seeded generator, dynamic padding. The loss is the
-model's own (``labels`` for GLUE, ``start_positions`` / ``end_positions`` for SQuAD). The result is a
-normal Hugging Face directory with ``dev_metrics.json`` beside the weights.
+model's own (``labels`` for GLUE, ``start_positions`` / ``end_positions`` for SQuAD). An optimizer
+step may accumulate the gradients of several forward passes (``gradient_accumulation_steps``), so that
+a large batch fits a small GPU. The result is a normal Hugging Face directory with
+``dev_metrics.json`` beside the weights.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class FinetuneRecipe:
     weight_decay: float
     max_steps: int | None
     seed: int
+    gradient_accumulation_steps: int = 1  # forward passes of ``batch_size`` sequences per optimizer step
 
 
 def read_recipe(cfg: DictConfig) -> FinetuneRecipe:
@@ -59,6 +62,7 @@ def read_recipe(cfg: DictConfig) -> FinetuneRecipe:
             weight_decay=check_float("weight_decay", cfg.weight_decay, 0),
             max_steps=check_optional_int("max_steps", cfg.max_steps, 1),
             seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
+            gradient_accumulation_steps=check_int("gradient_accumulation_steps", cfg.gradient_accumulation_steps, 1),
         )
 
 
@@ -76,15 +80,43 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _training_batches(loader: DataLoader, num_steps: int) -> Iterator[dict[str, torch.Tensor]]:
-    """``num_steps`` batches, starting a new (reshuffled) epoch whenever ``loader`` runs out."""
+def _training_batches(loader: DataLoader, num_steps: int, per_step: int
+                      ) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """``num_steps`` groups of ``per_step`` batches (one group per optimizer step), starting a new
+    (reshuffled) epoch whenever ``loader`` runs out."""
+    group: list[dict[str, torch.Tensor]] = []
     step = 0
     while step < num_steps:
         for batch in loader:
-            if step == num_steps:
-                return
-            yield batch
-            step += 1
+            group.append(batch)
+            if len(group) == per_step:
+                yield group
+                group, step = [], step + 1
+                if step == num_steps:
+                    return
+
+
+def _accumulate(model: PreTrainedModel, group: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Backward of the mean loss over the batches of ``group`` (each batch's own mean loss, weighted
+    by its sequences: the loss of the whole group as one batch); the loss, detached."""
+    total = sum(int(next(iter(batch.values())).shape[0]) for batch in group)
+    summed = torch.zeros((), device=model.device)
+    for batch in group:
+        size = int(next(iter(batch.values())).shape[0])
+        loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss * (size / total)
+        loss.backward()
+        summed += loss.detach()
+    return summed
+
+
+def _out_of_memory(recipe: FinetuneRecipe) -> UserError:
+    """The one-line error for a training step that does not fit the GPU."""
+    passes = recipe.gradient_accumulation_steps
+    effective = recipe.batch_size * passes
+    return UserError(f"fine-tuning ran out of GPU memory with batch_size={recipe.batch_size} "
+                     f"(x gradient_accumulation_steps={passes}): lower batch_size and raise "
+                     f"gradient_accumulation_steps to keep {effective} sequences per step (e.g. "
+                     f"batch_size={max(1, recipe.batch_size // 2)} gradient_accumulation_steps={2 * passes})")
 
 
 def finetune(
@@ -99,7 +131,9 @@ def finetune(
 ) -> dict[str, float]:
     """Fine-tune ``model`` in place on ``task``'s train split; return its metrics on the dev split(s).
 
-    ``recipe.max_steps`` (if set) replaces ``recipe.epochs`` as the number of optimizer steps. The
+    ``recipe.max_steps`` (if set) replaces ``recipe.epochs`` as the number of optimizer steps; each
+    step takes ``recipe.gradient_accumulation_steps`` batches of ``recipe.batch_size``. A step that
+    runs out of GPU memory is a :class:`UserError` naming both. The
     shuffling order and dropout draw from ``recipe.seed`` only (the global RNG state is restored
     afterwards), so on CPU the same seed gives the same weights. The model is left in eval mode.
     """
@@ -112,7 +146,8 @@ def finetune(
     generator = torch.Generator().manual_seed(recipe.seed)
     loader = DataLoader(train, batch_size=recipe.batch_size, shuffle=True, generator=generator,
                         collate_fn=partial(collate, tokenizer=tokenizer))
-    num_steps = recipe.max_steps or math.ceil(recipe.epochs * len(loader))
+    per_step = recipe.gradient_accumulation_steps
+    num_steps = recipe.max_steps or math.ceil(recipe.epochs * len(loader) / per_step)
 
     model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
@@ -124,9 +159,11 @@ def finetune(
         torch.manual_seed(recipe.seed)
         model.train()
         running_loss = None
-        for step, batch in enumerate(_training_batches(loader, num_steps), start=1):
-            loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
-            loss.backward()
+        for step, group in enumerate(_training_batches(loader, num_steps, per_step), start=1):
+            try:
+                loss = _accumulate(model, group)
+            except torch.cuda.OutOfMemoryError:
+                raise _out_of_memory(recipe) from None
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             optimizer.step()
             scheduler.step()

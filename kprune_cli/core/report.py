@@ -15,6 +15,8 @@ Schema of ``report.json`` (``schema_version`` 1; metric values are fractions, 0.
      "pruner_settings": {...},                                # what the pruner ran with, those it chose for
                                                              # the task included ({"gradient_batch": 12})
      "timing": {"<stage>": seconds, ...}, "peak_memory_mb", "notes": [...],
+     "numerics": {"deterministic", "matmul_precision"},        # deterministic=true; float32 products outside
+                                                             # the pruners' full-float32 passes
      "smoke": false}                                          # true: a smoke run, its metric no result
 """
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import resource
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,8 +36,10 @@ from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.model_card import ModelCard
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.output_dir import write_json_atomic
+from kprune_cli.runtime.precision import matmul_precision
 from kprune_cli.runtime.steps import flatten
 from kprune_cli.tasks.calibration import CalibrationSample
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
 SCHEMA_VERSION = 1
@@ -45,8 +48,9 @@ SMOKE_NOTE = ("smoke run (smoke=true, e.g. preset=smoke): a check that the model
               "its metrics come from a small sample and evaluation and are not a result")
 
 
-def versions() -> dict[str, str]:
-    """Versions of the interpreter and the libraries that decide the results."""
+def versions(device: torch.device | None = None) -> dict[str, str]:
+    """Versions of the interpreter and the libraries that decide the results; on a CUDA ``device``
+    also the CUDA and cuDNN versions torch was built with and the GPU model."""
     import datasets
     import transformers
 
@@ -58,7 +62,14 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "datasets": datasets.__version__,
+        **(cuda_versions(device) if device is not None and device.type == "cuda" else {}),
     }
+
+
+def cuda_versions(device: torch.device) -> dict[str, str]:
+    """``{"cuda", "cudnn", "gpu"}`` of a CUDA ``device``."""
+    return {"cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version()),
+            "gpu": torch.cuda.get_device_name(device)}
 
 
 # Where a job writes, and whether it resumed, say nothing about the experiment: left out of the hash.
@@ -79,16 +90,10 @@ def config_hash(cfg: DictConfig) -> str:
 
 def run_identity(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """What a resumed run must share with the saved one (:class:`~kprune_cli.runtime.steps.StepCheckpoints`):
-    the config (hash and flattened values, without where the run writes or whether it resumes) and
-    the device type."""
-    return {"config_hash": config_hash(cfg), "config": flatten(experiment_values(cfg)), "device": device.type}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA max allocated on GPU, else the CPU peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    the config (hash and flattened values, without where the run writes or whether it resumes), the
+    device type and, on CUDA, the GPU model (another model's kernels give other round-off)."""
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+    return {"config_hash": config_hash(cfg), "config": flatten(experiment_values(cfg)), "device": device.type, **gpu}
 
 
 def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, device: torch.device,
@@ -97,7 +102,7 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
                  params: tuple[int, int], checkpoint: tuple[Path, int], sample: CalibrationSample,
                  sample_size: str, pruner_settings: Mapping[str, Any], timing: Mapping[str, float],
                  notes: Sequence[str], peak_memory: float,
-                 smoke: bool = False) -> Report:
+                 smoke: bool = False, deterministic: bool = False) -> Report:
     """Assemble the report dictionary (see the module docstring for its schema)."""
     dense_flops, pruned_flops = flops.total(dense_structure), flops.total(pruned_structure)
     return {
@@ -109,7 +114,7 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
         "device": str(device),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),
-        "versions": versions(),
+        "versions": versions(device),
         "metric": {
             "name": task.metric,
             "dense": dense_metrics[task.metric],
@@ -132,6 +137,7 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
         "timing": {name: round(seconds, 3) for name, seconds in timing.items()},
         "peak_memory_mb": round(peak_memory, 1),
         "notes": list(notes),
+        "numerics": {"deterministic": deterministic, "matmul_precision": matmul_precision()},
         "smoke": smoke,
     }
 
@@ -158,7 +164,8 @@ def render_markdown(report: Report) -> str:
         f"FLOPs reduction: {flops['reduction']:.4f} (target {report['rate']}). "
         f"Checkpoint: `{report['checkpoint']['path']}` ({report['checkpoint']['bytes'] / 2**20:.1f} MiB). "
         f"Calibration sample: {_sample_line(report['sample'])}. {pruner_settings}"
-        f"Seed {report['seed']}, device {report['device']}, peak memory {report['peak_memory_mb']:.0f} MB.",
+        f"Seed {report['seed']}, device {report['device']}, peak memory {report['peak_memory_mb']:.0f} MB."
+        + _numerics_line(report.get("numerics")),
         "",
         "## Surviving units per layer",
         "",
@@ -178,6 +185,14 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _numerics_line(numerics: Mapping[str, Any] | None) -> str:
+    """`` Deterministic algorithms: on. float32 matmul precision outside the pruning passes: highest.``"""
+    if numerics is None:
+        return ""
+    return (f" Deterministic algorithms: {'on' if numerics['deterministic'] else 'off'}. float32 matmul precision "
+            f"outside the pruning passes: {numerics['matmul_precision']}.")
+
+
 def _sample_line(sample: Mapping[str, Any]) -> str:
     """``2048 examples (2103 windows), 331,620 tokens (calibration.num_examples=2048)``."""
     windows = f" ({sample['windows']} windows)" if sample["windows"] != sample["examples"] else ""
@@ -195,7 +210,8 @@ def model_card(report: Report, task: TaskSpec, source: str, command: str | None)
     (a directory or a hub id), ``command``: the command that ran it."""
     capped = report["config"].get("eval_max_examples")
     return ModelCard(
-        task=report["task"], question_answering=task.is_qa, source=source, base_model=_hub_id(source),
+        task=report["task"], pipeline_tag=kind_of(task).pipeline_tag, auto_class=kind_of(task).auto_class.__name__,
+        source=source, base_model=_hub_id(source),
         pruner=report["pruner"], rate=report["rate"], metric=report["metric"]["name"],
         dense=report["metric"]["dense"], pruned=report["metric"]["pruned"],
         evaluated_on=f"{task.eval_splits[0]} split" + (f", first {capped} examples" if capped else ""),

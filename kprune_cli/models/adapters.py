@@ -104,8 +104,9 @@ class ModelAdapter:
 
     @property
     def backbone(self) -> nn.Module:
-        """The encoder model without the task head (``model.bert``, ``model.distilbert`` ...)."""
-        return getattr(self.model, self.model.base_model_prefix)
+        """The encoder model without the task head (``model.bert``, ``model.distilbert`` ...; a bare
+        encoder itself)."""
+        return self.model.base_model
 
     @property
     def embeddings(self) -> nn.Module:

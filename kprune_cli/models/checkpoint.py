@@ -4,7 +4,8 @@ A checkpoint holds ``model.safetensors``, ``config.json`` (stock ``model_type`` 
 ``kprune_structure`` and ``auto_map`` entries for ``AutoModel`` and the task's class), the tokenizer
 files, and the family's module as ``modeling_kprune.py`` with ``kprune_common.py`` (nothing of the
 other families); ``AutoModel...from_pretrained(directory, trust_remote_code=True)`` rebuilds the pruned
-layers; :func:`check_reload` proves that a saved one does.
+layers; :func:`check_reload` proves that a saved one does. A task kind may add files of its own (a
+sentence-embedding model: its sentence-transformers modules).
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ from kprune_cli.models.families import MODELING_FILE, layout_of, modeling_files
 from kprune_cli.models.families.kprune_common import STRUCTURE_KEY
 from kprune_cli.models.loading import load_model
 from kprune_cli.runtime.output_dir import atomic_directory
+from kprune_cli.tasks.data import sequence_limit
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
 
 def save_pruned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
-                dtype: torch.dtype | None = None) -> int:
+                dtype: torch.dtype | None = None, task: TaskSpec | None = None) -> int:
     """Write ``model`` (pruned or not) and ``tokenizer`` to ``directory``; returns its size in bytes.
+
+    ``task``: the files its kind adds beside the weights are written too
+    (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.write_companions`).
 
     ``dtype`` (default: the model's) is the dtype of the stored weights, e.g. ``torch.float16`` to
     match a half-precision source checkpoint; the model in memory is left untouched. The directory
@@ -36,6 +42,8 @@ def save_pruned(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dire
     directory = Path(directory)
     with atomic_directory(directory, overwrite=True) as staging:
         _write(model, tokenizer, staging, dtype)
+        if task is not None:
+            kind_of(task).write_companions(model, staging, sequence_limit(task, tokenizer))
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
@@ -50,7 +58,7 @@ def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory
     config = copy.deepcopy(model.config)
     setattr(config, STRUCTURE_KEY, get_adapter(model).structure())
     config.auto_map = auto_map_for(model)
-    config.architectures = [stock_task_class(model).__name__]  # also the name of its pruned class
+    config.architectures = [stock_class(model).__name__]  # also the name of its pruned class
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(directory)  # replaces the stock config that save_pretrained wrote
@@ -59,23 +67,25 @@ def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory
         shutil.copyfile(source, directory / name)
 
 
-def stock_task_class(model: PreTrainedModel) -> type[PreTrainedModel]:
-    """The stock transformers class with a task head that ``model`` is or subclasses (a model loaded
-    from a pruned checkpoint is of its pruned subclass)."""
+def stock_class(model: PreTrainedModel) -> type[PreTrainedModel]:
+    """The stock transformers class, with a task head or the bare encoder (a sentence-embedding model),
+    that ``model`` is or subclasses (a model loaded from a pruned checkpoint is of its pruned subclass)."""
     layout = layout_of(model.config)
-    stock = next((cls for cls in type(model).__mro__ if cls in layout.task_classes), None)
+    classes = (*layout.task_classes, layout.encoder_class)
+    stock = next((cls for cls in type(model).__mro__ if cls in classes), None)
     if stock is None:
         raise ValueError(f"no pruned class for {type(model).__name__}: supported are "
-                         f"{', '.join(cls.__name__ for cls in layout.task_classes)}")
+                         f"{', '.join(cls.__name__ for cls in classes)}")
     return stock
 
 
 def auto_map_for(model: PreTrainedModel) -> dict[str, str]:
     """The config ``auto_map`` that loads ``model``'s checkpoint as its family module's pruned classes,
-    named like the stock ones: the bare encoder (``AutoModel``, features) and the task class."""
-    stock = stock_task_class(model)
+    named like the stock ones: the bare encoder (``AutoModel``, features) and the task class (none for a
+    bare encoder, a sentence-embedding model)."""
+    stock = stock_class(model)
     module = MODELING_FILE.removesuffix(".py")
-    head = stock.__name__[stock.__name__.index("For"):]  # "ForSequenceClassification"
+    head = "".join(stock.__name__.partition("For")[1:])  # "ForSequenceClassification"; "" for the bare encoder
     encoder = layout_of(model.config).encoder_class
     return {"AutoModel": f"{module}.{encoder.__name__}", f"AutoModel{head}": f"{module}.{stock.__name__}"}
 

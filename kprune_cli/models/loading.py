@@ -17,20 +17,13 @@ from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
-from transformers import (
-    AutoConfig,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kprune_cli.models.adapters import check_supported
 from kprune_cli.models.families import layout_of
 from kprune_cli.models.families.kprune_common import STRUCTURE_KEY
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -50,13 +43,14 @@ def load_model(path: str, task: TaskSpec, device: torch.device | str = "cpu"
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A fine-tuned (or pruned) model for ``task`` and its tokenizer, float32, in eval mode, on ``device``.
 
-    The checkpoint must carry the task's head: ``...ForQuestionAnswering`` for a QA task,
-    ``...ForSequenceClassification`` with ``task.num_labels`` outputs otherwise.
+    The checkpoint must carry the head of the task's kind
+    (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.check_head`): ``...ForQuestionAnswering`` for a QA
+    task, ``...ForSequenceClassification`` with ``task.num_labels`` outputs for a GLUE task.
     """
     path = str(path)
     location = _locate(path)
     config = _load_config(location, path)
-    _check_head(config, task, path)
+    kind_of(task).check_head(config, task, path)
     tokenizer = _load_tokenizer(location, path)
     model, info = _load_weights(location, path, task, config, output_loading_info=True)
     if info["missing_keys"]:
@@ -64,6 +58,7 @@ def load_model(path: str, task: TaskSpec, device: torch.device | str = "cpu"
         raise UserError(f"model {path!r} lacks weights for {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}: it is not a complete {task.name} checkpoint")
     _limit_sequence_length(tokenizer, config)
+    kind_of(task).prepare_model(model, tokenizer, location)
     return model.to(device).eval(), tokenizer
 
 
@@ -88,9 +83,7 @@ def load_for_finetuning(path: str, task: TaskSpec, device: torch.device | str = 
     location = _locate(path)
     config = _load_config(location, path)
     tokenizer = _load_tokenizer(location, path)
-    config.num_labels = task.num_labels  # keeps the label names when the count already fits
-    if not task.is_qa:
-        config.problem_type = "regression" if task.num_labels == 1 else "single_label_classification"
+    kind_of(task).configure_head(config, task)
     model = _load_weights(location, path, task, config, ignore_mismatched_sizes=True)
     _limit_sequence_length(tokenizer, config)
     return model.to(device).train(), tokenizer
@@ -151,19 +144,6 @@ def _load_config(location: str, path: str) -> PretrainedConfig:
     return config
 
 
-def _check_head(config: PretrainedConfig, task: TaskSpec, path: str) -> None:
-    """A :class:`UserError` unless the checkpoint's head fits ``task``."""
-    wanted = "ForQuestionAnswering" if task.is_qa else "ForSequenceClassification"
-    architectures = config.architectures or []
-    if not any(name.endswith(wanted) for name in architectures):
-        found = ", ".join(architectures) or "no recorded architecture"
-        raise UserError(f"model {path!r} is a {found} checkpoint but task {task.name!r} needs a ...{wanted} "
-                        "one: pass a model fine-tuned on this task, or fine-tune one first (kprune finetune)")
-    if not task.is_qa and config.num_labels != task.num_labels:
-        raise UserError(f"model {path!r} has {config.num_labels} output labels but task {task.name!r} needs "
-                        f"{task.num_labels}: pass a model fine-tuned on {task.name}")
-
-
 def _load_tokenizer(location: str, path: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(location)
@@ -174,13 +154,21 @@ def _load_tokenizer(location: str, path: str) -> PreTrainedTokenizerBase:
 
 
 def _load_weights(location: str, path: str, task: TaskSpec, config: PretrainedConfig, **kwargs):
-    """``from_pretrained`` of the task's Auto class in float32, its messages silenced, its errors explained."""
-    auto_class = AutoModelForQuestionAnswering if task.is_qa else AutoModelForSequenceClassification
+    """``from_pretrained`` of the task kind's Auto class in float32, its messages silenced, its errors explained.
+
+    The attention is PyTorch's SDPA where the family has it (else eager), never a library's choice:
+    transformers 4.5x picks FlashAttention-2 for ModernBERT when ``flash-attn`` is installed, which
+    unpads the batch (``(tokens, d)`` hidden states) under the pruners' hooks; and ModernBERT's
+    ``reference_compile`` (4.5x) is switched off, as it would recompile whenever the hooks change.
+    """
+    auto_class = kind_of(task).auto_class
     ours = hasattr(config, STRUCTURE_KEY)  # a pruned checkpoint with modeling_kprune.py beside it
+    if hasattr(config, "reference_compile"):
+        config.reference_compile = False
     try:
         with _quiet_loading():
-            return auto_class.from_pretrained(location, config=config, dtype=torch.float32,
-                                              trust_remote_code=ours, **kwargs)
+            return auto_class.from_pretrained(location, config=config, dtype=torch.float32, trust_remote_code=ours,
+                                              attn_implementation=attention_of(auto_class, config), **kwargs)
     except SafetensorError as error:
         raise UserError(f"the weights of model {path!r} are corrupted or truncated ({error}): "
                         "copy or download them again") from error
@@ -188,6 +176,13 @@ def _load_weights(location: str, path: str, task: TaskSpec, config: PretrainedCo
         if _is_hub(location):
             raise _hub_error(path, error) from error
         raise UserError(f"cannot load the weights of model {path!r}: {str(error).splitlines()[0]}") from error
+
+
+def attention_of(auto_class: type, config: PretrainedConfig) -> str:
+    """``"sdpa"`` where the stock model class of ``config`` supports it, else ``"eager"`` (MPNet,
+    DeBERTa-v2; a pruned checkpoint's class has its stock family's attention)."""
+    stock = auto_class._model_mapping.get(type(config), None)
+    return "sdpa" if stock is not None and getattr(stock, "_supports_sdpa", False) else "eager"
 
 
 @contextmanager

@@ -28,7 +28,8 @@ class ModelCard:
     """
 
     task: str
-    question_answering: bool
+    pipeline_tag: str
+    auto_class: str
     source: str
     base_model: str | None
     pruner: str
@@ -43,14 +44,6 @@ class ModelCard:
     dense_layers: Sequence[dict[str, int]]
     command: str | None
     smoke: bool = False
-
-    @property
-    def pipeline_tag(self) -> str:
-        return "question-answering" if self.question_answering else "text-classification"
-
-    @property
-    def auto_class(self) -> str:
-        return "AutoModelForQuestionAnswering" if self.question_answering else "AutoModelForSequenceClassification"
 
     def front_matter(self) -> list[str]:
         """The YAML header the Hugging Face hub reads (strings JSON-quoted: valid YAML)."""

@@ -8,10 +8,13 @@ products; on an AVX2-only CPU they ran about ten times slower than float32 (READ
 
 from __future__ import annotations
 
+import platform
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from kprune_cli.runtime.console import console
 
 CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 """Linux ``/proc/cpuinfo`` flags of the native units for each half precision."""
@@ -46,3 +49,42 @@ def native_matmul(device: torch.device, dtype: torch.dtype) -> bool:
 def describe_cpu() -> str:
     """The CPU's vector extension as PyTorch uses it, e.g. ``"AVX2"`` or ``"AVX512"``."""
     return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def describe_device(device: torch.device) -> str:
+    """One line naming the device a command runs on, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3, bf16
+    native)`` or ``cpu (AMD EPYC 7B13, 2 threads, bf16 emulated)``."""
+    bf16 = "bf16 native" if native_matmul(device, torch.bfloat16) else "bf16 emulated"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)}, {bf16})"
+    return f"{device} ({cpu_model()}, {torch.get_num_threads()} threads, {bf16})"
+
+
+def announce_device(device: torch.device) -> None:
+    """Print the start line ``device: ...`` (:func:`describe_device`), so that a job that silently
+    fell back to the CPU (``device=auto`` with a CPU build of torch) shows it at once."""
+    console.print(f"[bold]device:[/] {describe_device(device)}", highlight=False, soft_wrap=True)
+
+
+FULL_RATE_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+"""CUDA compute capabilities with float64 at 1/2 the float32 rate or better (P100, V100, A100,
+H100/H200, B200); other GPUs (T4, A10, L4, RTX) run float64 at 1/32 to 1/64 of it."""
+
+
+def fast_float64(device: torch.device) -> bool:
+    """Whether ``device`` multiplies float64 matrices at a useful rate: CPUs and datacenter GPUs."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) in FULL_RATE_FLOAT64

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.interrupts import deferred_interrupts
 from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 from kprune_cli.tasks.unlabeled import read_unlabeled
 
@@ -186,8 +187,9 @@ def calibration_rows(task: TaskSpec, data: DatasetDict, source: str | None) -> t
 
 
 def has_targets(task: TaskSpec, rows: Dataset) -> bool:
-    """Whether ``rows`` carry the task's gold targets (labels, or SQuAD answers)."""
-    return ("answers" if task.is_qa else task.label_key) in rows.column_names
+    """Whether ``rows`` carry the task's gold targets (labels, or SQuAD answers; an unlabeled kind has none)."""
+    columns = kind_of(task).target_columns(task)
+    return bool(columns) and all(column in rows.column_names for column in columns)
 
 
 def _example_index(features: Dataset) -> np.ndarray:

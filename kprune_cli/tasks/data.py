@@ -25,19 +25,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.interrupts import deferred_interrupts
-from kprune_cli.tasks.glue import tokenize_glue
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
-from kprune_cli.tasks.squad import DOC_STRIDE, read_squad_json, split_squad_by_article, tokenize_squad
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
-QA_COLUMNS = ("id", "context", "question", "answers")
 _BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
 _LAYOUTS = "<dir>/<split>/*.ext, <dir>/<split>.ext or <dir>/<split>-*.ext with ext in parquet, jsonl, json, csv, tsv"
 
@@ -116,12 +114,10 @@ def _find_files(task: TaskSpec, root: Path) -> dict[str, list[Path]]:
 
 
 def _files_named(task: TaskSpec, root: Path, name: str) -> list[Path]:
-    """The first layout that has files for split ``name``: official SQuAD, folder, file, shards."""
-    if task.is_qa:
-        version = "2.0" if task.extra.get("version_2_with_negative") else "1.1"
-        official = root / f"{name}-v{version}.json"
-        if official.is_file():
-            return [official]
+    """The first layout that has files for split ``name``: the kind's own (official SQuAD), folder, file, shards."""
+    official = kind_of(task).official_files(task, root, name)
+    if official:
+        return official
     for pattern in (f"{name}/*", f"{name}", f"{name}-*"):
         for suffix in _BUILDERS:
             files = sorted(path for path in root.glob(pattern + suffix) if path.is_file())
@@ -146,25 +142,20 @@ def _given_files(task: TaskSpec, data_files: dict[str, str | list[str]]) -> dict
 def _load_local(task: TaskSpec, files: dict[str, list[Path]], wanted: Sequence[str],
                 first_articles: int | None) -> TaskData:
     only_file = len(files) == 1 and len(task.eval_splits) == 1 and task.eval_splits[0] in files
-    if task.is_qa and task.train_split not in files and only_file:
-        return _split_single_squad_file(task, files[task.eval_splits[0]], wanted, first_articles)
+    if kind_of(task).splits_single_file and task.train_split not in files and only_file:
+        return _split_single_file(task, files[task.eval_splits[0]], wanted, first_articles)
     missing = [split for split in wanted if split not in files]
     if missing:
         raise UserError(f"no data files for split {missing[0]!r}; expected {_LAYOUTS}")
     return TaskData({split: _read_split(task, split, files[split]) for split in wanted})
 
 
-def _split_single_squad_file(task: TaskSpec, paths: list[Path], wanted: Sequence[str],
-                             first_articles: int | None) -> TaskData:
-    whole = _read_split(task, task.eval_splits[0], paths)
-    num_articles = len(set(whole["title"])) if "title" in whole.column_names else 0
-    first = first_articles if first_articles is not None else num_articles // 2
-    halves = split_squad_by_article(whole, first)
-    splits = {task.train_split: halves["train"], task.eval_splits[0]: halves["validation"]}
+def _split_single_file(task: TaskSpec, paths: list[Path], wanted: Sequence[str],
+                       first_articles: int | None) -> TaskData:
+    """Train and evaluation splits made from one file by the task's kind (SQuAD: by article)."""
     source = ", ".join(str(path) for path in paths)
-    note = (f"no SQuAD train split given: {source} was split by article; articles 0-{first - 1} "
-            f"({len(halves['train'])} questions) form the train split, articles {first}-{num_articles - 1} "
-            f"({len(halves['validation'])} questions) the evaluation split")
+    splits, note = kind_of(task).split_single_file(task, _read_split(task, task.eval_splits[0], paths),
+                                                   first_articles, source)
     return TaskData({split: splits[split] for split in wanted}, notes=[note])
 
 
@@ -174,8 +165,8 @@ def _read_split(task: TaskSpec, split: str, paths: list[Path]) -> Dataset:
         raise UserError(f"data files {', '.join(map(str, paths))}: expected files of one type, "
                         f"one of {', '.join(_BUILDERS)}")
     suffix = suffixes.pop()
-    if task.is_qa and suffix == ".json":
-        return concatenate_datasets([read_squad_json(path) for path in paths])
+    if suffix == ".json" and (own := kind_of(task).read_json(paths)) is not None:
+        return own
     options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
     try:
         if all(_has_no_rows(path) for path in paths):  # the builders fail obscurely on these
@@ -194,7 +185,7 @@ def _has_no_rows(path: Path) -> bool:
 
 
 def _check_split(task: TaskSpec, split: str, dataset: Dataset) -> None:
-    required = (*task.text_keys, *(QA_COLUMNS if task.is_qa else (task.label_key,)))
+    required = kind_of(task).required_columns(task, split)
     missing = [column for column in dict.fromkeys(required) if column not in dataset.column_names]
     if missing:
         raise UserError(f"split {split!r} of task {task.name} lacks column(s) {', '.join(missing)}: "
@@ -208,18 +199,22 @@ def tokenize_split(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokeni
                    for_training: bool) -> Dataset:
     """Unpadded model features of ``dataset`` (see :func:`collate` for batching).
 
-    GLUE: one feature per row (:func:`~kprune_cli.tasks.glue.tokenize_glue`) with ``labels``.
-    SQuAD: windows of :func:`sequence_limit` tokens overlapping by ``task.extra["doc_stride"]``
-    (default 128; :func:`~kprune_cli.tasks.squad.tokenize_squad`), each with the
-    ``example_id`` of its question; ``start_positions`` / ``end_positions`` when
-    ``for_training``, else ``offset_mapping`` for
-    :func:`~kprune_cli.tasks.squad.postprocess_predictions`.
+    The task's kind tokenises (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.tokenize`), at most
+    :func:`sequence_limit` tokens per feature. GLUE: one feature per row
+    (:func:`~kprune_cli.tasks.glue.tokenize_glue`) with ``labels``. SQuAD: windows overlapping by
+    ``task.extra["doc_stride"]`` (default 128; :func:`~kprune_cli.tasks.squad.tokenize_squad`), each
+    with the ``example_id`` of its question; ``start_positions`` / ``end_positions`` when
+    ``for_training``, else ``offset_mapping`` for :func:`~kprune_cli.tasks.squad.postprocess_predictions`.
     """
-    max_length = sequence_limit(task, tokenizer)
-    if task.is_qa:
-        return tokenize_squad(dataset, tokenizer, max_length, for_training=for_training,
-                              doc_stride=task.extra.get("doc_stride", DOC_STRIDE))
-    return tokenize_glue(task, dataset, tokenizer, max_length)
+    return kind_of(task).tokenize(task, dataset, tokenizer, sequence_limit(task, tokenizer), for_training)
+
+
+@deferred_interrupts()
+def evaluation_features(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Unpadded model features of an evaluation split, as the task's kind evaluates them: those of
+    :func:`tokenize_split` without training targets, or a layout of the kind's own (retrieval: the
+    questions, then the distinct paragraphs)."""
+    return kind_of(task).evaluation_features(task, dataset, tokenizer, sequence_limit(task, tokenizer))
 
 
 def sequence_limit(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> int:

@@ -13,6 +13,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 from scipy.stats import rankdata
@@ -118,25 +119,42 @@ def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
     return scores
 
 
-_LABEL_METRICS = {
+def gold_ranks(scores: np.ndarray, gold: Sequence[int]) -> np.ndarray:
+    """``(queries,)`` rank (1 = first) of each query's gold passage ``gold[i]`` among ``scores``
+    ``(queries, passages)``; a passage scoring the same as the gold one does not rank before it."""
+    gold = np.asarray(gold)
+    gold_scores = scores[np.arange(len(gold)), gold]  # (queries,)
+    return 1 + (scores > gold_scores[:, None]).sum(axis=1)
+
+
+def recall_at(ranks: np.ndarray, k: int) -> float:
+    """Fraction of queries whose gold passage ranks in the first ``k``."""
+    return float((ranks <= k).mean())
+
+
+def mrr_at(ranks: np.ndarray, k: int) -> float:
+    """Mean reciprocal rank of the gold passage, counted as 0 beyond rank ``k``."""
+    return float(np.where(ranks <= k, 1.0 / ranks, 0.0).mean())
+
+
+RETRIEVAL_METRICS = {"recall_at_1": partial(recall_at, k=1), "recall_at_10": partial(recall_at, k=10),
+                     "mrr_at_10": partial(mrr_at, k=10)}
+"""The metrics of a retrieval task by name, each of the gold passages' ranks ``(queries,)``."""
+
+
+LABEL_METRICS = {
     "accuracy": accuracy,
     "f1": f1,
     "matthews_correlation": matthews_correlation,
     "pearson": pearson,
     "spearmanr": spearmanr,
 }
+"""The metrics of labelled examples by name, each ``(predictions, references) -> float``."""
 
 
-def compute_metrics(task: TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:
-    """Every metric of ``task.metrics``, as fractions.
-
-    GLUE: ``predictions`` are class ids (or scores for regression) and ``references`` the
-    labels, both ``(examples,)``. QA: ``predictions`` are answer texts and ``references``
-    the lists of gold answer texts (empty for an unanswerable SQuAD v2.0 question).
-    """
-    if task.is_qa:
-        scores = squad_scores(predictions, references, version_2=task.extra.get("version_2_with_negative", False))
-        return {name: scores[name] for name in task.metrics if name in scores}  # v2.0 splits may be empty
+def label_metrics(task: TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:
+    """Every metric of ``task.metrics`` from :data:`LABEL_METRICS`, of ``predictions`` (class ids or scores)
+    and ``references`` (labels), both ``(examples,)``."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    return {name: _LABEL_METRICS[name](predictions, references) for name in task.metrics}
+    return {name: LABEL_METRICS[name](predictions, references) for name in task.metrics}

@@ -21,6 +21,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
 JSONL_SUFFIX = ".jsonl"
@@ -53,21 +54,21 @@ def rows_from_texts(task: TaskSpec, texts: Sequence[str]) -> Dataset:
 
 
 def _dataset(task: TaskSpec, rows: list[dict[str, str]]) -> Dataset:
-    """``rows`` as a dataset, with an ``id`` per row for a QA task (it groups a question's windows)."""
-    if task.is_qa:
-        rows = [{**row, "id": str(index)} for index, row in enumerate(rows)]
-    return Dataset.from_list(rows)
+    """``rows`` as a dataset, completed by the task's kind (QA: an ``id`` per row, which groups a
+    question's windows)."""
+    return Dataset.from_list(kind_of(task).unlabeled_rows(rows))
 
 
 def _text_row(task: TaskSpec, line: str, where: str) -> dict[str, str]:
     """One example of a plain text line: the whole line, or a pair split at its tab."""
-    if len(task.text_keys) == 1:
-        return {task.text_keys[0]: line}
+    keys = kind_of(task).unlabeled_keys(task)
+    if len(keys) == 1:
+        return {keys[0]: line}
     texts = line.split("\t")
-    if len(texts) != len(task.text_keys):
-        raise UserError(f"{where}: task {task.name} takes {' and '.join(task.text_keys)} separated by one tab, "
+    if len(texts) != len(keys):
+        raise UserError(f"{where}: task {task.name} takes {' and '.join(keys)} separated by one tab, "
                         f"this line has {len(texts) - 1} tabs")
-    return dict(zip(task.text_keys, texts))
+    return dict(zip(keys, texts))
 
 
 def _jsonl_row(task: TaskSpec, line: str, where: str) -> dict[str, str]:
@@ -76,8 +77,9 @@ def _jsonl_row(task: TaskSpec, line: str, where: str) -> dict[str, str]:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise UserError(f"{where}: not a JSON object ({error})") from None
-    missing = [key for key in task.text_keys if not isinstance(record, dict) or not isinstance(record.get(key), str)]
+    keys = kind_of(task).unlabeled_keys(task)
+    missing = [key for key in keys if not isinstance(record, dict) or not isinstance(record.get(key), str)]
     if missing:
-        raise UserError(f"{where}: task {task.name} needs text field(s) {', '.join(task.text_keys)}; "
+        raise UserError(f"{where}: task {task.name} needs text field(s) {', '.join(keys)}; "
                         f"missing or not a string: {', '.join(missing)}")
-    return {key: record[key] for key in task.text_keys}
+    return {key: record[key] for key in keys}

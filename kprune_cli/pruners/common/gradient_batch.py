@@ -11,10 +11,11 @@ scores.
 
 from __future__ import annotations
 
+from kprune_cli.tasks.kinds import kind_of
+from kprune_cli.tasks.kinds.base import GLUE_GRADIENT_BATCH, SQUAD_GRADIENT_BATCH
 from kprune_cli.tasks.spec import TaskSpec
 
-GLUE_GRADIENT_BATCH = 32
-SQUAD_GRADIENT_BATCH = 12
+__all__ = ["GLUE_GRADIENT_BATCH", "SQUAD_GRADIENT_BATCH", "LARGE_HIDDEN_SIZE", "official_gradient_batch"]
 LARGE_HIDDEN_SIZE = 1024
 """A model at least this wide counts as large (BERT-large, RoBERTa-large): its gradient batch is halved."""
 
@@ -26,5 +27,5 @@ def official_gradient_batch(task: TaskSpec, hidden_size: int) -> int:
     checkpoint's path need not say so, so here a model is large when ``hidden_size >=``
     :data:`LARGE_HIDDEN_SIZE` (the same models among BERT and RoBERTa).
     """
-    size = SQUAD_GRADIENT_BATCH if task.is_qa else GLUE_GRADIENT_BATCH
+    size = kind_of(task).gradient_batch  # GLUE_GRADIENT_BATCH, SQUAD_GRADIENT_BATCH
     return size // 2 if hidden_size >= LARGE_HIDDEN_SIZE else size

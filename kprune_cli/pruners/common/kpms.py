@@ -8,6 +8,10 @@ that skips an expensive unit to fit cheaper, lower-scoring ones. O(n log n).
 
 Ties are broken by position (stable sort: earlier sub-layer, lower index first); the official
 code keeps or drops tied units together.
+
+The search runs on the CPU whatever the scores' device (at most some 10^5 values): the same
+result on every device, and no float ``cumsum`` on CUDA, which raises under
+``torch.use_deterministic_algorithms(True)``.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ at rate 0."""
 def kpms(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -> dict[int, torch.Tensor]:
     """Keep-masks ``(units,)`` bool for every sub-layer in ``scores`` within ``budget`` FLOPs.
 
-    Units scored ``-inf`` (already pruned) are never kept and cost nothing.
+    Units scored ``-inf`` (already pruned) are never kept and cost nothing. The masks are on the
+    scores' device.
     """
     sublayers = sorted(scores)
-    values = torch.cat([scores[s].double() for s in sublayers])  # (n,)
+    values = torch.cat([scores[s].double().cpu() for s in sublayers])  # (n,)
     if torch.isnan(values).any():
         raise ValueError("KPMS got NaN importance scores (the model produced non-finite outputs)")
     costs = torch.cat([
-        torch.full_like(scores[s], flops.cost(sublayer_kind(s)), dtype=torch.float64) for s in sublayers
+        torch.full((scores[s].numel(),), flops.cost(sublayer_kind(s)), dtype=torch.float64) for s in sublayers
     ])  # (n,)
     order = torch.argsort(values, descending=True, stable=True)
     alive = torch.isfinite(values[order])  # a prefix of ``order``
@@ -42,4 +47,19 @@ def kpms(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -
     fits = alive & (spent <= budget + BUDGET_TOLERANCE * abs(budget))  # a prefix as well
     keep = torch.zeros_like(values, dtype=torch.bool)
     keep[order[: int(fits.sum())]] = True
-    return dict(zip(sublayers, keep.split([scores[s].numel() for s in sublayers])))
+    pieces = keep.split([scores[s].numel() for s in sublayers])
+    return {s: piece.to(scores[s].device) for s, piece in zip(sublayers, pieces)}
+
+
+def align_kept(keep: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``keep`` ``(units,)`` bool with its lowest-scoring kept units dropped until the count is a
+    multiple of ``multiple`` (rounded down, so the FLOPs stay within any budget ``keep`` met).
+    Tensor-core GEMMs run fastest on widths that are multiples of 8 (or 64)."""
+    surplus = int(keep.sum()) % multiple
+    if surplus == 0:
+        return keep
+    kept = keep.nonzero().squeeze(1)  # (kept,)
+    order = torch.argsort(scores[kept].double(), stable=True)  # lowest first; ties: lower index first
+    aligned = keep.clone()
+    aligned[kept[order[:surplus]]] = False
+    return aligned

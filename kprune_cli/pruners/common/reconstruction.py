@@ -13,12 +13,16 @@ equations are built from
 K-prune solves them for the survivors' projection columns; Kwon et al. contract them with the
 projection's weights to solve for one scale per unit. Both are accumulated in float64 over
 micro-batches of a forward pass that stops right after the sub-layer (and starts at its layer
-when the hidden states entering that layer are cached).
+when the hidden states entering that layer are cached). The products of one micro-batch are
+float64 too (``gram_precision="float64"``), or float32 products added up in float64
+(``"float32"``: on GPUs whose float64 runs at 1/32 to 1/64 of float32, the float64 GEMMs would
+cost more than the rest of the pruning; the activations are float32 either way).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -29,6 +33,8 @@ from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common import sublayer_parts, unit_width
 from kprune_cli.pruners.common.hooks import capture_taps
 from kprune_cli.pruners.common.window import LayerWindow
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.hardware import fast_float64
 
 
 @dataclass
@@ -42,6 +48,23 @@ class TokenBatch:
     @property
     def size(self) -> int:
         return int(self.token_mask.shape[0])
+
+    @cached_property
+    def token_index(self) -> torch.Tensor:
+        """``(tokens,)`` long: the selected tokens' places in the flattened ``(batch * seq)`` positions.
+        Found once per batch (a data-dependent size: one host sync on a GPU); :meth:`select` then
+        needs none, where indexing with the boolean mask would sync at every pass."""
+        return self.token_mask.flatten().nonzero().squeeze(1)
+
+    @property
+    def num_tokens(self) -> int:
+        """The number of selected tokens."""
+        return int(self.token_index.numel())
+
+    def select(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` ``(batch, seq, ...)`` on the selected tokens, ``(tokens, ...)`` in row-major order:
+        ``values[token_mask]``, the same values."""
+        return values.flatten(0, 1).index_select(0, self.token_index)
 
 
 @dataclass
@@ -87,17 +110,46 @@ def sublayer_activations(model: PreTrainedModel, adapter: ModelAdapter, masks: M
     start = sublayer // 2 if hidden is not None else 0
     with apply_masks(adapter, masks), capture_taps(taps) as acts, LayerWindow(model, adapter, start) as window:
         window.until(batch.inputs, taps["y"], hidden)
-    return SublayerActivations(*(acts[key][batch.token_mask] for key in ("x", "a", "y")))
+    return SublayerActivations(*(batch.select(acts[key]) for key in ("x", "a", "y")))
+
+
+GRAM_PRECISIONS = ("auto", "float64", "float32")
+"""Values of a pruner's ``gram_precision``: the products of one micro-batch's normal equations."""
+
+
+def check_gram_precision(value: str) -> str:
+    """``value`` if it is one of :data:`GRAM_PRECISIONS`, else a :class:`UserError`."""
+    if value not in GRAM_PRECISIONS:
+        raise UserError(f"pruner.gram_precision={value!r}: choose {' | '.join(GRAM_PRECISIONS)}")
+    return value
+
+
+def resolve_gram_precision(setting: str, device: torch.device) -> str:
+    """``"float64"`` or ``"float32"`` for ``setting`` on ``device``: ``"auto"`` is float64 except on a
+    CUDA GPU with slow float64 (:func:`~kprune_cli.runtime.hardware.fast_float64`), so the CPU
+    and datacenter GPUs keep the float64 products."""
+    if setting != "auto":
+        return setting
+    return "float64" if fast_float64(device) else "float32"
+
+
+def gram_precision_notes(precision: str) -> list[str]:
+    """The report's note when the normal equations use float32 products."""
+    if precision != "float32":
+        return []
+    return ["gram_precision: the normal equations were accumulated from float32 products (summed in float64), "
+            "as float64 is slow on this device; gram_precision=float64 gives the float64 products"]
 
 
 def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[TokenBatch],
                      targets: Sequence[torch.Tensor], sublayer: int,
-                     hidden: Sequence[torch.Tensor] | None = None) -> NormalEquations:
+                     hidden: Sequence[torch.Tensor] | None = None, precision: str = "float64") -> NormalEquations:
     """Accumulate the normal equations of ``sublayer`` over the micro-batches.
 
     ``targets[i]``: the reference residual sum ``Y`` on the selected tokens of ``batches[i]``;
     ``hidden[i]`` (optional): the hidden states entering the sub-layer's layer on ``batches[i]``,
     with ``masks`` applied, so the passes start there instead of at the embeddings.
+    ``precision``: of one micro-batch's products, ``"float64"`` or ``"float32"`` (summed in float64).
     """
     parts, kind = sublayer_parts(adapter, sublayer)
     proj = parts.out_proj(kind)
@@ -112,11 +164,13 @@ def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks
     for index, (batch, target) in enumerate(zip(batches, targets)):
         acts = sublayer_activations(model, adapter, masks, batch, sublayer,
                                     hidden[index] if hidden is not None else None)
-        a = acts.a[:, columns].double()  # (tokens, k)
-        residual = (target - acts.x - bias).double()  # (tokens, d)
-        gram += a.T @ a
-        rhs += a.T @ residual
-        a_sum += a.sum(dim=0)
-        residual_sum += residual.sum(dim=0)
+        a = acts.a[:, columns]  # (tokens, k)
+        residual = target - acts.x - bias  # (tokens, d)
+        if precision == "float64":
+            a, residual = a.double(), residual.double()
+        gram += (a.T @ a).double()
+        rhs += (a.T @ residual).double()
+        a_sum += a.double().sum(dim=0)
+        residual_sum += residual.double().sum(dim=0)
         tokens += a.shape[0]
     return NormalEquations(gram, rhs, columns, a_sum, residual_sum, tokens)

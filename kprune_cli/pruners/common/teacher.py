@@ -19,7 +19,7 @@ No gold labels are read anywhere.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,11 +32,9 @@ from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_taps
 from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
-from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.calibration import DRAW_INDEX, CalibrationSample
 from kprune_cli.tasks.data import MODEL_INPUT_KEYS, TARGET_KEYS
-
-TASK_KINDS = ("classification", "regression", "qa")
+from kprune_cli.tasks.kinds import get_kind
 
 
 @dataclass
@@ -51,6 +49,21 @@ class DistillBatch(TokenBatch):
 
     target: torch.Tensor
     draw_index: torch.Tensor
+    _groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    def gradient_groups(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient batches of ``size`` sequences (in draw order) that this micro-batch's sequences
+        fall in, ``(groups,)`` long, and which sequence is in which, ``(groups, batch)`` float64 (1 or 0).
+        Found once per ``size`` (a data-dependent size: one host sync on a GPU), so that the
+        measurement passes, which use them at every sub-layer, need none."""
+        if size not in self._groups:
+            groups, inverse = torch.unique(self.draw_index // size, return_inverse=True)
+            positions = torch.arange(len(self.draw_index), device=self.draw_index.device)
+            membership = torch.zeros(len(groups), len(self.draw_index), dtype=torch.float64,
+                                     device=self.draw_index.device)
+            membership[inverse, positions] = 1.0
+            self._groups[size] = groups, membership
+        return self._groups[size]
 
 
 def micro_batches(sample: CalibrationSample, batch_size: int | None, device: torch.device | str,
@@ -108,38 +121,15 @@ def _concatenated(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
                             else batch[key] for batch in batches]) for key in batches[0]}
 
 
-def _log_probs(outputs: ModelOutput, kind: str, temperature: float, token_mask: torch.Tensor) -> torch.Tensor:
-    """Log-softmax of the prediction at temperature ``T``: ``(batch, labels)`` or QA ``(batch, 2, seq)``."""
-    if kind == "qa":
-        logits = torch.stack((outputs.start_logits, outputs.end_logits), dim=1) / temperature  # (batch, 2, seq)
-        logits = logits.masked_fill(~token_mask[:, None, :], torch.finfo(logits.dtype).min)
-    else:
-        logits = outputs.logits / temperature  # (batch, labels)
-    return F.log_softmax(logits, dim=-1)
-
-
-def soft_target(outputs: ModelOutput, kind: str, temperature: float, token_mask: torch.Tensor) -> torch.Tensor:
-    """The teacher's soft target of one batch (see :class:`DistillBatch`), detached."""
-    if kind == "regression":
-        return outputs.logits.detach()
-    return _log_probs(outputs, kind, temperature, token_mask).detach()
-
-
 def distillation_loss(outputs: ModelOutput, target: torch.Tensor, kind: str, temperature: float,
                       token_mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample distillation loss ``(batch,)`` of the student's ``outputs`` against ``target``.
+    """Per-sample distillation loss ``(batch,)`` of the student's ``outputs`` against ``target``, as the
+    task kind ``kind`` defines it (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.distillation_loss`).
 
     Classification: ``T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))``; QA: the mean of the start- and
     end-position KLs over real tokens; regression: squared error (mean over outputs).
     """
-    if kind == "regression":
-        return (outputs.logits - target).pow(2).mean(dim=-1)
-    student = _log_probs(outputs, kind, temperature, token_mask)
-    terms = target.exp() * (target - student)
-    if kind == "qa":
-        terms = torch.where(token_mask[:, None, :], terms, torch.zeros_like(terms))  # (batch, 2, seq)
-        return temperature ** 2 * terms.sum(dim=-1).mean(dim=-1)
-    return temperature ** 2 * terms.sum(dim=-1)
+    return get_kind(kind).distillation_loss(outputs, target, temperature, token_mask)
 
 
 class ResidualSums:
@@ -191,7 +181,7 @@ class ResidualSums:
             for index, batch in enumerate(self.batches):
                 hidden[index] = window(batch.inputs, hidden[index])  # (batch, seq, d) entering layer + 1
                 for kind, values in sums.items():
-                    values.append(store[kind][batch.token_mask])  # (tokens_b, d)
+                    values.append(batch.select(store[kind]))  # (tokens_b, d)
         self._hidden = (layer + 1, hidden)
         return sums
 
@@ -206,8 +196,7 @@ class Teacher:
 
     def __init__(self, model: PreTrainedModel, kind: str, sample: CalibrationSample, temperature: float,
                  batch_size: int | None, device: torch.device | str, keep_model: bool = True) -> None:
-        if kind not in TASK_KINDS:
-            raise UserError(f"unsupported task kind {kind!r}: choose one of {', '.join(TASK_KINDS)}")
+        strategy = get_kind(kind)
         self.kind = kind
         self.temperature = temperature
         self.batches: list[DistillBatch] = []
@@ -215,7 +204,7 @@ class Teacher:
             for inputs in micro_batches(sample, batch_size, device, with_draw_index=True):
                 draw_index = inputs.pop(DRAW_INDEX)
                 token_mask = inputs["attention_mask"].bool()
-                target = soft_target(model(**inputs), kind, temperature, token_mask)
+                target = strategy.soft_target(model(**inputs), temperature, token_mask)
                 self.batches.append(DistillBatch(inputs, token_mask, target, draw_index))
         self._sums = ResidualSums(copy.deepcopy(model).eval(), self.batches) if keep_model else None
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -45,8 +45,11 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
 from kprune_cli.pruners.common.gradient_batch import GLUE_GRADIENT_BATCH
 from kprune_cli.pruners.common.hooks import capture_inputs, frozen, grad_leaf_input, scale_inputs
-from kprune_cli.pruners.common.teacher import Teacher, distillation_loss
+from kprune_cli.pruners.common.teacher import DistillBatch, Teacher, distillation_loss
 from kprune_cli.pruners.common.window import LayerWindow
+
+FP16_LOSS_SCALE = 2.0 ** 16
+"""Initial loss scale of float16 measurement passes (halved whenever a gradient overflows)."""
 
 
 class SquaredBatchGradients:
@@ -63,14 +66,12 @@ class SquaredBatchGradients:
         self.batch_sizes = ((starts + size).clamp(max=num_samples) - starts).to(torch.float64)  # (count,)
         self.sums = torch.zeros(count, width, dtype=torch.float64, device=device)
 
-    def add(self, per_sample: torch.Tensor, draw_index: torch.Tensor) -> None:
-        """``per_sample`` ``(batch, width)`` float64: the gradients of the sequences ``draw_index`` ``(batch,)``."""
+    def add(self, per_sample: torch.Tensor, batch: DistillBatch) -> None:
+        """``per_sample`` ``(batch, width)`` float64: the gradients of ``batch``'s sequences."""
         if self.size == 1:
             self.squares += per_sample.pow(2).sum(dim=0)
             return
-        batches, inverse = torch.unique(draw_index // self.size, return_inverse=True)
-        membership = torch.zeros(len(batches), len(draw_index), dtype=per_sample.dtype, device=per_sample.device)
-        membership[inverse, torch.arange(len(draw_index), device=per_sample.device)] = 1.0  # (batches here, batch)
+        batches, membership = batch.gradient_groups(self.size)  # (groups,), (groups, batch)
         self.sums[batches] += membership @ per_sample  # a matmul, not index_add_: deterministic on GPUs too
 
     def total(self) -> torch.Tensor:
@@ -95,7 +96,8 @@ class Knowledge:
 
 def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher: Teacher,
             from_sublayer: int, hidden: Sequence[torch.Tensor] | None = None,
-            autocast: torch.dtype | None = None, gradient_batch: int = GLUE_GRADIENT_BATCH) -> Knowledge:
+            autocast: torch.dtype | None = None, gradient_batch: int = GLUE_GRADIENT_BATCH,
+            loss_scale: float | None = None) -> Knowledge:
     """Measure the knowledge of every unit of the sub-layers ``≥ from_sublayer`` (one pass over the sample).
 
     The model runs with ``masks`` applied and its parameters frozen, so the backward pass
@@ -105,9 +107,13 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
     :class:`~kprune_cli.pruners.common.window.LayerWindow`), else at the embeddings.
     ``autocast`` (``torch.bfloat16`` or ``torch.float16``): run the forward pass (and so the
     backward) under :func:`torch.autocast` in that dtype; faster where the hardware has
-    half-precision units, at the price of slightly different scores (float16 may also flush
-    gradients below ~6e-8 to zero). Knowledge is accumulated in float64 either way. On a CPU,
-    autocast passes use eager attention (see :func:`_eager_attention`).
+    half-precision units, at the price of slightly different scores. Knowledge is accumulated in
+    float64 either way. On a CPU, autocast passes use eager attention (see :func:`_eager_attention`).
+    Under float16 the loss is scaled before the backward pass and the gradients unscaled after it
+    (``loss_scale``, default :data:`FP16_LOSS_SCALE`, halved and the micro-batch redone whenever a
+    gradient overflows): the per-element gradients of a student close to its teacher, 1e-5 to
+    1e-8, would otherwise lose their precision in float16 or flush to zero, biasing K_pred
+    towards 0. bfloat16 has float32's range and needs no scaling.
     ``gradient_batch``: sequences per squared gradient of predictive knowledge (see the module doc).
     """
     sublayers = range(from_sublayer, 2 * adapter.num_layers)
@@ -121,23 +127,30 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
     act_sq = {s: torch.zeros(proj.in_features, dtype=torch.float64, device=device) for s, proj in projs.items()}
     num_tokens = 0
 
+    scale = (loss_scale or FP16_LOSS_SCALE) if autocast == torch.float16 else None
     start = from_sublayer // 2 if hidden is not None else 0
     precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
     attention = _eager_attention(model) if autocast is not None and device.type == "cpu" else nullcontext()
     with frozen(model), scale_inputs(_mask_scales(adapter, masks)), grad_leaf_input(projs[from_sublayer]), \
             attention, LayerWindow(model, adapter, start) as window:
         for index, batch in enumerate(teacher.batches):
-            with capture_inputs(projs) as acts, precision:  # (batch, seq, width) each
-                outputs = window(batch.inputs, hidden[index] if hidden is not None else None)
-                loss = distillation_loss(outputs, batch.target, teacher.kind, teacher.temperature, batch.token_mask)
-            grads = torch.autograd.grad(loss.sum(), [acts[s] for s in sublayers])
+            def forward(batch: DistillBatch = batch, index: int = index) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                with capture_inputs(projs) as acts, precision:  # (batch, seq, width) each
+                    outputs = window(batch.inputs, hidden[index] if hidden is not None else None)
+                    loss = distillation_loss(outputs, batch.target, teacher.kind, teacher.temperature,
+                                             batch.token_mask)
+                return loss, [acts[s] for s in sublayers]
+
+            acts, grads, scale = scaled_gradients(forward, scale)
             real = batch.token_mask.flatten()[None, :]  # (1, batch * seq): True on real tokens
-            for s, grad in zip(sublayers, grads):
-                act = _full_precision(acts[s].detach())  # (batch, seq, width)
+            for s, grad, captured in zip(sublayers, grads, acts):
+                act = _full_precision(captured.detach())  # (batch, seq, width)
                 per_sample = torch.linalg.vecdot(_full_precision(grad), act, dim=1)  # (batch, width)
-                grad_sq[s].add(per_sample.double(), batch.draw_index)
+                if scale is not None:
+                    per_sample = per_sample / scale
+                grad_sq[s].add(per_sample.double(), batch)
                 act_sq[s] += _masked_square_sum(act, real)
-            num_tokens += int(batch.token_mask.sum())
+            num_tokens += batch.num_tokens
 
     predictive, representational = {}, {}
     for s, proj in projs.items():
@@ -147,6 +160,21 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
         predictive[s] = (0.5 * grad_sq[s].total() / teacher.num_samples).view(-1, width).mean(dim=1)
         representational[s] = (act_sq[s] / max(num_tokens, 1) * weight_sq).view(-1, width).mean(dim=1)
     return Knowledge(from_sublayer, predictive, representational)
+
+
+def scaled_gradients(forward: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]], scale: float | None
+                     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...], float | None]:
+    """Run ``forward`` (it returns a loss ``(batch,)`` and the tensors to differentiate it by) and the
+    gradients of the loss's sum times ``scale`` (None: unscaled). While a gradient overflows and
+    ``scale > 1``, halve the scale and run again (as a GradScaler does). Returns the tensors, their
+    gradients (still multiplied by the scale) and the scale they were taken at (the next micro-batch's
+    starting scale)."""
+    while True:
+        loss, inputs = forward()
+        grads = torch.autograd.grad(loss.sum() if scale is None else loss.sum() * scale, inputs)
+        if scale is None or scale <= 1 or bool(torch.stack([grad.isfinite().all() for grad in grads]).all()):
+            return inputs, grads, scale
+        scale /= 2
 
 
 @contextmanager

@@ -34,7 +34,8 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
-from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.pruners.common.kpms import align_kept, kpms
+from kprune_cli.pruners.common.reconstruction import check_gram_precision, gram_precision_notes, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure, score
@@ -43,6 +44,7 @@ from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.runtime.console import make_progress
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import describe_cpu, native_matmul
+from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed
 
 StepCallback = Callable[[int, Masks], None]
@@ -68,7 +70,13 @@ class KPrunePruner:
     ``gradient_batch`` is the number of sequences per squared gradient of predictive knowledge
     (``None``: the official code's for the task, 32 for GLUE and 12 for SQuAD, to which ``lambda_rep``
     is tuned, see :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`;
-    1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`).
+    1 = per-sample, see :mod:`~kprune_cli.pruners.kprune.measure`); ``gram_precision``: KPWT's
+    per-micro-batch products, ``"float64"``, ``"float32"`` (summed in float64) or ``"auto"`` (float32
+    only on a GPU with slow float64, see
+    :func:`~kprune_cli.pruners.common.reconstruction.resolve_gram_precision`); ``align`` (default
+    off): round each FFN's kept neurons down to a multiple of it (e.g. 8 or 64, for tensor-core
+    GEMMs), dropping its lowest-scoring survivors; in the iterative schedule the FLOPs freed go to
+    the later sub-layers.
     Opt-in, off by default (docs/kprune-plus.md): ``selection="reconstruction"`` picks a sub-layer's
     survivors among its lower-scored units by the reconstruction error left after the re-fit
     (:mod:`~kprune_cli.pruners.kprune.select`; needs ``tune`` and ``iterative``); ``affine_tuning``
@@ -87,8 +95,8 @@ class KPrunePruner:
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
                  micro_batch_size: int | None = 32, autocast: bool | str | None = False,
-                 gradient_batch: int | None = None, selection: str = "score",
-                 affine_tuning: bool = False) -> None:
+                 gradient_batch: int | None = None, gram_precision: str = "auto", align: int | None = None,
+                 selection: str = "score", affine_tuning: bool = False) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -101,6 +109,8 @@ class KPrunePruner:
             raise UserError(f"pruner.micro_batch_size={micro_batch_size}: must be a positive integer or null")
         if gradient_batch is not None and gradient_batch < 1:
             raise UserError(f"pruner.gradient_batch={gradient_batch}: must be a positive integer or null")
+        if align is not None and align < 1:
+            raise UserError(f"pruner.align={align}: must be a positive integer or null")
         self.lambda_pred = lambda_pred
         self.lambda_rep = lambda_rep
         self.mu = mu
@@ -121,6 +131,8 @@ class KPrunePruner:
             raise UserError("pruner.affine_tuning=true needs pruner.tune=true (it is a variant of KPWT)")
         self.selection = selection
         self.affine_tuning = bool(affine_tuning)
+        self.gram_precision = check_gram_precision(gram_precision)
+        self.align = align
         self._state: dict[str, Any] = {"done": 0, "micro_batch_size": micro_batch_size}
         self._resume_from: Mapping[str, Any] | None = None
         self._resume_notes: list[str] = []
@@ -156,6 +168,7 @@ class KPrunePruner:
                                   f"(configured: {self.micro_batch_size})"]
             self.micro_batch_size = saved
 
+    @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None,
               on_step: StepCallback | None = None) -> PruneResult:
         """Find keep-masks within ``problem.budget`` (tuning output projections in place when ``tune``).
@@ -164,6 +177,7 @@ class KPrunePruner:
         ``on_step(s, masks)``: called after sub-layer ``s`` has been pruned (and tuned).
         With ``problem.steps``, the progress is kept there after each sub-layer, and a run that
         finds some there continues after its last finished sub-layer, with the same result.
+        float32 products run in full float32 (no TF32; autocast regions keep their precision).
         """
         if problem.steps is not None and (state := problem.steps.load()) is not None:
             self.load_state_dict(state)
@@ -176,10 +190,12 @@ class KPrunePruner:
             # before any weight of layer l is tuned, so no copy of the model is needed.
             teacher_sums = ResidualSums(problem.model, teacher.batches) if self.tune else None
         gradient_batch = self.gradient_batch_of(problem)
+        gram_precision = resolve_gram_precision(self.gram_precision, problem.device)
         num_sublayers = 2 * problem.adapter.num_layers
         if saved is None:
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
-            notes = self._precision_notes(problem.device) + self._affine_notes(problem)
+            notes = (self._precision_notes(problem.device) + (gram_precision_notes(gram_precision) if self.tune else [])
+                     + self._affine_notes(problem))
         else:
             start, budget, notes = int(saved["done"]), float(saved["budget"]), list(saved["notes"])
             layers = range(problem.adapter.num_layers)
@@ -214,10 +230,10 @@ class KPrunePruner:
                         if self.selection == "reconstruction":
                             notes += select_and_tune(problem.model, problem.adapter, masks, teacher.batches, sums,
                                                      s, scores[s], int(keep[s].count_nonzero()), hidden,
-                                                     self.affine_tuning)
+                                                     self.affine_tuning, precision=gram_precision)
                         else:
                             notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s,
-                                          hidden=hidden, affine=self.affine_tuning)
+                                          hidden=hidden, precision=gram_precision, affine=self.affine_tuning)
                 if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
                     with timed(timing, "measure"):
                         hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
@@ -299,7 +315,10 @@ class KPrunePruner:
             scores = score(knowledge, masks, problem.flops, self.lambda_pred, self.lambda_rep, self.mu)
             keep = kpms(scores, problem.flops, budget)
         decided = [from_sublayer] if self.iterative else list(keep)
-        for s in decided if self.selection == "score" else ():
-            masks.of(sublayer_kind(s))[s // 2] = keep[s].to(masks.heads[0].dtype)
+        for s in decided:
+            if self.align is not None and sublayer_kind(s) == "ffn":
+                keep[s] = align_kept(keep[s], scores[s], self.align)
+            if self.selection == "score":
+                masks.of(sublayer_kind(s))[s // 2] = keep[s].to(masks.heads[0].dtype)
         return scores, keep
 

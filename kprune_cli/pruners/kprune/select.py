@@ -46,7 +46,7 @@ def candidates(scores: torch.Tensor, alive: torch.Tensor, remove: int) -> torch.
 def select_and_tune(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[DistillBatch],
                     teacher_sums: Sequence[torch.Tensor], sublayer: int, scores: torch.Tensor, keep: int,
                     hidden: Sequence[torch.Tensor] | None = None, affine: bool = False,
-                    ridge: float = KPWT_RIDGE) -> list[str]:
+                    ridge: float = KPWT_RIDGE, precision: str = "float64") -> list[str]:
     """Choose which ``keep`` alive units of ``sublayer`` survive, write its mask, and tune it.
 
     ``scores`` ``(units,)``: the sub-layer's KPMS scores (``-inf`` for pruned units); ``masks``:
@@ -62,8 +62,8 @@ def select_and_tune(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks,
     where = f"selection sub-layer {sublayer} ({kind.upper()} of layer {sublayer // 2})"
     if remove == 0 or keep == 0:  # the count alone decides
         mask[pool[:remove]] = 0
-        return kpwt(model, adapter, masks, batches, teacher_sums, sublayer, ridge, hidden, affine)
-    system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer, hidden)
+        return kpwt(model, adapter, masks, batches, teacher_sums, sublayer, ridge, hidden, precision, affine)
+    system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer, hidden, precision)
     proj = parts.out_proj(kind)
     affine = affine and proj.bias is not None
     gram, rhs = fit_system(system, affine)
@@ -76,7 +76,7 @@ def select_and_tune(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks,
         note = (f"{where}: the compensation-aware removal failed numerically (relative ridge "
                 f"{removal.ridge:g}); kept the top-scored units and tuned them plainly")
         mask[torch.argsort(scores.double(), descending=True, stable=True)[keep:]] = 0  # KPMS's choice
-        return [note] + kpwt(model, adapter, masks, batches, teacher_sums, sublayer, ridge, hidden, affine)
+        return [note] + kpwt(model, adapter, masks, batches, teacher_sums, sublayer, ridge, hidden, precision, affine)
     kept_units = torch.ones(len(units), dtype=torch.bool, device=units.device)
     kept_units[removal.removed] = False
     mask[units[~kept_units]] = 0

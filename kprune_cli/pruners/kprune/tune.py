@@ -44,15 +44,18 @@ KPWT_RIDGE = DEFAULT_RIDGE
 
 def kpwt(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[DistillBatch],
          teacher_sums: Sequence[torch.Tensor], sublayer: int, ridge: float = KPWT_RIDGE,
-         hidden: Sequence[torch.Tensor] | None = None, affine: bool = False) -> list[str]:
+         hidden: Sequence[torch.Tensor] | None = None, precision: str = "float64",
+         affine: bool = False) -> list[str]:
     """Re-fit the survivors' output-projection columns of ``sublayer`` in place (and its bias when ``affine``).
 
     ``hidden[i]`` (optional): the student's hidden states entering the sub-layer's layer on
-    ``batches[i]``; the passes then start there instead of at the embeddings.
+    ``batches[i]``; the passes then start there instead of at the embeddings. ``precision``: of
+    the normal equations' per-micro-batch products (see
+    :func:`~kprune_cli.pruners.common.reconstruction.normal_equations`).
     Returns notes for the report: empty on a clean solve, one line when the ridge had to grow
     or when every attempt failed (the sub-layer is then left untuned).
     """
-    system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer, hidden)
+    system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer, hidden, precision)
     parts, kind = sublayer_parts(adapter, sublayer)
     proj = parts.out_proj(kind)
     where = f"KPWT sub-layer {sublayer} ({kind.upper()} of layer {sublayer // 2})"

@@ -32,6 +32,7 @@ from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.hooks import frozen
 from kprune_cli.pruners.common.teacher import drop_padding_columns, micro_batches
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.precision import tolerant_determinism
 from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.data import TARGET_KEYS
 
@@ -76,14 +77,15 @@ def batch_gradients(model: PreTrainedModel, adapter: ModelAdapter, batch: dict[s
     parts = split_batch(batch, micro_batch_size)
     total: list[torch.Tensor] | None = None
     for part in parts:
-        with frozen(model), apply_masks(adapter, masks):
-            loss = model(**part).loss
-        if loss is None:
-            raise UserError(f"the {model.__class__.__name__} returned no loss for the gold targets "
-                            f"{sorted(key for key in part if key in TARGET_KEYS)}: pruner=kwon needs a task loss")
-        if len(parts) > 1:
-            loss = loss * (part["input_ids"].shape[0] / batch["input_ids"].shape[0])
-        grads = [grad.detach() for grad in torch.autograd.grad(loss, tensors, materialize_grads=True)]
+        with tolerant_determinism():  # the CUDA NLL loss has no deterministic kernel
+            with frozen(model), apply_masks(adapter, masks):
+                loss = model(**part).loss
+            if loss is None:
+                raise UserError(f"the {model.__class__.__name__} returned no loss for the gold targets "
+                                f"{sorted(key for key in part if key in TARGET_KEYS)}: pruner=kwon needs a task loss")
+            if len(parts) > 1:
+                loss = loss * (part["input_ids"].shape[0] / batch["input_ids"].shape[0])
+            grads = [grad.detach() for grad in torch.autograd.grad(loss, tensors, materialize_grads=True)]
         total = grads if total is None else [sum_ + grad for sum_, grad in zip(total, grads)]
     return total
 

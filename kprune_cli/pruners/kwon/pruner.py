@@ -23,13 +23,19 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import keep_masks
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
-from kprune_cli.pruners.common.reconstruction import TokenBatch
+from kprune_cli.pruners.common.reconstruction import (
+    TokenBatch,
+    check_gram_precision,
+    gram_precision_notes,
+    resolve_gram_precision,
+)
 from kprune_cli.pruners.kwon.fisher import fisher_importance, labelled_batches, mask_gradients, split_batch
 from kprune_cli.pruners.kwon.rearrange import rearrange_units
 from kprune_cli.pruners.kwon.search import search_masks
 from kprune_cli.pruners.kwon.tune import LayerwiseTuning, teacher_budget
 from kprune_cli.runtime.console import make_progress, track
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.data import TARGET_KEYS
 
@@ -47,14 +53,16 @@ class KwonPruner:
     ``∂loss/∂m`` is accumulated over its micro-batches; ``None``: one pass per gradient batch).
     ``rearrange`` / ``tune`` enable steps 3 / 4. ``teacher``: what mask tuning reconstructs,
     ``"intermediate"`` (official: the model pruned to the milder budget ``sqrt`` of the kept
-    fraction) or ``"original"`` (the unpruned model).
+    fraction) or ``"original"`` (the unpruned model). ``gram_precision``: mask tuning's
+    per-micro-batch products, ``"float64"``, ``"float32"`` (summed in float64) or ``"auto"`` (float32
+    only on a GPU with slow float64).
     """
 
     name = "kwon"
     needs_labels = True  # the Fisher information of the task loss
 
     def __init__(self, gradient_batch: int | None = None, micro_batch_size: int | None = None, rearrange: bool = True,
-                 tune: bool = True, teacher: str = "intermediate") -> None:
+                 tune: bool = True, teacher: str = "intermediate", gram_precision: str = "auto") -> None:
         for key, value in (("gradient_batch", gradient_batch), ("micro_batch_size", micro_batch_size)):
             if value is not None and value < 1:
                 raise UserError(f"pruner.{key}={value}: must be a positive integer or null")
@@ -65,10 +73,12 @@ class KwonPruner:
         self.rearrange = rearrange
         self.tune = tune
         self.teacher = teacher
+        self.gram_precision = check_gram_precision(gram_precision)
 
+    @full_float32()
     def prune(self, problem: PruneProblem, progress: Progress | None = None) -> PruneResult:
         """Find masks within ``problem.budget``; ``progress``: a running rich progress to add tasks to
-        (else a transient one is shown)."""
+        (else a transient one is shown). float32 products run in full float32 (no TF32)."""
         model, adapter = problem.model, problem.adapter
         num_sublayers = 2 * adapter.num_layers
         timing = {"fisher": 0.0, "search": 0.0, "rearrange": 0.0, "tune": 0.0}
@@ -99,7 +109,10 @@ class KwonPruner:
                                    part["attention_mask"].bool())
                         for batch in batches for part in split_batch(batch, self.micro_batch_size)
                     ]
-                    tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind)
+                    precision = resolve_gram_precision(self.gram_precision, problem.device)
+                    notes += gram_precision_notes(precision)
+                    tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind,
+                                             precision)
                     bar = progress.add_task("Kwon et al.: mask tuning", total=adapter.num_layers)
                     for layer in track(progress, range(adapter.num_layers), bar):
                         notes += tuning.tune_layer(layer)

@@ -44,6 +44,7 @@ from kprune_cli.pruners.common.lstsq import DEFAULT_RIDGE, solve_ridge
 from kprune_cli.pruners.common.reconstruction import NormalEquations, TokenBatch, normal_equations
 from kprune_cli.pruners.common.teacher import ResidualSums
 from kprune_cli.pruners.common.window import advance, encoder_inputs
+from kprune_cli.tasks.kinds import get_kind
 
 MAX_SCALE = 10.0
 """Tuned mask values beyond ``±MAX_SCALE`` are rejected (the official code's bound)."""
@@ -58,9 +59,9 @@ def teacher_budget(budget: float, total: float) -> float:
 
 
 def first_token_only(sublayer: int, num_sublayers: int, task_kind: str) -> bool:
-    """Whether ``sublayer`` is reconstructed on the first ([CLS]) token only: the last FFN of a
-    classification or regression model, whose head reads that token alone."""
-    return sublayer == num_sublayers - 1 and task_kind != "qa"
+    """Whether ``sublayer`` is reconstructed on the first ([CLS]) token only: the last FFN of a model whose
+    head reads that token alone (classification, regression; the kind says so)."""
+    return sublayer == num_sublayers - 1 and get_kind(task_kind).prediction_reads_first_token
 
 
 def first_tokens(batches: Sequence[TokenBatch], sums: Sequence[torch.Tensor]
@@ -92,16 +93,17 @@ def scale_equations(system: NormalEquations, weight: torch.Tensor, width: int) -
 
 def tune_sublayer(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[TokenBatch],
                   targets: Sequence[torch.Tensor], sublayer: int, hidden: Sequence[torch.Tensor] | None = None,
-                  ridge: float = TUNE_RIDGE) -> list[str]:
+                  ridge: float = TUNE_RIDGE, precision: str = "float64") -> list[str]:
     """Rescale the surviving masks of ``sublayer`` in place so its residual sum matches ``targets``.
 
     ``targets[i]``: the reference's residual sum on the selected tokens of ``batches[i]``
     ``(tokens, d)``; ``hidden[i]`` (optional): the student's hidden states entering the
-    sub-layer's layer (else the passes start at the embeddings). Returns notes for the report:
+    sub-layer's layer (else the passes start at the embeddings); ``precision``: of the normal
+    equations' per-micro-batch products. Returns notes for the report:
     empty on a clean solve, one line when the ridge had to grow, or when the solve failed or gave
     a scale beyond ±:data:`MAX_SCALE` (the masks are then left untuned).
     """
-    system = normal_equations(model, adapter, masks, batches, targets, sublayer, hidden)
+    system = normal_equations(model, adapter, masks, batches, targets, sublayer, hidden, precision)
     if system.columns.numel() == 0:
         return []  # no survivors: nothing to scale
     parts, kind = sublayer_parts(adapter, sublayer)
@@ -131,12 +133,13 @@ class LayerwiseTuning:
     (:class:`~kprune_cli.pruners.common.teacher.ResidualSums` under ``reference``'s masks): every
     layer runs about four times in all (reference, MHA, FFN, advance) instead of one truncated
     pass from the embeddings per sub-layer. The model's weights must not change meanwhile.
+    ``precision``: of the normal equations' per-micro-batch products.
     """
 
     def __init__(self, model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, reference: Masks,
-                 batches: Sequence[TokenBatch], task_kind: str) -> None:
+                 batches: Sequence[TokenBatch], task_kind: str, precision: str = "float64") -> None:
         self.model, self.adapter, self.masks, self.reference = model, adapter, masks, reference
-        self.batches, self.task_kind = batches, task_kind
+        self.batches, self.task_kind, self.precision = batches, task_kind, precision
         self._inputs = [batch.inputs for batch in batches]
         self._student = encoder_inputs(model, adapter, self._inputs)  # per batch (batch, seq, d)
         self._reference_sums = ResidualSums(model, batches)
@@ -154,7 +157,8 @@ class LayerwiseTuning:
             batches = self.batches
             if first_token_only(sublayer, num_sublayers, self.task_kind):
                 batches, targets = first_tokens(batches, targets)
-            notes += tune_sublayer(self.model, self.adapter, self.masks, batches, targets, sublayer, self._student)
+            notes += tune_sublayer(self.model, self.adapter, self.masks, batches, targets, sublayer, self._student,
+                                   precision=self.precision)
         self._student = advance(self.model, self.adapter, self.masks, layer, self._inputs, self._student)
         self._next += 1
         return notes
