@@ -16,10 +16,11 @@ import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from rich.markup import escape
 
+from kprune_cli.core.report import flatten
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.sweeps.collect import REPORT_NAME, FinishedRun, Runs, find_runs
@@ -81,7 +82,7 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 def _variants(finished: Sequence[FinishedRun]) -> list[str]:
     """For each run, the settings (``key=value ...``) in which it differs from the other runs of
     its task, model and pruner; empty when they all agree."""
-    flat = [dict(_flatten(run.report["config"])) for run in finished]
+    flat = [flatten(run.report["config"]) for run in finished]
     families: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     for index, run in enumerate(finished):
         families[(run.report["task"], model_name(run.report), run.report["pruner"])].append(index)
@@ -92,14 +93,6 @@ def _variants(finished: Sequence[FinishedRun]) -> list[str]:
         for i in members:
             variants[i] = " ".join(f"{key}={flat[i].get(key)}" for key in varying)
     return variants
-
-
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def render_markdown(rows: Sequence[Row], runs: Runs) -> str:

@@ -37,7 +37,6 @@ from kprune_cli.models.model_card import ModelCard
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.output_dir import write_json_atomic
 from kprune_cli.runtime.precision import matmul_precision
-from kprune_cli.runtime.steps import flatten
 from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
@@ -86,6 +85,17 @@ def config_hash(cfg: DictConfig) -> str:
     gives the same hash in any directory)."""
     text = OmegaConf.to_yaml(OmegaConf.create(experiment_values(cfg)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys: ``{"pruner": {"mu": 64.0}}`` gives ``{"pruner.mu": 64.0}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def run_identity(cfg: DictConfig, device: torch.device) -> dict[str, Any]:

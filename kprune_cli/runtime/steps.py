@@ -46,17 +46,6 @@ STATE_VERSION = 2
 OLDER_FORMAT = "written by an older kprune; start again with overwrite=true"
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level of dotted keys: ``{"pruner": {"mu": 64.0}}`` gives ``{"pruner.mu": 64.0}``."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _split(state: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``state`` without its tensors (nested as it is, a tensor's place holding ``None``), and its
     tensors by dotted name."""
