@@ -107,14 +107,15 @@ def read_settings(cfg: DictConfig) -> RunSettings:
     First settles the sample size in ``cfg`` itself (:func:`prefer_given_sample_size`), so that the
     report's config shows the size that was drawn."""
     resolve_config(cfg)
+    given_keys = command_line_keys()
     with required_keys():
-        prefer_given_sample_size(cfg.calibration, command_line_keys())
+        prefer_given_sample_size(cfg.calibration, given_keys)
         return RunSettings(
             task=get_task(str(cfg.task.name)),
             rate=check_rate(cfg.rate),
             seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
             model_path=str(cfg.model.path),
-            default_model=default_model(cfg, command_line_keys()),
+            default_model=default_model(cfg, given_keys),
             data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
             eval_batch_size=check_int("eval_batch_size", cfg.eval_batch_size, 1),
             eval_max_examples=check_optional_int("eval_max_examples", cfg.eval_max_examples, 1),
