@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kprune_cli.config.paths import CONFIG_DIR
 from kprune_cli.config.settings import SampleSize
 from kprune_cli.config.values import SEED_LIMIT, check_int, check_rate
-from kprune_cli.core.report import versions
+from kprune_cli.core.report import pruning_figures, versions
 from kprune_cli.core.safeguards import non_finite_tensors
 from kprune_cli.core.stages import build_pruner, draw_sample, flops_model, prune_and_slice
 from kprune_cli.models import checkpoint
@@ -114,17 +114,10 @@ def prune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str 
                            device=device, seed=seed)
     with timed(timing, "prune"):
         result = prune_and_slice(pruner, problem, notes)
-    pruned_structure = adapter.structure()
-    dense_flops, pruned_flops = flops.total(dense_structure), flops.total(pruned_structure)
     report = {
         "task": task.name, "pruner": name, "rate": rate, "seed": seed, "device": str(device),
-        "flops": {"dense": dense_flops, "pruned": pruned_flops, "reduction": 1.0 - pruned_flops / dense_flops,
-                  "seq_len": flops.seq_len},
-        "params": {"dense": dense_params, "pruned": count_parameters(model)},
-        "layers": [dict(layer) for layer in pruned_structure],
-        "dense_layers": [dict(layer) for layer in dense_structure],
-        "sample": {"examples": sample.num_examples, "windows": sample.num_sequences, "tokens": sample.num_tokens,
-                   "asked": str(size)},
+        **pruning_figures(flops, dense_structure, adapter.structure(), (dense_params, count_parameters(model)),
+                          sample, str(size)),
         "pruner_settings": dict(result.settings),
         "timing": {**{stage: round(seconds, 3) for stage, seconds in timing.items()},
                    **{f"prune.{stage}": round(seconds, 3) for stage, seconds in result.timing.items()}},

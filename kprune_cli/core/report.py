@@ -106,6 +106,27 @@ def run_identity(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     return {"config_hash": config_hash(cfg), "config": flatten(experiment_values(cfg)), "device": device.type, **gpu}
 
 
+def pruning_figures(flops: FlopsModel, dense_structure: Sequence[Mapping[str, int]],
+                    pruned_structure: Sequence[Mapping[str, int]], params: tuple[int, int],
+                    sample: CalibrationSample, sample_size: str) -> dict[str, Any]:
+    """What pruning removed and from what sample: the report's ``flops``, ``params``, ``layers``,
+    ``dense_layers`` and ``sample`` blocks (``kprune run``'s report and the Python API's)."""
+    dense_flops, pruned_flops = flops.total(dense_structure), flops.total(pruned_structure)
+    return {
+        "flops": {
+            "dense": dense_flops,
+            "pruned": pruned_flops,
+            "reduction": 1.0 - pruned_flops / dense_flops,
+            "seq_len": flops.seq_len,
+        },
+        "params": {"dense": params[0], "pruned": params[1]},
+        "layers": [dict(layer) for layer in pruned_structure],
+        "dense_layers": [dict(layer) for layer in dense_structure],
+        "sample": {"examples": sample.num_examples, "windows": sample.num_sequences, "tokens": sample.num_tokens,
+                   "asked": sample_size},
+    }
+
+
 def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, device: torch.device,
                  dense_metrics: Mapping[str, float], pruned_metrics: Mapping[str, float], flops: FlopsModel,
                  dense_structure: Sequence[Mapping[str, int]], pruned_structure: Sequence[Mapping[str, int]],
@@ -114,7 +135,6 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
                  notes: Sequence[str], peak_memory: float,
                  smoke: bool = False, deterministic: bool = False) -> Report:
     """Assemble the report dictionary (see the module docstring for its schema)."""
-    dense_flops, pruned_flops = flops.total(dense_structure), flops.total(pruned_structure)
     return {
         "schema_version": SCHEMA_VERSION,
         "task": task.name,
@@ -131,18 +151,8 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
             "pruned": pruned_metrics[task.metric],
             "all": {"dense": dict(dense_metrics), "pruned": dict(pruned_metrics)},
         },
-        "flops": {
-            "dense": dense_flops,
-            "pruned": pruned_flops,
-            "reduction": 1.0 - pruned_flops / dense_flops,
-            "seq_len": flops.seq_len,
-        },
-        "params": {"dense": params[0], "pruned": params[1]},
+        **pruning_figures(flops, dense_structure, pruned_structure, params, sample, sample_size),
         "checkpoint": {"path": str(checkpoint[0]), "bytes": checkpoint[1]},
-        "layers": [dict(layer) for layer in pruned_structure],
-        "dense_layers": [dict(layer) for layer in dense_structure],
-        "sample": {"examples": sample.num_examples, "windows": sample.num_sequences, "tokens": sample.num_tokens,
-                   "asked": sample_size},
         "pruner_settings": dict(pruner_settings),
         "timing": {name: round(seconds, 3) for name, seconds in timing.items()},
         "peak_memory_mb": round(peak_memory, 1),
