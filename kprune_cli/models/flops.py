@@ -9,7 +9,26 @@ head are not counted. ``seq_len`` is the task's average sequence length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Protocol
+
+import torch
+
+
+class CostModel(Protocol):
+    """What a mask search spends its budget through: :class:`~kprune_cli.models.flops.FlopsModel` or
+    :class:`~kprune_cli.models.latency_table.LatencyCost`."""
+
+    def cost(self, kind: str) -> float:
+        """The average cost of one unit of an ``"mha"`` or ``"ffn"`` sub-layer (scores are per unit of it)."""
+
+    def unit_costs(self, kind: str, units: int) -> torch.Tensor:
+        """``(units,)`` float64: the cost added by a sub-layer's 1st, 2nd, ... kept unit."""
+
+    def kept_cost(self, kind: str, kept: int) -> float:
+        """The cost of a sub-layer of ``kind`` that keeps ``kept`` units, over its emptied self."""
+
+    def budget(self, rate: float, structure: list[dict[str, int]]) -> float:
+        """What the kept units may cost at ``rate`` for a model of ``structure``."""
 
 
 @dataclass(frozen=True)
@@ -40,3 +59,14 @@ class FlopsModel:
     def total(self, structure: Iterable[Mapping[str, int]]) -> float:
         """FLOPs of a model whose layers keep ``[{"heads": h, "neurons": n}, ...]``."""
         return sum(layer["heads"] * self.head + layer["neurons"] * self.neuron for layer in structure)
+
+    def unit_costs(self, kind: str, units: int) -> torch.Tensor:
+        """``(units,)`` float64: every kept unit costs :meth:`cost` FLOPs."""
+        return torch.full((units,), self.cost(kind), dtype=torch.float64)
+
+    def kept_cost(self, kind: str, kept: int) -> float:
+        return float(kept) * self.cost(kind)
+
+    def budget(self, rate: float, structure: Iterable[Mapping[str, int]]) -> float:
+        """``(1 - rate)`` of ``structure``'s FLOPs: the paper's constraint."""
+        return (1.0 - rate) * self.total(structure)

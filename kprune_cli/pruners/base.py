@@ -16,7 +16,8 @@ import torch
 from transformers import PreTrainedModel
 
 from kprune_cli.models.adapters import ModelAdapter
-from kprune_cli.models.flops import FlopsModel
+from kprune_cli.models.flops import CostModel, FlopsModel
+from kprune_cli.models.latency_table import LatencyCost
 from kprune_cli.models.masks import Masks
 from kprune_cli.tasks.calibration import CalibrationSample
 from kprune_cli.tasks.spec import TaskSpec
@@ -43,7 +44,10 @@ class PruneProblem:
 
     ``model`` is the fine-tuned model in eval mode on ``device``; it is also the teacher,
     so a pruner that needs the original outputs computes them before changing weights.
-    The budget is ``(1 - rate) * flops.total(adapter.structure())``. ``steps``: where a pruner
+    The budget is ``(1 - rate) * flops.total(adapter.structure())``, or with ``latency`` (the
+    measured table of ``constraint=latency``) the milliseconds the kept units may add to the emptied
+    model so that the whole model takes ``1 - rate`` of the dense model's predicted time; ``cost`` is
+    what a search spends it through. ``steps``: where a pruner
     that can resume (:class:`Resumable`) keeps its state (others ignore it).
     """
 
@@ -56,10 +60,16 @@ class PruneProblem:
     device: torch.device
     seed: int = 0
     steps: StepStore | None = None
+    latency: LatencyCost | None = None
+
+    @property
+    def cost(self) -> CostModel:
+        """The cost model of the constraint: ``latency`` when given, else ``flops``."""
+        return self.latency if self.latency is not None else self.flops
 
     @property
     def budget(self) -> float:
-        return (1.0 - self.rate) * self.flops.total(self.adapter.structure())
+        return self.cost.budget(self.rate, self.adapter.structure())
 
 
 @dataclass

@@ -2,7 +2,12 @@
 
 Keep the highest-scoring units, across all candidate sub-layers at once, as long as their
 FLOPs fit the budget: sort the per-FLOP scores in descending order, take cumulative costs and
-cut where the budget is exhausted. The kept set is always a *prefix* of the score order (a
+cut where the budget is exhausted. The cost model may be a measured latency table instead
+(``constraint=latency``, :class:`~kprune_cli.models.latency_table.LatencyCost`): there a unit's
+cost depends on how many units its sub-layer already keeps, and since each sub-layer's units come
+in the global order by descending score, the ``k``-th unit of a sub-layer in that order costs the
+sub-layer's ``k``-th step (its ``unit_costs``). With FLOPs every step is ``F_head`` or
+``F_neuron``, which is the paper's search, bit for bit. The kept set is always a *prefix* of the score order (a
 threshold on the score), exactly as in the paper and the official code; it is not a knapsack
 that skips an expensive unit to fit cheaper, lower-scoring ones. O(n log n).
 
@@ -20,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from kprune_cli.models.flops import FlopsModel
+from kprune_cli.models.flops import CostModel
 from kprune_cli.pruners.common import sublayer_kind
 
 BUDGET_TOLERANCE = 1e-9
@@ -28,8 +33,9 @@ BUDGET_TOLERANCE = 1e-9
 at rate 0."""
 
 
-def kpms(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -> dict[int, torch.Tensor]:
-    """Keep-masks ``(units,)`` bool for every sub-layer in ``scores`` within ``budget`` FLOPs.
+def kpms(scores: Mapping[int, torch.Tensor], cost: CostModel, budget: float) -> dict[int, torch.Tensor]:
+    """Keep-masks ``(units,)`` bool for every sub-layer in ``scores`` within ``budget`` (FLOPs, or
+    milliseconds with a latency cost).
 
     Units scored ``-inf`` (already pruned) are never kept and cost nothing. The masks are on the
     scores' device.
@@ -38,9 +44,8 @@ def kpms(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -
     values = torch.cat([scores[s].double().cpu() for s in sublayers])  # (n,)
     if torch.isnan(values).any():
         raise ValueError("KPMS got NaN importance scores (the model produced non-finite outputs)")
-    costs = torch.cat([
-        torch.full((scores[s].numel(),), flops.cost(sublayer_kind(s)), dtype=torch.float64) for s in sublayers
-    ])  # (n,)
+    costs = torch.cat([in_score_order(scores[s], cost.unit_costs(sublayer_kind(s), scores[s].numel()))
+                       for s in sublayers])  # (n,)
     order = torch.argsort(values, descending=True, stable=True)
     alive = torch.isfinite(values[order])  # a prefix of ``order``
     spent = torch.cumsum(costs[order] * alive, dim=0)
@@ -49,6 +54,15 @@ def kpms(scores: Mapping[int, torch.Tensor], flops: FlopsModel, budget: float) -
     keep[order[: int(fits.sum())]] = True
     pieces = keep.split([scores[s].numel() for s in sublayers])
     return {s: piece.to(scores[s].device) for s, piece in zip(sublayers, pieces)}
+
+
+def in_score_order(scores: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``(units,)``: ``steps[k]`` (the cost of a sub-layer's ``k+1``-th kept unit) given to the unit
+    ranked ``k`` in the sub-layer by ``scores`` ``(units,)`` (descending; ties: lower index first, as
+    in KPMS's global order)."""
+    placed = torch.empty_like(steps)
+    placed[torch.argsort(scores.double().cpu(), descending=True, stable=True)] = steps
+    return placed
 
 
 def align_kept(keep: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:

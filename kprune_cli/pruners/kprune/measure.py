@@ -40,7 +40,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kprune_cli.models.adapters import ModelAdapter
-from kprune_cli.models.flops import FlopsModel
+from kprune_cli.models.flops import CostModel
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
 from kprune_cli.pruners.common.gradient_batch import GLUE_GRADIENT_BATCH
@@ -225,16 +225,17 @@ def _mask_scales(adapter: ModelAdapter, masks: Masks) -> dict[torch.nn.Module, t
     return scales
 
 
-def score(knowledge: Knowledge, masks: Masks, flops: FlopsModel, lambda_pred: float, lambda_rep: float,
+def score(knowledge: Knowledge, masks: Masks, cost: CostModel, lambda_pred: float, lambda_rep: float,
           mu: float) -> dict[int, torch.Tensor]:
     """Per-FLOP importance of every unit, by sub-layer; units already pruned score ``-inf``.
 
     Heads: ``μ·(λ_rep·K_rep + λ_pred·K_pred)/F_head``; neurons: ``(λ_rep·K_rep + λ_pred·K_pred)/F_neuron``.
+    With a latency cost, ``F_head`` / ``F_neuron`` are a full sub-layer's milliseconds per unit.
     """
     scores = {}
     for s, predictive in knowledge.predictive.items():
         kind = sublayer_kind(s)
-        weight = (mu if kind == "mha" else 1.0) / flops.cost(kind)
+        weight = (mu if kind == "mha" else 1.0) / cost.cost(kind)
         value = weight * (lambda_rep * knowledge.representational[s] + lambda_pred * predictive)
         alive = masks.of(kind)[s // 2].to(value.device) != 0
         scores[s] = torch.where(alive, value, torch.full_like(value, float("-inf")))

@@ -222,7 +222,7 @@ class KPrunePruner:
                 progress.update(bar, description=f"K-prune {kind.upper()} {layer}")
                 if self.iterative:
                     scores, keep = self._search(problem, teacher, masks, s, budget, timing, hidden, gradient_batch)
-                    budget -= float(keep[s].count_nonzero()) * problem.flops.cost(kind)
+                    budget -= problem.cost.kept_cost(kind, int(keep[s].count_nonzero()))
                 if teacher_sums is not None:
                     with timed(timing, "teacher"):
                         sums = teacher_sums(s)
@@ -312,8 +312,8 @@ class KPrunePruner:
             knowledge = measure(problem.model, problem.adapter, masks, teacher, from_sublayer, hidden,
                                 AUTOCAST_DTYPES.get(self.autocast), gradient_batch)
         with timed(timing, "search"):
-            scores = score(knowledge, masks, problem.flops, self.lambda_pred, self.lambda_rep, self.mu)
-            keep = kpms(scores, problem.flops, budget)
+            scores = score(knowledge, masks, problem.cost, self.lambda_pred, self.lambda_rep, self.mu)
+            keep = kpms(scores, problem.cost, budget)
         decided = [from_sublayer] if self.iterative else list(keep)
         for s in decided:
             if self.align is not None and sublayer_kind(s) == "ffn":

@@ -131,6 +131,7 @@ class KwonPruner:
         """The masks of the model that mask tuning reconstructs (see the class docstring)."""
         if self.teacher == "original":
             return Masks.ones(problem.adapter, problem.device)
-        total = problem.flops.total(problem.adapter.structure())
-        keep = search_masks(importance, problem.flops, teacher_budget(problem.budget, total))
+        structure = problem.adapter.structure()
+        budget = problem.flops.budget(problem.rate, structure)  # FLOPs also under constraint=latency
+        keep = search_masks(importance, problem.flops, teacher_budget(budget, problem.flops.total(structure)))
         return keep_masks(problem.adapter, keep, problem.device)

@@ -49,8 +49,8 @@ class MagnitudePruner:
         scores = {}
         for s in range(num_sublayers):
             parts, kind = sublayer_parts(problem.adapter, s)
-            scores[s] = unit_magnitudes(parts, kind).double() / problem.flops.cost(kind)
-        keep = kpms(scores, problem.flops, problem.budget)
+            scores[s] = unit_magnitudes(parts, kind).double() / problem.cost.cost(kind)
+        keep = kpms(scores, problem.cost, problem.budget)
         masks = Masks.ones(problem.adapter, problem.device)
         for s in range(num_sublayers):
             masks.of(sublayer_kind(s))[s // 2] = keep[s].to(masks.heads[0].dtype)

@@ -32,6 +32,6 @@ class RandomPruner:
         for layer, parts in enumerate(problem.adapter.layers()):
             scores[2 * layer] = torch.rand(parts.num_heads, generator=generator, dtype=torch.float64)
             scores[2 * layer + 1] = torch.rand(parts.num_neurons, generator=generator, dtype=torch.float64)
-        keep = kpms(scores, problem.flops, problem.budget)
+        keep = kpms(scores, problem.cost, problem.budget)
         masks = keep_masks(problem.adapter, keep, problem.device)
         return PruneResult(masks=masks, timing={"search": time.perf_counter() - start})
