@@ -146,11 +146,14 @@ def test_a_fixed_cost_at_width_zero_is_taken_off_the_budget():
     shifted = search_latency_masks(importance, [v + 0.5 for v in mha_ms], [v + 0.25 for v in ffn_ms], 7.0 + 3 * 0.75)
     assert any(mask.any() for mask in keep.values())
     assert all(torch.equal(keep[s], shifted[s]) for s in keep)
+    below = search_latency_masks(importance, [v + 0.5 for v in mha_ms], [v + 0.25 for v in ffn_ms], 3 * 0.75 - 0.1)
+    assert not any(mask.any() for mask in below.values())  # not even every sub-layer emptied fits: all emptied
 
 
 def test_rejects_mismatched_tables_and_negative_budgets():
     importance = _importance(0)
     with pytest.raises(ValueError, match="5 units"):
         search_latency_masks(importance, _table(4, 1, 1.0, 0.5), _table(5, 1, 1.0, 0.5), 3.0)
-    with pytest.raises(ValueError, match="negative"):
-        search_latency_masks(importance, _table(4, 1, 1.0, 0.5), _table(6, 1, 1.0, 0.5), -1.0)
+    for budget in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="non-negative"):
+            search_latency_masks(importance, _table(4, 1, 1.0, 0.5), _table(6, 1, 1.0, 0.5), budget)

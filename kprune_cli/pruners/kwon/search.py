@@ -42,11 +42,13 @@ Deviations from the official ``search_latency``, each a defect there:
    all-emptied configuration (cost 0) is always feasible: a budget below every non-empty choice
    empties every sub-layer instead of failing.
 4. *Zero extra heads.* Their head count starts at 1 (none is considered when ``threshold = H``);
-   here at 0. Their ``break`` once the neuron count is negative is kept (it only ends a loop whose
-   remaining head counts cannot fit either). A zero ``slope`` (their division by zero) makes the
-   extra units free: all of them fit.
-5. Only the kept sub-layers' extra units are ranked (theirs also ranks the emptied MHA sub-layers'
-   heads, with importance zeroed).
+   here at 0. A negative neuron count ends their head loop (``break``); here it marks that head
+   count infeasible, the same thing, since fewer neurons fit as heads are added. A zero FFN
+   ``slope`` (their division by zero) makes the extra neurons free: all of them fit.
+5. Only the kept sub-layers' extra units are ranked (theirs also ranks the emptied sub-layers'
+   extra units, with importance zeroed, and may keep some).
+6. Their fit starts from a least squared error of 10000, so a table in large units (µs) can get no
+   fit at all; ours from infinity.
 
 The budget binds the fitted latencies, as theirs does: where a table is not exactly piecewise
 linear, the table's own sum at the chosen widths differs by the fit's residuals there.
@@ -213,8 +215,8 @@ def search_latency_masks(importance: Mapping[int, torch.Tensor], mha_ms: Sequenc
     :class:`PiecewiseLinear` models of ``mha_ms[1:]`` and ``ffn_ms[1:]`` predict it. The module
     docstring gives the search and its deviations from the official code.
     """
-    if budget_ms < 0:
-        raise ValueError(f"negative latency budget {budget_ms}")
+    if not budget_ms >= 0:
+        raise ValueError(f"the latency budget must be a non-negative number, got {budget_ms}")
     rankings, room = {}, budget_ms * (1 + BUDGET_TOLERANCE)
     for kind, table in (("mha", mha_ms), ("ffn", ffn_ms)):
         table = torch.as_tensor(table, dtype=torch.float64)  # (units + 1,)
@@ -224,7 +226,8 @@ def search_latency_masks(importance: Mapping[int, torch.Tensor], mha_ms: Sequenc
         room -= len(rankings[kind].sublayers) * float(table[0])
     heads, neurons = rankings["mha"], rankings["ffn"]
 
-    best, best_total = None, -math.inf  # every sub-layer emptied (cost 0) is among the configurations: best is set
+    # Every sub-layer emptied: also a configuration (cost 0), the answer when even it does not fit (room < 0).
+    best, best_total = (len(heads.sublayers), len(neurons.sublayers), 0, 0), -math.inf
     neuron_prefixes = [neurons.extra_prefix(d) for d in range(len(neurons.sublayers) + 1)]
     for head_drops in range(len(heads.sublayers) + 1):
         head_prefix = heads.extra_prefix(head_drops)  # (R + 1,)
