@@ -151,9 +151,18 @@ def attach_pooling(model: PreTrainedModel, pooling: Pooling) -> None:
     model.register_forward_hook(PoolingHook(pooling), with_kwargs=True)
 
 
+def _pooling_hooks(model: nn.Module) -> list[PoolingHook]:
+    return [hook for hook in model._forward_hooks.values() if isinstance(hook, PoolingHook)]
+
+
+def has_pooling(model: nn.Module) -> bool:
+    """Whether :func:`attach_pooling` gave ``model`` a sentence pooling (its outputs carry :data:`EMBEDDING_OUTPUT`)."""
+    return bool(_pooling_hooks(model))
+
+
 def pooling_of(model: nn.Module) -> Pooling:
     """The pooling :func:`attach_pooling` gave ``model``."""
-    hooks = [hook for hook in model._forward_hooks.values() if isinstance(hook, PoolingHook)]
+    hooks = _pooling_hooks(model)
     if not hooks:
         raise ValueError(f"{type(model).__name__} has no sentence pooling attached")
     return hooks[-1].pooling
