@@ -236,10 +236,12 @@ class SentenceEmbedding(TaskKind):
                         f"prune a sentence-embedding model directly (kprune run task={task.name})")
 
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, location: str) -> None:
-        """Attach the pooling read from ``location`` (:func:`read_pooling`; a hub id gets the default) and
-        truncate where sentence-transformers does (:func:`read_max_seq_length`)."""
-        local = Path(location).is_dir()
-        attach_pooling(model, read_pooling(location) if local else Pooling())
+        """Attach the pooling read from ``location`` (:func:`read_pooling`; a hub id or no location gets the
+        default) unless ``model`` has one attached already, and truncate where sentence-transformers does
+        (:func:`read_max_seq_length`)."""
+        local = bool(location) and Path(location).is_dir()
+        if not has_pooling(model):
+            attach_pooling(model, read_pooling(location) if local else Pooling())
         if local and (limit := read_max_seq_length(location)) is not None:
             tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
 
