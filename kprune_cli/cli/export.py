@@ -72,7 +72,8 @@ def run_export(cfg: DictConfig) -> dict:
                    "inputs": input_names(model), "outputs": output_names(model),
                    "layers": get_adapter(model).structure(), "max_abs_difference": difference}
         if has_pooling(model):
-            summary["pooling"] = {"mode": pooling_of(model).mode, "normalize": pooling_of(model).normalize}
+            pooling = pooling_of(model)
+            summary["pooling"] = {"mode": pooling.mode, "normalize": pooling.normalize}
         if quantize:
             summary["quantization"] = quantize_int8(staging / ONNX_FILE, staging / INT8_FILE)
             int8 = ort_session(staging / INT8_FILE)
