@@ -4,6 +4,7 @@ documented example runs as written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -14,13 +15,16 @@ import pytest
 import torch
 from conftest import kprune
 from datasets import Dataset
+from embedding_helpers import kprune_embeddings, write_encoder, write_stsb_data
 from safetensors.torch import load_file
 from test_cli import run_args
+from transformers import AutoModel, AutoTokenizer
 
 import kprune_cli
 from kprune_cli import PruneOutcome, prune, save_pruned
 from kprune_cli.models.loading import load_model
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks.kinds.embedding import EMBEDDING_OUTPUT, Pooling, pooling_of
 from kprune_cli.tasks.spec import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +76,38 @@ def test_calibration_from_a_list_of_texts_or_a_file(tiny_checkpoint, mrpc_dir, t
     assert from_file.report["layers"] == from_rows.report["layers"]
     with pytest.raises(UserError, match="needs labelled calibration data"):
         prune(*_model(tiny_checkpoint), "mrpc", 0.5, texts, pruner="kwon", device="cpu")
+
+
+def test_api_prunes_a_sentence_embedding_model_as_kprune_run(tmp_path):
+    """A bare encoder loaded with AutoModel: its pooling is read from its folder, the masks are
+    ``kprune run``'s, and the saved folder embeds as the pruned model in memory."""
+    encoder = write_encoder(tmp_path / "encoder", "cls", normalize=True)
+    data = write_stsb_data(tmp_path / "stsb")
+    assert kprune("run", "task=stsb_embed", f"model.path={encoder}", f"data_dir={data}", "rate=0.5",
+                  "calibration.num_tokens=300", "calibration.batch_size=8", "device=cpu",
+                  f"output_dir={tmp_path / 'run'}") == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    train = Dataset.from_parquet(str(data / "train" / "0000.parquet"))
+    model, tokenizer = AutoModel.from_pretrained(encoder), AutoTokenizer.from_pretrained(encoder)
+    # The API measures the FLOPs model's S on the calibration rows (it has no dev split): given run's S, the same masks.
+    task = dataclasses.replace(get_task("stsb_embed"), avg_seq_len=report["flops"]["seq_len"])
+    outcome = prune(model, tokenizer, task=task, rate=0.5, calibration=train, num_tokens=300,
+                    calibration_batch_size=8, device="cpu")
+    assert pooling_of(outcome.model) == Pooling("cls", True, str(encoder))
+    for key in ("sample", "flops", "layers"):
+        assert outcome.report[key] == report[key], key
+
+    written = save_pruned(outcome, tmp_path / "api")
+    assert (written / "modules.json").is_file() and (written / "2_Normalize").is_dir()
+    texts = ["good fine day", "bad dull dark night", "nice"]
+    with torch.inference_mode():
+        expected = outcome.model(**tokenizer(texts, padding=True, return_tensors="pt"))[EMBEDDING_OUTPUT]
+    torch.testing.assert_close(kprune_embeddings(written, texts), expected)
+
+    texts = [" ".join(row.values()) for row in train.select(range(10))]
+    from_texts = prune(AutoModel.from_pretrained(encoder), tokenizer, "stsb_embed", 0.5, texts, num_tokens=100,
+                       device="cpu")
+    assert from_texts.report["sample"]["windows"] == from_texts.report["sample"]["examples"]  # one text each
 
 
 @pytest.mark.parametrize("changes, message", [

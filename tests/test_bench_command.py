@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import kprune
+from embedding_helpers import write_encoder, write_stsb_data
 
 
 def test_bench_times_checkpoint_beside_its_dense_model(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
@@ -74,3 +75,25 @@ def test_bench_adds_an_onnx_runtime_column(tiny_checkpoint, mrpc_dir, tmp_path, 
 def test_bench_rejects_a_bad_onnx_value(tiny_checkpoint, capsys):
     assert kprune("bench", f"checkpoint={tiny_checkpoint}", "task=mrpc", "onnx=maybe", "device=cpu") == 2
     assert "onnx='maybe' is not allowed: give auto, true or false" in capsys.readouterr().err
+
+
+def test_bench_times_a_sentence_embedding_model_with_its_pooling(tmp_path, capsys):
+    """A bare encoder (task=stsb_embed): PyTorch and ONNX Runtime both time the pooled embedding; the
+    task has no tabled sequence length, so ``seq_len`` is asked for."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    encoder = write_encoder(tmp_path / "encoder")
+    output = tmp_path / "out"
+    assert kprune("run", "task=stsb_embed", f"model.path={encoder}", f"data_dir={write_stsb_data(tmp_path / 'stsb')}",
+                  "pruner=magnitude", "rate=0.5", "calibration.num_tokens=300", "device=cpu",
+                  f"output_dir={output}") == 0
+    capsys.readouterr()
+    bench = ("bench", f"checkpoint={output / 'pruned'}", f"dense={encoder}", "task=stsb_embed", "batch_sizes=[4]",
+             "repeats=2", "device=cpu", "onnx=true")
+    assert kprune(*bench) == 2
+    assert "task=stsb_embed has no tabled average sequence length: pass seq_len=<tokens>" in capsys.readouterr().err
+    assert kprune(*bench, "seq_len=12") == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    for figures in (row, row["onnxruntime"]):
+        assert figures["checkpoint"]["sequences_per_s"] > 0 and figures["dense"]["sequences_per_s"] > 0
+    assert row["flops_ratio"] > 1.5

@@ -12,57 +12,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import WORDS, kprune, make_char_tokenizer, tiny_config
-from datasets import Dataset
-from transformers import AutoModel
+from conftest import WORDS, kprune
+from embedding_helpers import STSB_EMBED, kprune_embeddings, write_encoder, write_stsb_data
 
 from kprune_cli.cli.run import refuse_unlabeled_task
-from kprune_cli.models.loading import load_model
 from kprune_cli.pruners.kwon.pruner import KwonPruner
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.calibration import draw_calibration_sample
-from kprune_cli.tasks.data import collate, load_task_data, tokenize_split
+from kprune_cli.tasks.data import load_task_data, tokenize_split
 from kprune_cli.tasks.kinds import kind_of
-from kprune_cli.tasks.kinds.embedding import EMBEDDING_OUTPUT, Pooling, read_pooling
+from kprune_cli.tasks.kinds.embedding import Pooling, read_pooling
 from kprune_cli.tasks.kinds.retrieval import passages
 from kprune_cli.tasks.metrics import gold_ranks, mrr_at, spearmanr
 from kprune_cli.tasks.spec import get_task
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
-STSB_EMBED = get_task("stsb_embed")
 SQUAD_RETRIEVAL = get_task("squad_retrieval")
 TEXTS = ["good fine day", "bad dull dark night", "nice", "great bright awful poor good fine"]
-
-
-def write_encoder(directory: Path, mode: str | None = "mean", normalize: bool = True, seed: int = 0) -> Path:
-    """A tiny bare BERT encoder with a character tokenizer; with ``mode``, sentence-transformers files
-    written by hand (``modules.json``, ``1_Pooling/config.json``, ``2_Normalize``) pooling that way."""
-    torch.manual_seed(seed)
-    AutoModel.from_config(tiny_config("bert")).save_pretrained(directory)
-    make_char_tokenizer().save_pretrained(directory)
-    if mode is None:
-        return directory
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (directory / "2_Normalize").mkdir()
-    (directory / "modules.json").write_text(json.dumps(modules))
-    (directory / "1_Pooling").mkdir()
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 32, "pooling_mode_cls_token": mode == "cls",
-        "pooling_mode_mean_tokens": mode == "mean", "pooling_mode_max_tokens": mode == "max"}))
-    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
-    return directory
-
-
-def kprune_embeddings(path: Path, texts: list[str]) -> torch.Tensor:
-    """``(texts, d)``: the embeddings kprune computes (load_model for stsb_embed, the kind's features)."""
-    model, tokenizer = load_model(str(path), STSB_EMBED)
-    features = kind_of(STSB_EMBED).tokenize(STSB_EMBED, Dataset.from_dict({"sentence1": texts}), tokenizer, 48,
-                                           for_training=False)
-    with torch.inference_mode():
-        return model(**collate(features.to_list(), tokenizer))[EMBEDDING_OUTPUT]
 
 
 def st_embeddings(path: Path, texts: list[str]) -> torch.Tensor:
@@ -92,24 +58,6 @@ def test_plain_folder_gets_mean_pooling_and_other_modules_are_refused(tmp_path):
     (dense / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(UserError, match="Dense"):
         read_pooling(dense)
-
-
-def write_stsb_data(directory: Path, train_rows: int = 40, validation_rows: int = 24) -> Path:
-    """STS-B-shaped parquet data: a train split of sentence pairs *without* a label column, a validation
-    split with gold scores."""
-    rng = random.Random(0)
-
-    def sentence() -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-
-    for split, rows in (("train", train_rows), ("validation", validation_rows)):
-        frame = pd.DataFrame({"sentence1": [sentence() for _ in range(rows)],
-                              "sentence2": [sentence() for _ in range(rows)]})
-        if split == "validation":
-            frame["label"] = [rng.uniform(0, 5) for _ in range(rows)]
-        (directory / split).mkdir(parents=True)
-        frame.to_parquet(directory / split / "0000.parquet")
-    return directory
 
 
 def test_calibration_reads_no_labels_and_encodes_sentences_separately(tmp_path, char_tokenizer):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, kprune, make_tiny_model
+from embedding_helpers import kprune_embeddings, write_encoder, write_stsb_data
+from transformers import AutoTokenizer
 
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks
@@ -17,7 +19,14 @@ from kprune_cli.models.slicing import prune_physically
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from kprune_cli.deploy.onnx_model import MATCH_TOLERANCE, example_inputs, export_onnx, onnx_difference, ort_session  # noqa: E402  (after the skips: needs the .[deploy] extra)
+from kprune_cli.deploy.onnx_model import (  # noqa: E402  (after the skips: needs the .[deploy] extra)
+    MATCH_TOLERANCE,
+    example_inputs,
+    export_onnx,
+    onnx_difference,
+    ort_session,
+    run_session,
+)
 
 
 def prune_with_empty_sublayers(model: torch.nn.Module) -> list[dict[str, int]]:
@@ -58,6 +67,37 @@ def test_export_command_writes_model_tokenizer_and_summary(tiny_checkpoint, tmp_
     assert kprune("export", f"checkpoint={tiny_checkpoint}", "task=mrpc", "format=tflite",
                   f"output_dir={tmp_path / 'other'}") == 2
     assert "format='tflite' is not allowed: choose one of onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode, normalize", [("mean", True), ("cls", False)])
+def test_embedding_model_exports_with_its_pooling(mode, normalize, tmp_path):
+    """A pruned sentence-embedding model: the graph's one output is kprune's pooled (normalised) embedding,
+    and the float32 and int8 graphs' dev metrics are kprune eval's."""
+    encoder = write_encoder(tmp_path / "encoder", mode, normalize)
+    data = write_stsb_data(tmp_path / "stsb")
+    assert kprune("run", "task=stsb_embed", f"model.path={encoder}", f"data_dir={data}", "pruner=magnitude",
+                  "rate=0.5", "calibration.num_tokens=300", "device=cpu", f"output_dir={tmp_path / 'run'}") == 0
+    pruned = tmp_path / "run" / "pruned"
+    output = tmp_path / "onnx"
+    assert kprune("export", f"checkpoint={pruned}", "task=stsb_embed", f"data_dir={data}", "quantize=int8",
+                  f"output_dir={output}") == 0
+    summary = json.loads((output / "export.json").read_text())
+    assert summary["outputs"] == ["sentence_embedding"] and summary["pooling"] == {"mode": mode, "normalize": normalize}
+    assert summary["max_abs_difference"] <= MATCH_TOLERANCE
+
+    texts = ["good fine day", "bad dull dark night", "nice", "great bright awful poor good fine"]
+    encoded = AutoTokenizer.from_pretrained(output)(texts, padding=True, return_tensors="pt")
+    (found,) = run_session(ort_session(output / "model.onnx", threads=1), dict(encoded))
+    expected = kprune_embeddings(pruned, texts).numpy()
+    assert found.shape == expected.shape == (len(texts), 32)
+    np.testing.assert_allclose(found, expected, atol=1e-5)
+    assert np.allclose(np.linalg.norm(found, axis=1), 1.0, atol=1e-5) == normalize
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    metrics = summary["quantization"]["metrics"]
+    assert metrics["float32"]["spearmanr"] == pytest.approx(report["metric"]["all"]["pruned"]["spearmanr"], abs=1e-6)
+    assert set(metrics["int8"]) == {"spearmanr", "pearson"}
+    assert 0 < summary["quantization"]["max_abs_difference"] <= 0.05  # quantized, and close
 
 
 @pytest.mark.slow

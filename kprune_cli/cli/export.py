@@ -1,5 +1,7 @@
 """``kprune export``: a checkpoint as a deployable model (``format=onnx``): ``OUT/model.onnx``,
-the tokenizer beside it and ``export.json`` (inputs, outputs, opset, the check's difference). With
+the tokenizer beside it and ``export.json`` (inputs, outputs, opset, the check's difference). A
+sentence-embedding model (an embedding task) is exported with its pooling and normalisation: its one
+output is ``sentence_embedding`` ``(batch, hidden)``, and ``export.json`` names the pooling. With
 ``quantize=int8`` also ``OUT/model.int8.onnx`` and, in ``export.json``, the quantization settings and
 (given the task's data) the float32 and int8 models' dev metrics."""
 
@@ -35,6 +37,7 @@ from kprune_cli.runtime.console import console
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.output_dir import atomic_directory, check_output_dir, write_json_atomic
 from kprune_cli.tasks.data import load_task_data
+from kprune_cli.tasks.kinds.embedding import has_pooling, pooling_of
 from kprune_cli.tasks.spec import TaskSpec, get_task
 
 FORMATS = ("onnx",)
@@ -68,6 +71,9 @@ def run_export(cfg: DictConfig) -> dict:
         summary = {"checkpoint": checkpoint, "task": task.name, "format": "onnx", "file": ONNX_FILE, "opset": OPSET,
                    "inputs": input_names(model), "outputs": output_names(model),
                    "layers": get_adapter(model).structure(), "max_abs_difference": difference}
+        if has_pooling(model):
+            pooling = pooling_of(model)
+            summary["pooling"] = {"mode": pooling.mode, "normalize": pooling.normalize}
         if quantize:
             summary["quantization"] = quantize_int8(staging / ONNX_FILE, staging / INT8_FILE)
             int8 = ort_session(staging / INT8_FILE)

@@ -41,6 +41,7 @@ from kprune_cli.runtime.device import resolve_device
 from kprune_cli.runtime.errors import UserError, listed
 from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.calibration import has_targets
+from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec, get_task
 from kprune_cli.tasks.unlabeled import read_unlabeled, rows_from_texts
 
@@ -58,7 +59,8 @@ class PruneOutcome:
     unit; other values were folded into the weights); ``report``: the pruning part of
     ``kprune run``'s report.json (task, pruner, rate, seed, device, flops, params, layers,
     dense_layers, sample, pruner_settings, timing, notes, versions); ``dtype``: the dtype the model
-    came in, in which :func:`save_pruned` stores it.
+    came in, in which :func:`save_pruned` stores it; ``task``: the task it was pruned for (its kind's
+    files, e.g. a sentence-embedding model's pooling, are saved beside the weights).
     """
 
     model: PreTrainedModel
@@ -66,6 +68,7 @@ class PruneOutcome:
     masks: Masks
     report: dict[str, Any]
     dtype: torch.dtype
+    task: TaskSpec
 
 
 def prune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str | TaskSpec = "mrpc",
@@ -74,8 +77,13 @@ def prune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str 
           num_examples: int | None = None, calibration_seed: int = 0, calibration_batch_size: int = 32) -> PruneOutcome:
     """Prune ``model`` (a fine-tuned encoder with the task's head) to remove ``rate`` of its FLOPs.
 
-    ``task``: a task name (``kprune run task=...``: mrpc, sst2, stsb, squad ...) or a
-    :class:`~kprune_cli.tasks.spec.TaskSpec`. ``calibration``: the rows the sample is drawn from:
+    ``task``: a task name (``kprune run task=...``: mrpc, sst2, stsb, squad, stsb_embed ...) or a
+    :class:`~kprune_cli.tasks.spec.TaskSpec`. For a sentence-embedding task (``stsb_embed``,
+    ``squad_retrieval``) ``model`` is a bare encoder (``AutoModel``) and its pooling is read as
+    ``kprune run`` reads it, from the sentence-transformers files of the folder it was loaded from
+    (``model.name_or_path``; mean pooling without them, or for a hub id), unless one was attached
+    already (:func:`~kprune_cli.tasks.kinds.embedding.attach_pooling`); :func:`save_pruned` writes them
+    beside the weights. ``calibration``: the rows the sample is drawn from:
     a ``datasets.Dataset`` with the task's columns (its train split; gold labels are read only by
     pruners that need them), a list of texts (one example each; a pair's two texts separated by a
     tab), or the path of an unlabeled ``.txt`` / ``.jsonl`` file. ``pruner``: the name of a
@@ -100,6 +108,7 @@ def prune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str 
         raise UserError(f"pruner={name} needs labelled calibration data (it uses the task loss): pass a Dataset "
                         f"with the task's labels, or a pruner that needs none (kprune)")
     dtype = model.dtype
+    kind_of(task).prepare_model(model, tokenizer, str(model.name_or_path))  # as load_model: an embedding's pooling
     model = model.to(device=device, dtype=torch.float32).eval()
     if broken := non_finite_tensors(model):
         raise UserError(f"the model has NaN or infinite values in {listed(broken)}: pass a model with finite weights")
@@ -124,14 +133,14 @@ def prune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str 
         "notes": list(notes),
         "versions": versions(),
     }
-    return PruneOutcome(model=model, tokenizer=tokenizer, masks=result.masks, report=report, dtype=dtype)
+    return PruneOutcome(model=model, tokenizer=tokenizer, masks=result.masks, report=report, dtype=dtype, task=task)
 
 
 def save_pruned(outcome: PruneOutcome, directory: str | Path) -> Path:
     """Write the pruned checkpoint (loadable by stock ``transformers`` with ``trust_remote_code=True``)
     and its report (:data:`REPORT_NAME`) to ``directory``, replacing it; returns the directory."""
     directory = Path(directory)
-    checkpoint.save_pruned(outcome.model, outcome.tokenizer, directory, dtype=outcome.dtype)
+    checkpoint.save_pruned(outcome.model, outcome.tokenizer, directory, dtype=outcome.dtype, task=outcome.task)
     (directory / REPORT_NAME).write_text(json.dumps(outcome.report, indent=2) + "\n")
     return directory
 

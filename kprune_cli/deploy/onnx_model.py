@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.tasks.kinds.embedding import EMBEDDING_OUTPUT, has_pooling
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -55,8 +56,18 @@ def input_names(model: PreTrainedModel) -> list[str]:
 
 
 def output_names(model: PreTrainedModel) -> list[str]:
-    """``logits`` ``(batch, num_labels)``, or ``start_logits`` / ``end_logits`` ``(batch, seq)`` for QA."""
+    """``logits`` ``(batch, num_labels)``, ``start_logits`` / ``end_logits`` ``(batch, seq)`` for QA, or
+    ``sentence_embedding`` ``(batch, hidden)`` for a bare encoder with sentence pooling attached
+    (:func:`~kprune_cli.tasks.kinds.embedding.attach_pooling`: the pooling, and normalisation where the
+    model has it, are traced into the graph)."""
+    if has_pooling(model):
+        return [EMBEDDING_OUTPUT]
     return ["start_logits", "end_logits"] if "QuestionAnswering" in type(model).__name__ else ["logits"]
+
+
+def per_sequence(name: str) -> bool:
+    """Whether output ``name`` has one row per sequence ``(batch, ...)`` rather than one per token."""
+    return name in ("logits", EMBEDDING_OUTPUT)
 
 
 class _PositionalInputs(nn.Module):
@@ -94,7 +105,7 @@ def export_onnx(model: PreTrainedModel, path: Path) -> None:
     inputs, outputs = input_names(model), output_names(model)
     sample = example_inputs(model)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
-    axes |= {name: {0: "batch"} if name == "logits" else {0: "batch", 1: "sequence"} for name in outputs}
+    axes |= {name: {0: "batch"} if per_sequence(name) else {0: "batch", 1: "sequence"} for name in outputs}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # The tracer warns that Python conditions on shapes become constants; export_onnx's caller
         # checks the outputs on other shapes (check_onnx_matches), so they are not shown.

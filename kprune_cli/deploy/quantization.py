@@ -95,8 +95,8 @@ def empty_products(path: Path) -> list[str]:
 class SessionModel(nn.Module):
     """An ONNX Runtime session called like a Hugging Face model: ``model(**inputs)`` with torch
     tensors ``(batch, seq)`` returns ``{name: tensor}`` for each graph output (``logits``
-    ``(batch, num_labels)`` or ``start_logits`` / ``end_logits`` ``(batch, seq)``), float32 on the
-    CPU. It has no parameters; train/eval mode changes nothing."""
+    ``(batch, num_labels)``, ``start_logits`` / ``end_logits`` ``(batch, seq)`` or
+    ``sentence_embedding`` ``(batch, hidden)``), float32 on the CPU. It has no parameters; train/eval mode changes nothing."""
 
     def __init__(self, session: onnxruntime.InferenceSession) -> None:
         super().__init__()

@@ -151,9 +151,18 @@ def attach_pooling(model: PreTrainedModel, pooling: Pooling) -> None:
     model.register_forward_hook(PoolingHook(pooling), with_kwargs=True)
 
 
+def _pooling_hooks(model: nn.Module) -> list[PoolingHook]:
+    return [hook for hook in model._forward_hooks.values() if isinstance(hook, PoolingHook)]
+
+
+def has_pooling(model: nn.Module) -> bool:
+    """Whether :func:`attach_pooling` gave ``model`` a sentence pooling (its outputs carry :data:`EMBEDDING_OUTPUT`)."""
+    return bool(_pooling_hooks(model))
+
+
 def pooling_of(model: nn.Module) -> Pooling:
     """The pooling :func:`attach_pooling` gave ``model``."""
-    hooks = [hook for hook in model._forward_hooks.values() if isinstance(hook, PoolingHook)]
+    hooks = _pooling_hooks(model)
     if not hooks:
         raise ValueError(f"{type(model).__name__} has no sentence pooling attached")
     return hooks[-1].pooling
@@ -227,10 +236,12 @@ class SentenceEmbedding(TaskKind):
                         f"prune a sentence-embedding model directly (kprune run task={task.name})")
 
     def prepare_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, location: str) -> None:
-        """Attach the pooling read from ``location`` (:func:`read_pooling`; a hub id gets the default) and
-        truncate where sentence-transformers does (:func:`read_max_seq_length`)."""
-        local = Path(location).is_dir()
-        attach_pooling(model, read_pooling(location) if local else Pooling())
+        """Attach the pooling read from ``location`` (:func:`read_pooling`; a hub id or no location gets the
+        default) unless ``model`` has one attached already, and truncate where sentence-transformers does
+        (:func:`read_max_seq_length`)."""
+        local = bool(location) and Path(location).is_dir()
+        if not has_pooling(model):
+            attach_pooling(model, read_pooling(location) if local else Pooling())
         if local and (limit := read_max_seq_length(location)) is not None:
             tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
 
