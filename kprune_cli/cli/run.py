@@ -23,6 +23,7 @@ from kprune_cli.config.settings import read_settings
 from kprune_cli.config.values import required_keys
 from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path, task_default_hint
 from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model
+from kprune_cli.core.latency_budget import latency_cost, runtime_shape, table_settings, verify_speedup
 from kprune_cli.core.report import (
     SMOKE_NOTE,
     Report,
@@ -39,7 +40,7 @@ from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
 from kprune_cli.models.model_card import write_model_card
 from kprune_cli.pruners.base import PruneProblem, Pruner
-from kprune_cli.runtime.console import console
+from kprune_cli.runtime.console import console, make_progress
 from kprune_cli.runtime.errors import UserError, listed
 from kprune_cli.runtime.hardware import announce_device
 from kprune_cli.runtime.interrupts import deferred_interrupts
@@ -132,6 +133,11 @@ def run_pruning(cfg: DictConfig) -> Report:
         flops = flops_model(task, adapter, tokenizer, data[task.eval_splits[0]])
         dense_structure = adapter.structure()
         dense_params = count_parameters(model)
+        latency = shape = None
+        if settings.latency is not None:  # before any pruning work: an unreachable rate ends the run here
+            shape = runtime_shape(settings.latency, task, device)
+            with timed(timing, "latency_table"), make_progress() as progress:
+                latency = latency_cost(model, shape, table_settings(settings.latency), settings.rate, progress, notes)
 
         with timed(timing, "evaluate_dense"):
             dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
@@ -143,7 +149,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         notes += source_notes + shortfall
         steps.bind_examples(sample.example_indices)
         problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
-                               rate=settings.rate, device=device, seed=settings.seed, steps=steps)
+                               rate=settings.rate, device=device, seed=settings.seed, steps=steps, latency=latency)
         with timed(timing, "prune"):
             result = prune_and_slice(pruner, problem, notes)
             notes += steps.notes()
@@ -160,6 +166,13 @@ def run_pruning(cfg: DictConfig) -> Report:
             with timed(timing, "check_reload"):
                 notes.append(check_reload(model, checkpoint_dir, task, sample.model_inputs(sample.batches[0], device),
                                           dtype=stored_dtype(model_path)))
+        measured = None
+        if latency is not None:
+            with timed(timing, "verify_latency"):
+                dense_model, _ = load_model(model_path, task, "cpu")
+                measured = verify_speedup(dense_model, model, shape, settings.latency.verify_repeats, latency.table,
+                                          settings.rate, adapter.structure())
+                del dense_model
 
         report = build_report(
             cfg=cfg, task=task, pruner=pruner_name, rate=settings.rate, device=device,
@@ -169,7 +182,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             checkpoint=(checkpoint_dir, checkpoint_bytes),
             sample=sample, sample_size=str(settings.sample_size), pruner_settings=result.settings, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
-            deterministic=settings.deterministic,
+            deterministic=settings.deterministic, latency=measured,
         )
         with write_errors(f"the reports into output_dir={output.path}", RESULTS_REMEDY):
             card = write_model_card(checkpoint_dir, model_card(report, task, model_path, run_command(output.path)))

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kprune_cli.config.values import (
     SEED_LIMIT,
     check_bool,
+    check_float,
     check_int,
     check_optional_int,
     check_rate,
@@ -77,6 +78,47 @@ def read_sample_size(calibration: DictConfig) -> SampleSize:
     return SampleSize(examples, "examples") if examples is not None else SampleSize(tokens, "tokens")
 
 
+CONSTRAINTS = ("flops", "latency")
+"""Values of ``constraint``: what ``rate`` is a fraction of."""
+
+LATENCY_RUNTIMES = ("onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """The ``latency`` keys of ``constraint=latency`` (configs/run.yaml), checked; ``None`` values are
+    filled in by the pipeline (the run's device, torch's threads, the task's average length)."""
+
+    runtime: str
+    device: str | None
+    threads: int | None
+    batch_size: int
+    seq_len: int | None
+    repeats: int
+    ffn_step: int | None
+    configurations: int
+    max_error: float
+    verify_repeats: int
+
+
+def read_latency_options(latency: DictConfig) -> LatencyOptions:
+    """The ``latency`` keys, or a :class:`UserError` naming the first bad one."""
+    if latency.runtime not in LATENCY_RUNTIMES:
+        raise UserError(f"latency.runtime={latency.runtime}: choose {' or '.join(LATENCY_RUNTIMES)}")
+    return LatencyOptions(
+        runtime=str(latency.runtime),
+        device=None if latency.device is None else str(latency.device),
+        threads=check_optional_int("latency.threads", latency.threads, 1),
+        batch_size=check_int("latency.batch_size", latency.batch_size, 1),
+        seq_len=check_optional_int("latency.seq_len", latency.seq_len, 1),
+        repeats=check_int("latency.repeats", latency.repeats, 3),
+        ffn_step=check_optional_int("latency.ffn_step", latency.ffn_step, 1),
+        configurations=check_int("latency.configurations", latency.configurations, 2),
+        max_error=check_float("latency.max_error", latency.max_error, 0.0, above_minimum=True),
+        verify_repeats=check_int("latency.verify_repeats", latency.verify_repeats, 3),
+    )
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """The plain, checked values of a ``kprune run`` config (configs/run.yaml)."""
@@ -99,6 +141,8 @@ class RunSettings:
     check_reload: bool
     smoke: bool
     deterministic: bool
+    latency: LatencyOptions | None = None
+    """The ``latency`` keys with ``constraint=latency``; ``None`` with ``constraint=flops`` (the paper)."""
 
 
 def read_settings(cfg: DictConfig) -> RunSettings:
@@ -128,8 +172,17 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             check_reload=check_bool("check_reload", cfg.check_reload),
             smoke=check_bool("smoke", cfg.smoke),
             deterministic=check_bool("deterministic", cfg.deterministic),
+            latency=read_constraint(cfg),
             device=resolve_device(str(cfg.device)),  # last: it imports torch
         )
+
+
+def read_constraint(cfg: DictConfig) -> LatencyOptions | None:
+    """``constraint``: ``flops`` (``None``) or ``latency`` (its :class:`LatencyOptions`)."""
+    constraint = cfg.get("constraint", "flops")
+    if constraint not in CONSTRAINTS:
+        raise UserError(f"constraint={constraint}: choose {' or '.join(CONSTRAINTS)}")
+    return read_latency_options(cfg.latency) if constraint == "latency" else None
 
 
 def default_model(cfg: DictConfig, given_keys: set[str]) -> str | None:

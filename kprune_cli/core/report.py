@@ -133,9 +133,11 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
                  params: tuple[int, int], checkpoint: tuple[Path, int], sample: CalibrationSample,
                  sample_size: str, pruner_settings: Mapping[str, Any], timing: Mapping[str, float],
                  notes: Sequence[str], peak_memory: float,
-                 smoke: bool = False, deterministic: bool = False) -> Report:
-    """Assemble the report dictionary (see the module docstring for its schema)."""
-    return {
+                 smoke: bool = False, deterministic: bool = False, latency: Mapping[str, Any] | None = None) -> Report:
+    """Assemble the report dictionary (see the module docstring for its schema); ``latency``: the
+    measured speedup of a ``constraint=latency`` run
+    (:func:`~kprune_cli.core.latency_budget.verify_speedup`)."""
+    report = {
         "schema_version": SCHEMA_VERSION,
         "task": task.name,
         "pruner": pruner,
@@ -160,6 +162,9 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
         "numerics": {"deterministic": deterministic, "matmul_precision": matmul_precision()},
         "smoke": smoke,
     }
+    if latency is not None:
+        report["latency"] = dict(latency)
+    return report
 
 
 def render_markdown(report: Report) -> str:
@@ -187,6 +192,7 @@ def render_markdown(report: Report) -> str:
         f"Seed {report['seed']}, device {report['device']}, peak memory {report['peak_memory_mb']:.0f} MB."
         + _numerics_line(report.get("numerics")),
         "",
+        *_latency_lines(report.get("latency")),
         "## Surviving units per layer",
         "",
         "| layer | heads | neurons |",
@@ -203,6 +209,22 @@ def render_markdown(report: Report) -> str:
         lines += ["", "## Notes", "", *[f"- {note}" for note in report["notes"]]]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _latency_lines(latency: Mapping[str, Any] | None) -> list[str]:
+    """The measured speedup of a ``constraint=latency`` run, with its target, as report.md lines."""
+    if latency is None:
+        return []
+    low, high = latency["speedup_ci"]
+    verdict = "met" if latency["met"] else "**missed**"
+    return [
+        "## Measured latency", "",
+        f"{latency['runtime']} on {latency['device']}, {latency['threads']} threads, batch {latency['batch_size']} x "
+        f"{latency['seq_len']} tokens, {latency['repeats']} rounds in turns: dense {latency['dense_ms']:.2f} ms, "
+        f"pruned {latency['pruned_ms']:.2f} ms (predicted {latency['predicted_ms']:.2f} ms). Speedup "
+        f"{latency['speedup']:.2f}x (95% interval {low:.2f}-{high:.2f}); target {latency['target_speedup']:.2f}x: "
+        f"{verdict}.", "",
+    ]
 
 
 def _numerics_line(numerics: Mapping[str, Any] | None) -> str:
@@ -264,5 +286,10 @@ def print_summary(report: Report) -> None:
         f"({report['checkpoint']['bytes'] / 2**20:.1f} MiB)",
         highlight=False,
     )
+    if (latency := report.get("latency")) is not None:
+        low, high = latency["speedup_ci"]
+        console.print(f"measured speedup {latency['speedup']:.2f}x (95% {low:.2f}-{high:.2f}) on {latency['runtime']}, "
+                      f"target {latency['target_speedup']:.2f}x: {'met' if latency['met'] else 'MISSED'}",
+                      highlight=False)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

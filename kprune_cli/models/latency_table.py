@@ -34,7 +34,8 @@ class LatencyTable:
 
     ``mha_ms``: ``(H + 1,)``, index = kept heads; ``ffn_widths``: the measured FFN widths, ascending
     from 0 to N; ``ffn_ms``: their times. ``fit``: the additivity check's figures (``r2``,
-    ``worst_error``, ``configurations``); ``fingerprint``: what the table is valid for.
+    ``worst_error``, ``configurations``), ``checks`` its models' ``raw_ms`` (the table's sum) and
+    ``measured_ms``; ``fingerprint``: what the table is valid for.
     """
 
     fingerprint: dict[str, Any]
@@ -47,6 +48,7 @@ class LatencyTable:
     scale: float = 1.0
     offset: float = 0.0
     fit: dict[str, float] = field(default_factory=dict)
+    checks: tuple[dict[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.ffn_widths) != len(self.ffn_ms) or self.ffn_widths[0] != 0 or self.mha_ms[0] != 0:
@@ -97,7 +99,7 @@ class LatencyTable:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "LatencyTable":
         values = dict(data)
-        for key in ("mha_ms", "ffn_widths", "ffn_ms"):
+        for key in ("mha_ms", "ffn_widths", "ffn_ms", "checks"):
             values[key] = tuple(values[key])
         return cls(**values)
 
@@ -120,6 +122,11 @@ class LatencyCost:
 
     def kept_cost(self, kind: str, kept: int) -> float:
         return self.table.scale * self.table.sublayer_ms(kind, kept)
+
+    def by_width(self, kind: str) -> list[float]:
+        """:meth:`kept_cost` of a sub-layer of ``kind`` keeping 0, 1, ... all of its units."""
+        width = self.table.num_heads if kind == "mha" else self.table.num_neurons
+        return [self.kept_cost(kind, kept) for kept in range(width + 1)]
 
     def budget(self, rate: float, structure: list[dict[str, int]]) -> float:
         """Milliseconds the kept units may add to the emptied model so that the whole model takes

@@ -31,7 +31,7 @@ from kprune_cli.pruners.common.reconstruction import (
 )
 from kprune_cli.pruners.kwon.fisher import fisher_importance, labelled_batches, mask_gradients, split_batch
 from kprune_cli.pruners.kwon.rearrange import rearrange_units
-from kprune_cli.pruners.kwon.search import search_masks
+from kprune_cli.pruners.kwon.search import search_latency_masks, search_masks
 from kprune_cli.pruners.kwon.tune import LayerwiseTuning, teacher_budget
 from kprune_cli.runtime.console import make_progress, track
 from kprune_cli.runtime.errors import UserError
@@ -53,7 +53,10 @@ class KwonPruner:
     ``∂loss/∂m`` is accumulated over its micro-batches; ``None``: one pass per gradient batch).
     ``rearrange`` / ``tune`` enable steps 3 / 4. ``teacher``: what mask tuning reconstructs,
     ``"intermediate"`` (official: the model pruned to the milder budget ``sqrt`` of the kept
-    fraction) or ``"original"`` (the unpruned model). ``gram_precision``: mask tuning's
+    fraction; under ``constraint=latency`` still the FLOPs search's at the rate, a deviation: ours
+    keeps the teacher independent of the timer's noise) or ``"original"`` (the unpruned model).
+    With a latency table (``problem.latency``) the search is their latency search
+    (:func:`~kprune_cli.pruners.kwon.search.search_latency_masks`). ``gram_precision``: mask tuning's
     per-micro-batch products, ``"float64"``, ``"float32"`` (summed in float64) or ``"auto"`` (float32
     only on a GPU with slow float64).
     """
@@ -93,7 +96,7 @@ class KwonPruner:
                 grads = mask_gradients(model, adapter, track(progress, batches, bar), self.micro_batch_size)
                 importance = fisher_importance(grads)
             with timed(timing, "search"):
-                keep = search_masks(importance, problem.flops, problem.budget)
+                keep = self._search(problem, importance)
             if self.rearrange:
                 with timed(timing, "rearrange"):
                     bar = progress.add_task("Kwon et al.: rearrange", total=num_sublayers)
@@ -126,6 +129,15 @@ class KwonPruner:
         """Sequences per pass on ``problem``: ``micro_batch_size`` (at most the gradient batch), else the
         gradient batch."""
         return min(self.micro_batch_size or self.gradient_batch_of(problem), self.gradient_batch_of(problem))
+
+    @staticmethod
+    def _search(problem: PruneProblem, importance: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Keep-masks within ``problem.budget``: the FLOPs search, or with a latency table their latency
+        search on its per-width costs (:func:`~kprune_cli.pruners.kwon.search.search_latency_masks`)."""
+        if problem.latency is None:
+            return search_masks(importance, problem.flops, problem.budget)
+        return search_latency_masks(importance, problem.latency.by_width("mha"), problem.latency.by_width("ffn"),
+                                    problem.budget)
 
     def _reference(self, problem: PruneProblem, importance: Mapping[int, torch.Tensor]) -> Masks:
         """The masks of the model that mask tuning reconstructs (see the class docstring)."""

@@ -1,0 +1,116 @@
+"""``constraint=latency``: the latency budget a run prunes to, and the measured speedup it reached.
+
+Before any pruning work, :func:`latency_cost` gets the table of the model's shape on the chosen
+runtime (cached or measured, :mod:`kprune_cli.core.latency_table`) and refuses a ``rate`` that even
+emptying every sub-layer would not reach. After pruning, :func:`verify_speedup` times the dense and
+the pruned model in turns on the same runtime and shape and gives the report's ``latency`` block.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from typing import Any, Sequence
+
+import torch
+from rich.progress import Progress
+from transformers import PreTrainedModel
+
+from kprune_cli.config.settings import LatencyOptions
+from kprune_cli.core.latency_table import WARMUP, TableSettings, load_or_measure
+from kprune_cli.core.runners import Runner, RuntimeShape, torch_threads
+from kprune_cli.models.latency_table import LatencyCost, LatencyTable
+from kprune_cli.runtime.device import resolve_device
+from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.timing import time_in_turns
+from kprune_cli.tasks.spec import TaskSpec
+
+MET_FRACTION = 0.95
+"""A latency target is met when the measured speedup's lower 95% bound is at least this fraction of it."""
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def runtime_shape(options: LatencyOptions, task: TaskSpec, run_device: torch.device) -> RuntimeShape:
+    """Where and how ``options`` time a model: ``device`` null = cpu for onnxruntime, else the run's;
+    ``threads`` null = torch's; ``seq_len`` null = the task's average length."""
+    if options.seq_len is None and task.avg_seq_len is None:
+        raise UserError(f"task={task.name} has no tabled average sequence length: pass latency.seq_len=<tokens>")
+    if options.device is not None:
+        device = resolve_device(options.device)
+    else:
+        device = torch.device("cpu") if options.runtime == "onnxruntime" else run_device
+    return RuntimeShape(runtime=options.runtime, device=device, threads=options.threads or torch.get_num_threads(),
+                        batch_size=options.batch_size, seq_len=options.seq_len or round(task.avg_seq_len))
+
+
+def table_settings(options: LatencyOptions) -> TableSettings:
+    return TableSettings(repeats=options.repeats, ffn_step=options.ffn_step, configurations=options.configurations,
+                         max_error=options.max_error)
+
+
+def latency_cost(model: PreTrainedModel, shape: RuntimeShape, settings: TableSettings, rate: float,
+                 progress: Progress | None = None, notes: list[str] | None = None) -> LatencyCost:
+    """The cost model of ``model``'s latency table on ``shape``; a :class:`UserError` when ``rate``
+    asks for more than emptying every sub-layer gives."""
+    if shape.runtime == "onnxruntime":
+        from kprune_cli.deploy.onnx_model import require_onnx
+
+        require_onnx()
+    table = load_or_measure(model, shape, settings, progress, notes)
+    check_reachable(table, rate, shape)
+    return LatencyCost(table)
+
+
+def check_reachable(table: LatencyTable, rate: float, shape: RuntimeShape) -> None:
+    """A :class:`UserError` naming the largest reachable speedup when ``rate`` asks for more."""
+    reachable = table.reachable_speedup(table.full())
+    if 1.0 / (1.0 - rate) > reachable:
+        largest = 1.0 - 1.0 / reachable
+        raise UserError(f"constraint=latency rate={rate} asks for a {1 / (1 - rate):.2f}x speedup, but even emptying "
+                        f"every sub-layer runs only {reachable:.2f}x faster on {shape.describe()}: give rate < "
+                        f"{largest:.3f} (embeddings and the task head stay)")
+
+
+def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: RuntimeShape, repeats: int,
+                   table: LatencyTable, rate: float, pruned_structure: list[dict[str, int]],
+                   times: Sequence[list[float]] | None = None) -> dict[str, Any]:
+    """The report's ``latency`` block: ``dense`` and ``pruned`` timed in turns on ``shape`` (``repeats``
+    rounds; ``times``: given instead, for tests), the median speedup with a 95% bootstrap interval
+    over the rounds, the table's prediction, and whether the target ``1 / (1 - rate)`` was met (the
+    interval's lower bound at least :data:`MET_FRACTION` of it)."""
+    if times is None:
+        runner = Runner(shape)
+        try:
+            with torch_threads(shape.threads):
+                times = time_in_turns([runner.prepare(dense), runner.prepare(pruned)], repeats, WARMUP)
+        finally:
+            runner.close()
+    dense_times, pruned_times = times
+    speedup = statistics.median(dense_times) / statistics.median(pruned_times)
+    low, high = bootstrap_interval(dense_times, pruned_times)
+    target = 1.0 / (1.0 - rate)
+    predicted = table.predict_ms(pruned_structure)
+    return {
+        "runtime": shape.runtime, "device": str(shape.device), "threads": shape.threads,
+        "batch_size": shape.batch_size, "seq_len": shape.seq_len, "repeats": len(dense_times),
+        "dense_ms": statistics.median(dense_times), "pruned_ms": statistics.median(pruned_times),
+        "predicted_ms": predicted, "predicted_dense_ms": table.predict_ms(table.full()),
+        "prediction_error": predicted / statistics.median(pruned_times) - 1.0,
+        "speedup": speedup, "speedup_ci": [low, high], "target_speedup": target,
+        "met": low >= MET_FRACTION * target,
+        "table_fit": dict(table.fit),
+    }
+
+
+def bootstrap_interval(dense: Sequence[float], pruned: Sequence[float], seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of ``median(dense) / median(pruned)``, resampling whole
+    rounds (a round's two times were taken together)."""
+    generator = random.Random(seed)
+    rounds = len(dense)
+    ratios = []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        picked = [generator.randrange(rounds) for _ in range(rounds)]
+        ratios.append(statistics.median(dense[i] for i in picked) / statistics.median(pruned[i] for i in picked))
+    ratios.sort()
+    return ratios[int(0.025 * BOOTSTRAP_SAMPLES)], ratios[int(0.975 * BOOTSTRAP_SAMPLES) - 1]

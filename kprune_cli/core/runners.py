@@ -1,0 +1,114 @@
+"""The runtimes a latency budget is measured on: a model made into a call that runs one batch.
+
+``torch``: PyTorch eager on the run's device (CPU, or CUDA with the call synchronised, so the wall
+clock covers the kernels), float32, under ``torch.inference_mode``. ``onnxruntime``: the model
+exported by :func:`~kprune_cli.deploy.onnx_model.export_onnx` (as ``kprune export`` exports it) and
+run by an ONNX Runtime CPU session with :func:`~kprune_cli.deploy.onnx_model.ort_session`'s options
+(as deployed: ``threads`` intra-op threads, one inter-op thread). Inputs are a random batch
+``(batch_size, seq_len)`` without padding.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from transformers import PreTrainedModel
+
+from kprune_cli.deploy.onnx_model import example_inputs
+from kprune_cli.runtime.errors import UserError
+
+RUNTIMES = ("torch", "onnxruntime")
+"""Values of ``latency.runtime``."""
+
+
+@dataclass(frozen=True)
+class RuntimeShape:
+    """Where and how a model is timed: ``runtime`` (one of :data:`RUNTIMES`), ``device``, intra-op
+    ``threads``, and the batch ``(batch_size, seq_len)``."""
+
+    runtime: str
+    device: torch.device
+    threads: int
+    batch_size: int
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"latency.runtime={self.runtime}: choose {' or '.join(RUNTIMES)}")
+        if self.runtime == "onnxruntime" and self.device.type != "cpu":
+            raise UserError(f"latency.runtime=onnxruntime runs on the CPU: give latency.device=cpu "
+                            f"(not {self.device}), or latency.runtime=torch to time on {self.device}")
+
+    def describe(self) -> str:
+        """E.g. ``onnxruntime on cpu, 2 threads, batch 32 x 128 tokens``."""
+        return (f"{self.runtime} on {self.device}, {self.threads} thread{'s' * (self.threads != 1)}, "
+                f"batch {self.batch_size} x {self.seq_len} tokens")
+
+
+class Runner:
+    """Makes models into calls that run one batch of ``shape`` on its runtime; files it needs (ONNX
+    exports) live in a scratch directory until :meth:`close`."""
+
+    def __init__(self, shape: RuntimeShape) -> None:
+        self.shape = shape
+        self._scratch = tempfile.TemporaryDirectory(prefix="kprune-latency-") if shape.runtime == "onnxruntime" \
+            else None
+        self._made = 0
+
+    def prepare(self, model: PreTrainedModel) -> Callable[[], object]:
+        """A call that runs ``model`` once on a random batch and returns when it is done."""
+        if self.shape.runtime == "onnxruntime":
+            return self._onnx_call(model)
+        return self._torch_call(model)
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
+    def _torch_call(self, model: PreTrainedModel) -> Callable[[], object]:
+        device = self.shape.device
+        model = model.to(device).eval()
+        inputs = {name: tensor.to(device) for name, tensor in self._batch(model).items()}
+
+        def call() -> object:
+            with torch.inference_mode():
+                model(**inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return None
+
+        return call
+
+    def _onnx_call(self, model: PreTrainedModel) -> Callable[[], object]:
+        import numpy as np
+
+        from kprune_cli.deploy.onnx_model import export_onnx, ort_session
+
+        path = Path(self._scratch.name) / f"model-{self._made}.onnx"
+        self._made += 1
+        export_onnx(model, path)
+        session = ort_session(path, self.shape.threads)
+        batch = self._batch(model)
+        # A graph drops the inputs it does not use (the mask of a model without attention).
+        feed = {node.name: batch[node.name].numpy().astype(np.int64) for node in session.get_inputs()}
+        return lambda: session.run(None, feed)
+
+    def _batch(self, model: PreTrainedModel) -> dict[str, torch.Tensor]:
+        """The random batch of ``shape`` that ``model`` takes, without padding, on the CPU."""
+        return example_inputs(model, self.shape.batch_size, self.shape.seq_len, ragged=False)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op PyTorch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
