@@ -47,6 +47,7 @@ commands:
   finetune   fine-tune an encoder on a task into a dense baseline
   eval       task metric of any checkpoint on the task's dev split
   bench      measured latency of a checkpoint, vs its dense model with dense=<path>
+  latency-table  a model's measured latency by sub-layer width on a runtime (what constraint=latency prunes with)
   export     a checkpoint as an ONNX model (format=onnx; pip install -e .[deploy])
   compare    pruners side by side: a sweep of run over pruner x rate, then summarize
   summarize  one table (CSV, Markdown, JSON) and plots over the runs under directories
@@ -69,6 +70,7 @@ examples:
   kprune eval checkpoint=out/mrpc60/pruned task=mrpc data_dir=path/to/glue/mrpc
   kprune bench checkpoint=out/mrpc60/pruned dense=path/to/finetuned-mrpc task=mrpc
   kprune export checkpoint=out/mrpc60/pruned task=mrpc format=onnx output_dir=out/mrpc60-onnx
+  kprune run task=mrpc constraint=latency rate=0.6 latency.runtime=onnxruntime latency.batch_size=32 model.path=...
 """
 
 
@@ -76,6 +78,12 @@ def _bench(cfg: DictConfig) -> None:
     from kprune_cli.cli.bench import run_bench
 
     run_bench(cfg)
+
+
+def _latency_table(cfg: DictConfig) -> None:
+    from kprune_cli.cli.latency_table import run_latency_table
+
+    run_latency_table(cfg)
 
 
 def _check_run(cfg: DictConfig) -> None:
@@ -121,7 +129,8 @@ def _compare(args: list[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {"run": _run, "finetune": _finetune, "eval": _eval,
-                                                     "bench": _bench, "export": _export}
+                                                     "bench": _bench, "export": _export,
+                                                     "latency-table": _latency_table}
 # Checks of a command's config values that import nothing heavy: they run before torch, transformers
 # and datasets load, so that a bad value is reported in about a second.
 EARLY_CHECKS: dict[str, Callable[[DictConfig], None]] = {"run": _check_run}

@@ -1,0 +1,133 @@
+"""``constraint=latency`` end to end: ``kprune run`` and ``kprune latency-table`` on a tiny model (the real
+runtime, its noise not checked: latency.max_error is lifted), and the pruners under a latency budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import kprune
+from kprune_helpers import make_problem, make_sample
+from test_kwon import labelled
+
+from kprune_cli.core.latency_table import TableSettings, fingerprint, table_path
+from kprune_cli.core.runners import RuntimeShape
+from kprune_cli.models.latency_table import LatencyCost, LatencyTable
+from kprune_cli.models.loading import load_model
+from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_cli.pruners.kwon.pruner import KwonPruner
+from kprune_cli.pruners.kwon.search import fit_piecewise_linear
+from kprune_cli.tasks.spec import get_task
+
+QUICK_LATENCY = ("constraint=latency", "latency.runtime=torch", "latency.threads=1", "latency.batch_size=2",
+                 "latency.seq_len=8", "latency.repeats=3", "latency.configurations=2", "latency.max_error=100",
+                 "latency.verify_repeats=5")
+"""A tiny table, timed quickly; a shared test machine's timing noise is not what these tests check."""
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+def run_args(checkpoint, data, output, *extra):
+    return ["run", "task=mrpc", f"model.path={checkpoint}", f"data_dir={data}", f"output_dir={output}",
+            "calibration.num_tokens=300", "calibration.batch_size=8", "device=cpu", *QUICK_LATENCY, *extra]
+
+
+def seed_cache(checkpoint) -> LatencyTable:
+    """Put a designed table (dense 5.68 ms, emptied 2 ms: 2.84x at most) in the cache under the fingerprint
+    of the runs' model and runtime, so that the budget is the same on every machine."""
+    model, _ = load_model(str(checkpoint), get_task("mrpc"), "cpu")
+    shape = RuntimeShape("torch", torch.device("cpu"), 1, 2, 8)
+    settings = TableSettings(repeats=3, configurations=2, max_error=100)
+    found = fingerprint(model, shape, settings)
+    table = LatencyTable(found, 2, 1.0, 0.5, tuple(0.3 * h for h in range(5)), (0, 32, 64), (0.0, 0.32, 0.64),
+                         fit={"r2": 1.0, "worst_error": 0.0, "configurations": 4})
+    path = table_path(found)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(table.to_json()))
+    return table
+
+
+def test_a_latency_run_reports_its_measured_speedup(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    table = seed_cache(tiny_checkpoint)
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out", "rate=0.3")) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    block = report["latency"]
+    assert (block["runtime"], block["batch_size"], block["seq_len"], block["threads"]) == ("torch", 2, 8, 1)
+    assert block["speedup"] == pytest.approx(block["dense_ms"] / block["pruned_ms"])
+    low, high = block["speedup_ci"]
+    assert low <= block["speedup"] <= high
+    assert block["target_speedup"] == pytest.approx(1 / 0.7)
+    assert block["met"] == (low >= 0.95 * block["target_speedup"])
+    assert block["predicted_ms"] == pytest.approx(table.predict_ms(report["layers"]))
+    assert block["predicted_ms"] <= 0.7 * table.predict_ms(table.full()) + 1e-9  # the budget was kept
+    assert block["repeats"] == 5 and block["table_fit"]["configurations"] == 4
+    assert any("latency table from the cache" in note for note in report["notes"])
+    assert "## Measured latency" in (tmp_path / "out" / "report.md").read_text()
+    assert "measured speedup" in capsys.readouterr().err
+
+
+def test_an_unreachable_latency_target_ends_in_one_line_before_pruning(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    seed_cache(tiny_checkpoint)
+    output = tmp_path / "out"
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "rate=0.8")) == 2
+    error = capsys.readouterr().err.strip()
+    assert "5.00x speedup, but even emptying every sub-layer runs only 2.84x faster" in error
+    assert "give rate < 0.648" in error and "Traceback" not in error
+    assert [line for line in error.splitlines() if not line.startswith("device:")] == [error.splitlines()[-1]]
+    assert not (output / "pruned").exists() and not (output / "report.json").exists()
+
+
+def test_latency_table_command_measures_prints_and_caches_a_table(tiny_checkpoint, capsys):
+    args = ["latency-table", f"checkpoint={tiny_checkpoint}", "task=mrpc", *QUICK_LATENCY[1:]]
+    assert kprune(*args) == 0
+    printed = capsys.readouterr()
+    table = json.loads(printed.out.strip().splitlines()[-1])
+    assert len(table["mha_ms"]) == 5 and table["ffn_widths"][-1] == 64
+    assert "latency table measured" in printed.err and "MHA" in printed.err
+    assert Path(table["path"]).is_file()
+    assert kprune(*args) == 0
+    assert "from the cache" in capsys.readouterr().err
+
+
+def test_a_bad_latency_key_is_one_line(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out", "latency.runtime=tensorrt")) == 2
+    assert "latency.runtime=tensorrt: choose onnxruntime or torch" in capsys.readouterr().err
+
+
+TABLE = LatencyTable({}, 2, 1.0, 0.5, (0.0, 0.3, 0.5, 0.9, 1.0), tuple(range(0, 65, 16)),
+                     (0.0, 0.2, 0.45, 0.6, 0.8), scale=1.1, offset=0.2)
+"""A stepped, non-linear table of the 2-layer tiny model (4 heads, 64 neurons)."""
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.5])
+def test_kprune_keeps_the_predicted_latency_within_the_budget(tiny_model, rate):
+    model = tiny_model()
+    problem = make_problem(model, rate=rate, sample=make_sample(model))
+    problem.latency = LatencyCost(TABLE)
+    result = KPrunePruner(micro_batch_size=8).prune(problem)
+    kept = result.masks.kept()
+    assert TABLE.predict_ms(kept) <= (1 - rate) * TABLE.predict_ms(TABLE.full()) + 1e-9
+    assert TABLE.predict_ms(kept) < TABLE.predict_ms(TABLE.full())
+
+
+def test_kwon_searches_its_latency_mode_within_the_budget(tiny_model):
+    model = tiny_model()
+    problem = make_problem(model, rate=0.4, sample=labelled(make_sample(model)))
+    cost = problem.latency = LatencyCost(TABLE)
+    masks = KwonPruner(tune=False, rearrange=False).prune(problem).masks
+    # Their search binds the piecewise-linear fit of each table (fit_piecewise_linear), as theirs does.
+    fits = {kind: fit_piecewise_linear(cost.by_width(kind)[1:]) for kind in ("mha", "ffn")}
+
+    def fitted(kind, width):
+        fit = fits[kind]
+        return 0.0 if width == 0 else fit.constant + fit.slope * max(0, width - fit.threshold)
+
+    spent = sum(fitted("mha", int(heads.count_nonzero())) + fitted("ffn", int(neurons.count_nonzero()))
+                for heads, neurons in zip(masks.heads, masks.neurons))
+    assert spent <= problem.budget + 1e-9
+    assert any(bool((mask == 0).any()) for mask in [*masks.heads, *masks.neurons])
