@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILIES, OTHER_FAMILIES, make_tiny_model
 from kprune_helpers import TINY_FLOPS
 
-from kprune_cli.core.latency_budget import bootstrap_interval, check_reachable, verify_speedup
+from kprune_cli.core.latency_budget import bootstrap_interval, check_reachable, latency_cost, verify_speedup
 from kprune_cli.core.latency_table import (
     TableSettings,
     fit_additivity,
@@ -19,8 +20,12 @@ from kprune_cli.core.latency_table import (
     table_path,
 )
 from kprune_cli.core.runners import RuntimeShape
+from kprune_cli.deploy.onnx_model import example_inputs
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.latency_table import LatencyCost, LatencyTable
+from kprune_cli.models.masks import Masks
+from kprune_cli.models.slicing import prune_physically
+from kprune_cli.models.structured import model_with_structure
 from kprune_cli.pruners.common.kpms import kpms
 from kprune_cli.runtime.errors import UserError
 
@@ -184,3 +189,24 @@ def test_real_runtimes_time_the_parts_of_a_tiny_model(tiny_model, runtime):
     assert len(table.mha_ms) == 5 and table.ffn_widths == (0, 32, 64)
     assert list(table.mha_ms) == sorted(table.mha_ms) and min(table.ffn_ms) == 0.0
     assert table.fixed_ms > 0 and table.fit["configurations"] == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES + OTHER_FAMILIES)
+@pytest.mark.parametrize("head", ["classification", "qa"])
+def test_models_of_any_structure_are_built_with_the_familys_code(family, head):
+    model = make_tiny_model(family, head)
+    structure = [{"heads": 3, "neurons": 17}, {"heads": 0, "neurons": 0}, {"heads": 4, "neurons": 64}]
+    built = model_with_structure(model, structure)
+    assert type(built).__name__ == type(model).__name__ and get_adapter(built).structure() == structure
+    with torch.no_grad():
+        outputs = built(**example_inputs(built, 2, 8))
+    assert all(torch.isfinite(value).all() for value in outputs.values() if torch.is_tensor(value))
+    with pytest.raises(ValueError, match="at least one layer"):
+        model_with_structure(model, [])
+
+
+def test_a_model_pruned_already_is_refused_for_a_latency_table(tiny_model):
+    model = tiny_model()
+    prune_physically(get_adapter(model), Masks([torch.tensor([1.0, 1, 0, 1])] * 2, [torch.ones(64)] * 2))
+    with pytest.raises(UserError, match="layers that are not all full"):
+        latency_cost(model, SHAPE, SETTINGS, 0.3)

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from kprune_cli.config.settings import LatencyOptions
 from kprune_cli.core.latency_table import WARMUP, TableSettings, load_or_measure
 from kprune_cli.core.runners import Runner, RuntimeShape, torch_threads
+from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.latency_table import LatencyCost, LatencyTable
 from kprune_cli.runtime.device import resolve_device
 from kprune_cli.runtime.errors import UserError
@@ -57,6 +58,10 @@ def latency_cost(model: PreTrainedModel, shape: RuntimeShape, settings: TableSet
         from kprune_cli.deploy.onnx_model import require_onnx
 
         require_onnx()
+    structure = get_adapter(model).structure()
+    if any(layer != structure[0] for layer in structure) or structure[0]["heads"] != model.config.num_attention_heads:
+        raise UserError("constraint=latency times the model's full layers, and this one has layers that are not all "
+                        "full (it was pruned already): prune the dense model, or use constraint=flops")
     table = load_or_measure(model, shape, settings, progress, notes)
     check_reachable(table, rate, shape)
     return LatencyCost(table)

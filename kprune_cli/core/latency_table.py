@@ -3,8 +3,9 @@
 The parts (:class:`~kprune_cli.models.latency_table.LatencyTable`) are timed on models built with
 the model's own code and random weights (:func:`~kprune_cli.models.structured.model_with_structure`):
 
-- ``fixed_ms``: the model with no layers;
-- ``empty_layer_ms``: one layer with both sub-layers emptied, minus the former;
+- ``empty_layer_ms``: two emptied layers minus one (a layer with both sub-layers emptied);
+- ``fixed_ms``: one emptied layer minus ``empty_layer_ms`` (embeddings, task head: what a model
+  without layers would take; not every family's code runs without layers);
 - ``mha_ms[h]``: one layer keeping ``h`` heads and no neuron, minus the emptied layer, ``h = 1..H``;
 - ``ffn_ms``: one layer keeping ``n`` neurons and no head, minus the emptied layer, for ``n`` on a
   grid of step ``ffn_step`` from 0 to N.
@@ -55,6 +56,9 @@ from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import cpu_model
 from kprune_cli.runtime.timing import time_in_turns
 
+TABLE_VERSION = 1
+"""How tables are measured; part of the fingerprint, so that a table measured otherwise is never reused."""
+
 GROUP_SIZE = 8
 """Models timed in turns at once (each group's models are all in memory together)."""
 
@@ -89,6 +93,7 @@ def fingerprint(model: PreTrainedModel, shape: RuntimeShape, settings: TableSett
     device = (torch.cuda.get_device_name(shape.device) if shape.device.type == "cuda" else cpu_model())
     found = {
         "model": {key: getattr(config, key, None) for key in keys} | {"class": type(model).__name__},
+        "table_version": TABLE_VERSION,
         "runtime": shape.runtime, "device": f"{shape.device.type}: {device}", "threads": shape.threads,
         "batch_size": shape.batch_size, "seq_len": shape.seq_len, "dtype": "float32",
         "ffn_step": settings.step_for(int(config.intermediate_size)), "repeats": settings.repeats,
@@ -147,7 +152,7 @@ def measure_table(model: PreTrainedModel, shape: RuntimeShape, settings: TableSe
     step = settings.step_for(neurons)
     widths = [*range(0, neurons, step), neurons]
     empty = {"heads": 0, "neurons": 0}
-    parts: list[Structure] = [[]] + [[{"heads": h, "neurons": 0}] for h in range(1, heads + 1)] \
+    parts: list[Structure] = [[empty, empty]] + [[{"heads": h, "neurons": 0}] for h in range(1, heads + 1)] \
         + [[{"heads": 0, "neurons": n}] for n in widths[1:]]
     bar = progress.add_task("latency table", total=len(parts) + settings.configurations + 2) if progress else None
     with Timing(model, shape, settings, timer, progress, bar) as timing:
@@ -155,7 +160,7 @@ def measure_table(model: PreTrainedModel, shape: RuntimeShape, settings: TableSe
         added = [value - base for value in times]  # over the emptied one-layer model
         table = LatencyTable(
             fingerprint=found or fingerprint(model, shape, settings), num_layers=layers,
-            fixed_ms=times[0], empty_layer_ms=-added[0],
+            fixed_ms=base - added[0], empty_layer_ms=added[0],
             mha_ms=(0.0, *non_decreasing(added[1:heads + 1])),
             ffn_widths=tuple(widths), ffn_ms=(0.0, *non_decreasing(added[heads + 1:])),
         )

@@ -17,7 +17,9 @@ Schema of ``report.json`` (``schema_version`` 1; metric values are fractions, 0.
      "timing": {"<stage>": seconds, ...}, "peak_memory_mb", "notes": [...],
      "numerics": {"deterministic", "matmul_precision"},        # deterministic=true; float32 products outside
                                                              # the pruners' full-float32 passes
-     "smoke": false}                                          # true: a smoke run, its metric no result
+     "smoke": false,                                          # true: a smoke run, its metric no result
+     "latency": {...}}                                        # constraint=latency only: the measured speedup
+                                                             # (kprune_cli/core/latency_budget.py, docs/latency.md)
 """
 
 from __future__ import annotations

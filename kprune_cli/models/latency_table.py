@@ -6,7 +6,7 @@ length: its ``fingerprint``) as an additive model of whole-model latency::
     raw(structure) = fixed_ms + Σ_l [empty_layer_ms + mha_ms(h_l) + ffn_ms(n_l)]
     predicted(structure) = scale · raw(structure) + offset
 
-``fixed_ms``: the model with no layers (embeddings, task head); ``empty_layer_ms``: one layer with
+``fixed_ms``: the model without its layers (embeddings, task head); ``empty_layer_ms``: one layer with
 both sub-layers emptied (their residual paths, biases and LayerNorms still run, as a pruned
 checkpoint runs them; the two emptied sub-layers of a layer are only ever timed together);
 ``mha_ms(h)`` / ``ffn_ms(n)``: what ``h`` kept heads / ``n`` kept neurons add over the emptied

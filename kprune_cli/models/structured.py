@@ -22,10 +22,15 @@ from kprune_cli.models.families.kprune_common import resize_to_structure
 
 def model_with_structure(model: PreTrainedModel, structure: list[dict[str, int]], seed: int = 0) -> PreTrainedModel:
     """A float32 model in eval mode on the CPU, of ``model``'s class and config, with
-    ``len(structure)`` layers keeping ``structure[l]`` = ``{"heads": h, "neurons": n}`` units (random
+    ``len(structure) >= 1`` layers keeping ``structure[l]`` = ``{"heads": h, "neurons": n}`` units (random
     weights, from ``seed``)."""
+    if not structure:
+        raise ValueError("a model needs at least one layer (some families' code divides by their number)")
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = len(structure)
+    if isinstance(getattr(config, "layer_types", None), list):  # ModernBERT: an attention kind per layer
+        kinds = model.config.layer_types
+        config.layer_types = [kinds[index % len(kinds)] for index in range(config.num_hidden_layers)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         built = stock_class(model)(config)

@@ -1,0 +1,112 @@
+"""The latency targets of docs/latency.md: prune to 2x, 3x and 4x measured speedups and check them.
+
+    python -m benchmarks.latency_targets --model DIR --data DIR [--task mrpc] [--out runs/latency]
+        [--batch-sizes 1,32] [--speedups 2,3,4] [--pruners kprune,kwon] [--flops] [--num-tokens 100000]
+
+For each batch size, speedup and pruner: ``kprune run constraint=latency`` on ONNX Runtime (CPU,
+2 threads), whose report.json holds the measured speedup, its 95% interval and the table's
+prediction. With ``--flops``, K-prune at the FLOPs rate of the same number (``rate = 1 - 1/speedup``),
+timed by ``kprune bench`` on the same runtime, for the comparison at equal measured speed. Prints
+one Markdown table and writes ``latency_targets.json`` in ``--out``. Run it on a quiet machine: the
+timings are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+KPRUNE = [sys.executable, "-m", "kprune_cli"]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    print("+ kprune " + " ".join(args), flush=True)
+    return subprocess.run([*KPRUNE, *args], capture_output=True, text=True)
+
+
+def latency_run(options: argparse.Namespace, pruner: str, batch_size: int, speedup: float) -> dict:
+    """One ``constraint=latency`` run; its report's figures, or the one-line refusal."""
+    rate = round(1.0 - 1.0 / speedup, 6)
+    output = Path(options.out) / f"{options.task}-{pruner}-latency-b{batch_size}-x{speedup:g}"
+    sample = [] if pruner == "kwon" else [f"calibration.num_tokens={options.num_tokens}"]
+    done = run(["run", f"task={options.task}", f"model.path={options.model}", f"data_dir={options.data}",
+                f"pruner={pruner}", f"rate={rate}", "constraint=latency", "latency.runtime=onnxruntime",
+                "latency.threads=2", f"latency.batch_size={batch_size}", f"output_dir={output}", "overwrite=true",
+                *sample])
+    row = {"pruner": pruner, "constraint": "latency", "batch_size": batch_size, "target": speedup, "rate": rate}
+    if done.returncode != 0:
+        return row | {"error": done.stderr.strip().splitlines()[-1]}
+    report = json.loads((output / "report.json").read_text())
+    return row | {"metric": report["metric"]["pruned"], "dense_metric": report["metric"]["dense"],
+                  "flops_kept": report["flops"]["pruned"] / report["flops"]["dense"], **report["latency"]}
+
+
+def flops_run(options: argparse.Namespace, batch_size: int, speedup: float) -> dict:
+    """K-prune at the FLOPs rate ``1 - 1/speedup``, timed by ``kprune bench`` on ONNX Runtime."""
+    rate = round(1.0 - 1.0 / speedup, 6)
+    output = Path(options.out) / f"{options.task}-kprune-flops-x{speedup:g}"
+    if not (output / "report.json").is_file():
+        done = run(["run", f"task={options.task}", f"model.path={options.model}", f"data_dir={options.data}",
+                    f"rate={rate}", f"output_dir={output}", "overwrite=true",
+                    f"calibration.num_tokens={options.num_tokens}"])
+        if done.returncode != 0:
+            return {"pruner": "kprune", "constraint": "flops", "error": done.stderr.strip().splitlines()[-1]}
+    report = json.loads((output / "report.json").read_text())
+    bench = run(["bench", f"checkpoint={output / 'pruned'}", f"dense={options.model}", f"task={options.task}",
+                 f"batch_sizes=[{batch_size}]", "repeats=30", "onnx=true"])
+    figures = json.loads(bench.stdout.strip().splitlines()[-1])["rows"][0]
+    return {"pruner": "kprune", "constraint": "flops", "batch_size": batch_size, "target": speedup, "rate": rate,
+            "metric": report["metric"]["pruned"], "dense_metric": report["metric"]["dense"],
+            "flops_kept": report["flops"]["pruned"] / report["flops"]["dense"],
+            "speedup": figures["onnxruntime_speedup"]}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| pruner | constraint | batch | target | metric | measured speedup (95% CI) | predicted ms | "
+             "measured ms | met |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['pruner']} | {row['constraint']} | {row.get('batch_size', '')} | "
+                         f"{row.get('target', '')}x | | refused: {row['error']} | | | |")
+            continue
+        interval = f" ({row['speedup_ci'][0]:.2f}-{row['speedup_ci'][1]:.2f})" if "speedup_ci" in row else ""
+        lines.append(
+            f"| {row['pruner']} | {row['constraint']} | {row['batch_size']} | {row['target']:g}x | "
+            f"{100 * row['metric']:.2f} | {row['speedup']:.2f}x{interval} | "
+            f"{row['predicted_ms']:.2f} | {row['pruned_ms']:.2f} | {row['met']} |" if "met" in row else
+            f"| {row['pruner']} | {row['constraint']} | {row['batch_size']} | {row['target']:g}x | "
+            f"{100 * row['metric']:.2f} | {row['speedup']:.2f}x | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--task", default="mrpc")
+    parser.add_argument("--out", default="runs/latency")
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--speedups", default="2,3,4")
+    parser.add_argument("--pruners", default="kprune,kwon")
+    parser.add_argument("--flops", action="store_true")
+    parser.add_argument("--num-tokens", type=int, default=100_000)
+    options = parser.parse_args()
+    rows = []
+    for batch_size in (int(size) for size in options.batch_sizes.split(",")):
+        for speedup in (float(value) for value in options.speedups.split(",")):
+            for pruner in options.pruners.split(","):
+                rows.append(latency_run(options, pruner, batch_size, speedup))
+                print(markdown(rows[-1:]), flush=True)
+            if options.flops:
+                rows.append(flops_run(options, batch_size, speedup))
+                print(markdown(rows[-1:]), flush=True)
+    Path(options.out).mkdir(parents=True, exist_ok=True)
+    (Path(options.out) / "latency_targets.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
