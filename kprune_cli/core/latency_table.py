@@ -20,8 +20,10 @@ timer's noise may say so.
 
 **Additivity check.** ``configurations`` random structures of the whole model (widths drawn
 uniformly per sub-layer), with the dense and the emptied model, are timed end to end; the measured
-times are fitted as ``scale · Σ table + offset`` (least squares of the relative errors), and the table is refused with one
-line when the fit's worst relative error exceeds ``max_error`` (5%). Its ``R²`` and worst error go
+times are fitted as ``scale · Σ table + offset`` (least squares of the relative errors); when the
+fit's worst relative error exceeds ``max_error`` (5%) the check is timed once more (the two medians
+of each model averaged), and a second failure refuses the table with one line (it is kept beside the
+cache as ``<key>.refused.json`` for a look). Its ``R²`` and worst error go
 into the table (and the report).
 
 **Cache.** A table is kept under ``$KPRUNE_CACHE/latency-tables/`` keyed by a fingerprint of what
@@ -75,7 +77,7 @@ class TableSettings:
     (``None``: N / 48 rounded to a multiple of 8, at least 8), ``configurations`` random whole models
     in the additivity check, refused above a worst relative error of ``max_error``; ``seed`` draws them."""
 
-    repeats: int = 20
+    repeats: int = 30
     ffn_step: int | None = None
     configurations: int = 20
     max_error: float = 0.05
@@ -133,19 +135,33 @@ def load_or_measure(model: PreTrainedModel, shape: RuntimeShape, settings: Table
         notes.append(f"the cached latency table {path} did not match this model and runtime, or not "
                      f"latency.max_error={settings.max_error:g}: measured again")
     table = measure_table(model, shape, settings, found, progress, timer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(f".tmp-{os.getpid()}")
-    staging.write_text(json.dumps(table.to_json(), indent=1) + "\n")
-    staging.replace(path)  # never a half-written table under the final name
+    worst, fit = table.fit["worst_error"], table.fit
+    if worst > settings.max_error:
+        refused = path.with_suffix(".refused.json")
+        write_table(table, refused)
+        raise UserError(f"the latency table does not add up on this runtime: whole models run up to {worst:.1%} "
+                        f"off its prediction (allowed {settings.max_error:.0%}, R² {fit['r2']:.3f} over "
+                        f"{fit['configurations']} models, timed twice); time on a quieter machine or with more "
+                        f"latency.repeats (the table is in {refused})")
+    write_table(table, path)
     notes.append(f"latency table measured on {shape.describe()} (cached in {path})")
     return table
+
+
+def write_table(table: LatencyTable, path: Path) -> None:
+    """``table`` as JSON at ``path``, never half-written under that name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    staging.write_text(json.dumps(table.to_json(), indent=1) + "\n")
+    staging.replace(path)
 
 
 def measure_table(model: PreTrainedModel, shape: RuntimeShape, settings: TableSettings,
                   found: dict[str, Any] | None = None, progress: Progress | None = None,
                   timer: Timer | None = None) -> LatencyTable:
-    """Time the parts and check additivity (see the module docstring); ``timer`` replaces the
-    runtime (tests)."""
+    """Time the parts and check additivity (see the module docstring): the table with its fit. A
+    check whose worst error exceeds ``settings.max_error`` is timed once more and the two medians of
+    each model averaged (a noisy round is the usual cause). ``timer`` replaces the runtime (tests)."""
     adapter = get_adapter(model)
     layers, heads = adapter.num_layers, adapter.layers()[0].num_heads
     neurons = adapter.layers()[0].num_neurons
@@ -170,14 +186,18 @@ def measure_table(model: PreTrainedModel, shape: RuntimeShape, settings: TableSe
             for _ in range(settings.configurations)
         ]
         measured, (dense,) = timing.medians(checks, [table.full()])
-    return fit_additivity(table, [table.full(), *checks], [dense, *measured], settings.max_error)
+        fitted = fit_additivity(table, [table.full(), *checks], [dense, *measured])
+        if fitted.fit["worst_error"] > settings.max_error:
+            again, (dense_again,) = timing.medians(checks, [table.full()])
+            measured = [(first + second) / 2 for first, second in zip(measured, again)]
+            fitted = fit_additivity(table, [table.full(), *checks], [(dense + dense_again) / 2, *measured])
+    return fitted
 
 
-def fit_additivity(table: LatencyTable, structures: Sequence[Structure], measured: Sequence[float],
-                   max_error: float) -> LatencyTable:
+def fit_additivity(table: LatencyTable, structures: Sequence[Structure], measured: Sequence[float]) -> LatencyTable:
     """``table`` with ``scale`` and ``offset`` fitted so that ``scale · raw + offset`` matches the
-    ``measured`` milliseconds of whole models of ``structures``, and its ``fit`` figures; a
-    :class:`UserError` when the worst relative error exceeds ``max_error``."""
+    ``measured`` milliseconds of whole models of ``structures``, and its ``fit`` figures (``r2``,
+    ``worst_error``: the largest relative error, ``configurations``) and ``checks``."""
     raw = [table.raw_ms(structure) for structure in structures]
     scale, offset = relative_least_squares(raw, measured)
     predicted = [scale * x + offset for x in raw]
@@ -187,10 +207,6 @@ def fit_additivity(table: LatencyTable, structures: Sequence[Structure], measure
     worst = max(abs(p - y) / y for y, p in zip(measured, predicted))
     fit = {"r2": 1.0 - residual / total if total else 1.0, "worst_error": worst, "configurations": len(structures)}
     checks = tuple({"raw_ms": x, "measured_ms": y} for x, y in zip(raw, measured))
-    if worst > max_error:
-        raise UserError(f"the latency table does not add up on this runtime: whole models run up to {worst:.1%} "
-                        f"off its prediction (allowed {max_error:.0%}, R² {fit['r2']:.3f} over {len(structures)} "
-                        f"models); time on a quieter machine or with more latency.repeats")
     return replace(table, scale=scale, offset=offset, fit=fit, checks=checks)
 
 
