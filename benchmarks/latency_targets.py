@@ -2,6 +2,7 @@
 
     python -m benchmarks.latency_targets --model DIR --data DIR [--task mrpc] [--out runs/latency]
         [--batch-sizes 1,32] [--speedups 2,3,4] [--pruners kprune,kwon] [--flops] [--num-tokens 100000]
+    python -m benchmarks.latency_targets --render runs/latency/latency_targets.json
 
 For each batch size, speedup and pruner: ``kprune run constraint=latency`` on ONNX Runtime (CPU,
 2 threads), whose report.json holds the measured speedup, its 95% interval and the table's
@@ -24,7 +25,7 @@ KPRUNE = [sys.executable, "-m", "kprune_cli"]
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
     print("+ kprune " + " ".join(args), flush=True)
-    return subprocess.run([*KPRUNE, *args], capture_output=True, text=True)
+    return subprocess.run([*KPRUNE, *args], check=False, capture_output=True, text=True)
 
 
 def latency_run(options: argparse.Namespace, pruner: str, batch_size: int, speedup: float) -> dict:
@@ -65,27 +66,27 @@ def flops_run(options: argparse.Namespace, batch_size: int, speedup: float) -> d
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| pruner | constraint | batch | target | metric | measured speedup (95% CI) | predicted ms | "
-             "measured ms | met |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    header = ("| pruner | constraint | batch | target | accuracy | measured speedup (95% CI) | predicted speedup | "
+              "pruned ms: predicted / measured | met |")
+    lines = [header, "|---|---|---:|---:|---:|---|---:|---|---|"]
     for row in rows:
+        start = f"| {row['pruner']} | {row['constraint']} | {row.get('batch_size', '')} | {row.get('target', 0):g}x |"
         if "error" in row:
-            lines.append(f"| {row['pruner']} | {row['constraint']} | {row.get('batch_size', '')} | "
-                         f"{row.get('target', '')}x | | refused: {row['error']} | | | |")
-            continue
-        interval = f" ({row['speedup_ci'][0]:.2f}-{row['speedup_ci'][1]:.2f})" if "speedup_ci" in row else ""
-        lines.append(
-            f"| {row['pruner']} | {row['constraint']} | {row['batch_size']} | {row['target']:g}x | "
-            f"{100 * row['metric']:.2f} | {row['speedup']:.2f}x{interval} | "
-            f"{row['predicted_ms']:.2f} | {row['pruned_ms']:.2f} | {row['met']} |" if "met" in row else
-            f"| {row['pruner']} | {row['constraint']} | {row['batch_size']} | {row['target']:g}x | "
-            f"{100 * row['metric']:.2f} | {row['speedup']:.2f}x | | | |")
+            lines.append(f"{start} | refused: {row['error']} | | | |")
+        elif "met" in row:
+            low, high = row["speedup_ci"]
+            lines.append(f"{start} {100 * row['metric']:.2f} | {row['speedup']:.2f}x ({low:.2f}-{high:.2f}) | "
+                         f"{row['predicted_speedup']:.2f}x | {row['predicted_ms']:.1f} / {row['pruned_ms']:.1f} | "
+                         f"{'yes' if row['met'] else 'no'} |")
+        else:
+            lines.append(f"{start} {100 * row['metric']:.2f} | {row['speedup']:.2f}x (kprune bench) | | | |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--data")
     parser.add_argument("--task", default="mrpc")
     parser.add_argument("--out", default="runs/latency")
     parser.add_argument("--batch-sizes", default="1,32")
@@ -93,7 +94,13 @@ def main() -> None:
     parser.add_argument("--pruners", default="kprune,kwon")
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--num-tokens", type=int, default=100_000)
+    parser.add_argument("--render", help="only print the table of a latency_targets.json written before")
     options = parser.parse_args()
+    if options.render:
+        print(markdown(json.loads(Path(options.render).read_text())))
+        return
+    if not (options.model and options.data):
+        parser.error("give --model and --data (or --render FILE)")
     rows = []
     for batch_size in (int(size) for size in options.batch_sizes.split(",")):
         for speedup in (float(value) for value in options.speedups.split(",")):

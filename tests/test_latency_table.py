@@ -4,6 +4,7 @@ the searches spend them through; with a fake timer (exact and fast) and, once, t
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -187,6 +188,8 @@ def test_the_latency_block_reports_the_measured_speedup_and_whether_it_met_the_t
     assert block["target_speedup"] == pytest.approx(2.5)
     assert block["met"] == (low >= 0.95 * 2.5)
     assert block["predicted_ms"] == pytest.approx(table.predict_ms(pruned_structure))
+    assert block["predicted_speedup"] == pytest.approx(table.predict_ms(table.full()) / block["predicted_ms"])
+    assert block["speedup_prediction_error"] == pytest.approx(block["predicted_speedup"] / block["speedup"] - 1)
     slow = verify_speedup(None, None, SHAPE, 6, table, 0.8, pruned_structure, times=(dense, pruned))
     assert slow["met"] is False  # 2.5x measured, 5x asked: reported, not hidden
     assert {"runtime", "device", "threads", "batch_size", "seq_len"} <= block.keys()
@@ -209,7 +212,8 @@ def test_real_runtimes_time_the_parts_of_a_tiny_model(tiny_model, runtime, devic
     table = measure_table(tiny_model(), shape, settings)
     assert len(table.mha_ms) == 5 and table.ffn_widths == (0, 32, 64)
     assert list(table.mha_ms) == sorted(table.mha_ms) and min(table.ffn_ms) == 0.0
-    assert table.fixed_ms > 0 and table.fit["configurations"] == 4
+    assert table.fit["configurations"] == 4  # timing noise may make the small parts of a tiny model negative:
+    assert all(math.isfinite(value) for value in (table.fixed_ms, table.empty_layer_ms, table.scale, table.offset))
 
 
 @pytest.mark.parametrize("family", FAMILIES + OTHER_FAMILIES)
