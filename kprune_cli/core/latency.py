@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import nullcontext
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from kprune_cli.runtime.timing import time_in_turns
+
 DEFAULT_WARMUP = 3
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_forward(model: nn.Module, batch_size: int, seq_len: int, device: torch.device | str, repeats: int,
-                 warmup: int = DEFAULT_WARMUP, dtype: torch.dtype | None = None, seed: int = 0) -> list[float]:
-    """Milliseconds of each of ``repeats`` forward passes of ``model`` (moved to ``device``) on a
-    random batch ``(batch_size, seq_len)`` without padding, after ``warmup`` untimed ones, under
-    ``torch.inference_mode`` (and :func:`torch.autocast` in ``dtype`` if given)."""
-    if batch_size < 1 or seq_len < 1 or repeats < 0 or warmup < 0:
-        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}, repeats={repeats}, warmup={warmup}: "
-                         f"batch_size and seq_len must be positive, repeats and warmup non-negative")
+def forward_call(model: nn.Module, batch_size: int, seq_len: int, device: torch.device | str,
+                 dtype: torch.dtype | None = None, seed: int = 0) -> Callable[[], None]:
+    """A call that runs one forward pass of ``model`` (moved to ``device``, eval mode) on a random batch
+    ``(batch_size, seq_len)`` without padding, under ``torch.inference_mode`` (and :func:`torch.autocast`
+    in ``dtype`` if given), and returns once it is done (a CUDA device is synchronised)."""
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: batch_size and seq_len must be positive")
     device = torch.device(device)
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -35,17 +30,23 @@ def time_forward(model: nn.Module, batch_size: int, seq_len: int, device: torch.
         "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
     }
     inputs = {key: value.to(device) for key, value in inputs.items()}
-    precision = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    times = []
-    with torch.inference_mode(), precision:
-        for step in range(warmup + repeats):
-            _synchronize(device)
-            start = time.perf_counter()
+
+    def call() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
             model(**inputs)
-            _synchronize(device)
-            if step >= warmup:
-                times.append(1000.0 * (time.perf_counter() - start))
-    return times
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return call
+
+
+def time_forward(model: nn.Module, batch_size: int, seq_len: int, device: torch.device | str, repeats: int,
+                 warmup: int = DEFAULT_WARMUP, dtype: torch.dtype | None = None, seed: int = 0) -> list[float]:
+    """Milliseconds of each of ``repeats`` forward passes of ``model`` (:func:`forward_call`) after
+    ``warmup`` untimed ones."""
+    if repeats < 0 or warmup < 0:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}: must be non-negative")
+    return time_in_turns([forward_call(model, batch_size, seq_len, device, dtype, seed)], repeats, warmup)[0]
 
 
 def latency_figures(times: Sequence[float], batch_size: int, seq_len: int, device: torch.device | str,
@@ -79,10 +80,5 @@ def interleaved_latency(models: Sequence[nn.Module], batch_size: int, seq_len: i
     that a change in the machine's load during the measurement affects them all alike."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: must be positive")
-    for model in models:
-        time_forward(model, batch_size, seq_len, device, 0, warmup, dtype)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for model, kept in zip(models, times):
-            kept += time_forward(model, batch_size, seq_len, device, 1, 0, dtype)
-    return [latency_figures(kept, batch_size, seq_len, device, dtype) for kept in times]
+    calls = [forward_call(model, batch_size, seq_len, device, dtype) for model in models]
+    return [latency_figures(kept, batch_size, seq_len, device, dtype) for kept in time_in_turns(calls, repeats, warmup)]

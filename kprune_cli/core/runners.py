@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import torch
 from transformers import PreTrainedModel
 
-from kprune_cli.deploy.onnx_model import example_inputs
+from kprune_cli.core.latency import forward_call
+from kprune_cli.deploy.onnx_model import example_inputs, require_onnx
 from kprune_cli.runtime.errors import UserError
 
 RUNTIMES = ("torch", "onnxruntime")
@@ -43,6 +44,8 @@ class RuntimeShape:
         if self.runtime == "onnxruntime" and self.device.type != "cpu":
             raise UserError(f"latency.runtime=onnxruntime runs on the CPU: give latency.device=cpu "
                             f"(not {self.device}), or latency.runtime=torch to time on {self.device}")
+        if self.runtime == "onnxruntime":
+            require_onnx()
 
     def describe(self) -> str:
         """E.g. ``onnxruntime on cpu, 2 threads, batch 32 x 128 tokens``."""
@@ -64,25 +67,11 @@ class Runner:
         """A call that runs ``model`` once on a random batch and returns when it is done."""
         if self.shape.runtime == "onnxruntime":
             return self._onnx_call(model)
-        return self._torch_call(model)
+        return forward_call(model, self.shape.batch_size, self.shape.seq_len, self.shape.device)
 
     def close(self) -> None:
         if self._scratch is not None:
             self._scratch.cleanup()
-
-    def _torch_call(self, model: PreTrainedModel) -> Callable[[], object]:
-        device = self.shape.device
-        model = model.to(device).eval()
-        inputs = {name: tensor.to(device) for name, tensor in self._batch(model).items()}
-
-        def call() -> object:
-            with torch.inference_mode():
-                model(**inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return None
-
-        return call
 
     def _onnx_call(self, model: PreTrainedModel) -> Callable[[], object]:
         import numpy as np
@@ -93,14 +82,10 @@ class Runner:
         self._made += 1
         export_onnx(model, path)
         session = ort_session(path, self.shape.threads)
-        batch = self._batch(model)
+        batch = example_inputs(model, self.shape.batch_size, self.shape.seq_len, ragged=False)
         # A graph drops the inputs it does not use (the mask of a model without attention).
         feed = {node.name: batch[node.name].numpy().astype(np.int64) for node in session.get_inputs()}
         return lambda: session.run(None, feed)
-
-    def _batch(self, model: PreTrainedModel) -> dict[str, torch.Tensor]:
-        """The random batch of ``shape`` that ``model`` takes, without padding, on the CPU."""
-        return example_inputs(model, self.shape.batch_size, self.shape.seq_len, ragged=False)
 
 
 @contextmanager

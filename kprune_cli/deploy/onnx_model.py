@@ -10,8 +10,8 @@ optional extra ``.[deploy]``.
 from __future__ import annotations
 
 import importlib.util
-import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.timing import time_in_turns
 from kprune_cli.tasks.kinds.embedding import EMBEDDING_OUTPUT, has_pooling
 
 if TYPE_CHECKING:
@@ -165,13 +166,4 @@ def interleaved_session_times(sessions: Sequence[onnxruntime.InferenceSession],
     untimed runs of each."""
     feeds = [{node.name: inputs[node.name].numpy().astype(np.int64) for node in session.get_inputs()}
              for session in sessions]
-    for session, feed in zip(sessions, feeds):
-        for _ in range(warmup):
-            session.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(repeats):
-        for session, feed, kept in zip(sessions, feeds, times):
-            start = time.perf_counter()
-            session.run(None, feed)
-            kept.append(1000.0 * (time.perf_counter() - start))
-    return times
+    return time_in_turns([partial(session.run, None, feed) for session, feed in zip(sessions, feeds)], repeats, warmup)
