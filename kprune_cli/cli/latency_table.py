@@ -13,7 +13,7 @@ from kprune_cli.config.settings import read_latency_options
 from kprune_cli.config.values import check_rate, resolve_config
 from kprune_cli.core.builtins import resolve_model_path
 from kprune_cli.core.latency_budget import check_reachable, runtime_shape, table_settings
-from kprune_cli.core.latency_table import fingerprint, load_or_measure, table_path
+from kprune_cli.core.latency_table import load_or_measure, table_path
 from kprune_cli.models.latency_table import LatencyTable
 from kprune_cli.models.loading import load_model
 from kprune_cli.runtime.console import console, make_progress
@@ -29,15 +29,10 @@ def run_latency_table(cfg: DictConfig) -> LatencyTable:
     rate = None if cfg.rate is None else check_rate(cfg.rate)
     device = resolve_device(str(cfg.device))
     shape = runtime_shape(options, task, device)
-    if shape.runtime == "onnxruntime":
-        from kprune_cli.deploy.onnx_model import require_onnx
-
-        require_onnx()
     model, _ = load_model(resolve_model_path(str(cfg.checkpoint), task, device)[0], task, "cpu")
     notes: list[str] = []
-    settings = table_settings(options)
     with make_progress() as progress:
-        table = load_or_measure(model, shape, settings, progress, notes)
+        table = load_or_measure(model, shape, table_settings(options), progress, notes)
     _print_table(table, shape.describe())
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
@@ -45,7 +40,7 @@ def run_latency_table(cfg: DictConfig) -> LatencyTable:
         check_reachable(table, rate, shape)
         console.print(f"rate={rate} ({1 / (1 - rate):.2f}x) is reachable: emptying every sub-layer gives "
                       f"{table.reachable_speedup(table.full()):.2f}x", highlight=False)
-    print(json.dumps({"path": str(table_path(fingerprint(model, shape, settings))), **table.to_json()}))
+    print(json.dumps({"path": str(table_path(table.fingerprint)), **table.to_json()}))
     return table
 
 

@@ -19,7 +19,6 @@ from transformers import PreTrainedModel
 from kprune_cli.config.settings import LatencyOptions
 from kprune_cli.core.latency_table import WARMUP, TableSettings, load_or_measure
 from kprune_cli.core.runners import Runner, RuntimeShape, torch_threads
-from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.latency_table import LatencyCost, LatencyTable
 from kprune_cli.runtime.device import resolve_device
 from kprune_cli.runtime.errors import UserError
@@ -54,14 +53,6 @@ def latency_cost(model: PreTrainedModel, shape: RuntimeShape, settings: TableSet
                  progress: Progress | None = None, notes: list[str] | None = None) -> LatencyCost:
     """The cost model of ``model``'s latency table on ``shape``; a :class:`UserError` when ``rate``
     asks for more than emptying every sub-layer gives."""
-    if shape.runtime == "onnxruntime":
-        from kprune_cli.deploy.onnx_model import require_onnx
-
-        require_onnx()
-    structure = get_adapter(model).structure()
-    if any(layer != structure[0] for layer in structure) or structure[0]["heads"] != model.config.num_attention_heads:
-        raise UserError("constraint=latency times the model's full layers, and this one has layers that are not all "
-                        "full (it was pruned already): prune the dense model, or use constraint=flops")
     table = load_or_measure(model, shape, settings, progress, notes)
     check_reachable(table, rate, shape)
     return LatencyCost(table)
@@ -94,17 +85,18 @@ def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: Runti
         finally:
             runner.close()
     dense_times, pruned_times = times
-    speedup = statistics.median(dense_times) / statistics.median(pruned_times)
+    dense_ms, pruned_ms = statistics.median(dense_times), statistics.median(pruned_times)
+    speedup = dense_ms / pruned_ms
     low, high = bootstrap_interval(dense_times, pruned_times)
     target = 1.0 / (1.0 - rate)
-    predicted = table.predict_ms(pruned_structure)
-    predicted_speedup = table.predict_ms(table.full()) / predicted
+    predicted, predicted_dense = table.predict_ms(pruned_structure), table.predict_ms(table.full())
+    predicted_speedup = predicted_dense / predicted
     return {
         "runtime": shape.runtime, "device": str(shape.device), "threads": shape.threads,
         "batch_size": shape.batch_size, "seq_len": shape.seq_len, "repeats": len(dense_times),
-        "dense_ms": statistics.median(dense_times), "pruned_ms": statistics.median(pruned_times),
-        "predicted_ms": predicted, "predicted_dense_ms": table.predict_ms(table.full()),
-        "prediction_error": predicted / statistics.median(pruned_times) - 1.0,
+        "dense_ms": dense_ms, "pruned_ms": pruned_ms,
+        "predicted_ms": predicted, "predicted_dense_ms": predicted_dense,
+        "prediction_error": predicted / pruned_ms - 1.0,
         "predicted_speedup": predicted_speedup,
         "speedup_prediction_error": predicted_speedup / speedup - 1.0,
         "speedup": speedup, "speedup_ci": [low, high], "target_speedup": target,

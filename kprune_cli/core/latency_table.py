@@ -120,7 +120,12 @@ def load_or_measure(model: PreTrainedModel, shape: RuntimeShape, settings: Table
                     progress: Progress | None = None, notes: list[str] | None = None,
                     timer: Timer | None = None) -> LatencyTable:
     """The cached table of ``model``'s shape on ``shape`` when its fingerprint matches, else a new one,
-    measured (:func:`measure_table`) and cached. ``notes`` gets one line saying which."""
+    measured (:func:`measure_table`) and cached. ``notes`` gets one line saying which. A model whose
+    layers are not all full is refused: the table times the config's full layers."""
+    structure = get_adapter(model).structure()
+    if any(layer != structure[0] for layer in structure) or structure[0]["heads"] != model.config.num_attention_heads:
+        raise UserError("constraint=latency times the model's full layers, and this one has layers that are not all "
+                        "full (it was pruned already): prune the dense model, or use constraint=flops")
     found = fingerprint(model, shape, settings)
     path = table_path(found)
     notes = notes if notes is not None else []

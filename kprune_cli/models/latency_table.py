@@ -62,6 +62,10 @@ class LatencyTable:
     def num_neurons(self) -> int:
         return self.ffn_widths[-1]
 
+    def full_width(self, kind: str) -> int:
+        """The units of a full sub-layer of ``kind``: H heads or N neurons."""
+        return self.num_heads if kind == "mha" else self.num_neurons
+
     def sublayer_ms(self, kind: str, width: int) -> float:
         """What a sub-layer of ``kind`` keeping ``width`` units adds over its emptied self (unscaled)."""
         if kind == "mha":
@@ -113,7 +117,7 @@ class LatencyCost:
 
     def cost(self, kind: str) -> float:
         """Milliseconds per unit of a full sub-layer of ``kind`` (the average, for per-cost scores)."""
-        width = self.table.num_heads if kind == "mha" else self.table.num_neurons
+        width = self.table.full_width(kind)
         return self.kept_cost(kind, width) / width
 
     def unit_costs(self, kind: str, units: int) -> torch.Tensor:
@@ -125,8 +129,7 @@ class LatencyCost:
 
     def by_width(self, kind: str) -> list[float]:
         """:meth:`kept_cost` of a sub-layer of ``kind`` keeping 0, 1, ... all of its units."""
-        width = self.table.num_heads if kind == "mha" else self.table.num_neurons
-        return [self.kept_cost(kind, kept) for kept in range(width + 1)]
+        return [self.kept_cost(kind, kept) for kept in range(self.table.full_width(kind) + 1)]
 
     def budget(self, rate: float, structure: list[dict[str, int]]) -> float:
         """Milliseconds the kept units may add to the emptied model so that the whole model takes
