@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from conftest import kprune
 from embedding_helpers import write_encoder, write_stsb_data
+
+if TYPE_CHECKING:
+    from _pytest.capture import CaptureResult
 
 
 def test_bench_times_checkpoint_beside_its_dense_model(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
@@ -52,17 +56,24 @@ def test_bench_rejects_bad_values(tiny_checkpoint, capsys):
     assert "seq_len=0 is not allowed: give an integer >= 1 or null" in capsys.readouterr().err
 
 
+def bench_pruned(checkpoint, data, tmp_path, capsys, *bench_args: str) -> tuple[dict, CaptureResult[str]]:
+    """Prune the tiny ``checkpoint`` (magnitude, rate 0.6) and bench it beside it (batch 2 x 12 tokens,
+    2 repeats, with ``bench_args``); the bench's JSON row and what it printed."""
+    output = tmp_path / "out"
+    assert kprune("run", "task=mrpc", f"model.path={checkpoint}", f"data_dir={data}", f"output_dir={output}",
+                  "pruner=magnitude", "rate=0.6", "device=cpu") == 0
+    capsys.readouterr()
+    assert kprune("bench", f"checkpoint={output / 'pruned'}", f"dense={checkpoint}", "task=mrpc",
+                  "batch_sizes=[2]", "repeats=2", "seq_len=12", "device=cpu", *bench_args) == 0
+    captured = capsys.readouterr()
+    (row,) = json.loads(captured.out.strip().splitlines()[-1])["rows"]
+    return row, captured
+
+
 def test_bench_adds_an_onnx_runtime_column(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    output = tmp_path / "out"
-    assert kprune("run", "task=mrpc", f"model.path={tiny_checkpoint}", f"data_dir={mrpc_dir}", f"output_dir={output}",
-                  "pruner=magnitude", "rate=0.6", "device=cpu") == 0
-    capsys.readouterr()
-    assert kprune("bench", f"checkpoint={output / 'pruned'}", f"dense={tiny_checkpoint}", "task=mrpc",
-                  "batch_sizes=[2]", "repeats=2", "seq_len=12", "device=cpu", "onnx=true") == 0
-    captured = capsys.readouterr()
-    (row,) = json.loads(captured.out.strip().splitlines()[-1])["rows"]
+    row, captured = bench_pruned(tiny_checkpoint, mrpc_dir, tmp_path, capsys, "onnx=true")
     ort = row["onnxruntime"]
     assert ort["checkpoint"]["repeats"] == 2 and ort["checkpoint"]["batch_size"] == 2
     assert row["onnxruntime_speedup"] == ort["dense"]["median_ms"] / ort["checkpoint"]["median_ms"]

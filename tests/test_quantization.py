@@ -14,6 +14,7 @@ from conftest import FAMILIES, kprune, make_tiny_model
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from test_bench_command import bench_pruned
 from test_onnx import prune_with_empty_sublayers
 
 from kprune_cli.core.evaluation import evaluate_model
@@ -141,14 +142,7 @@ def test_a_failing_quantization_leaves_nothing_on_disk(tiny_checkpoint, tmp_path
 
 
 def test_bench_adds_an_int8_onnx_runtime_column(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
-    output = tmp_path / "out"
-    assert kprune("run", "task=mrpc", f"model.path={tiny_checkpoint}", f"data_dir={mrpc_dir}", f"output_dir={output}",
-                  "pruner=magnitude", "rate=0.6", "device=cpu") == 0
-    capsys.readouterr()
-    assert kprune("bench", f"checkpoint={output / 'pruned'}", f"dense={tiny_checkpoint}", "task=mrpc",
-                  "batch_sizes=[2]", "repeats=2", "seq_len=12", "device=cpu", "quantize=int8") == 0
-    captured = capsys.readouterr()
-    (row,) = json.loads(captured.out.strip().splitlines()[-1])["rows"]
+    row, captured = bench_pruned(tiny_checkpoint, mrpc_dir, tmp_path, capsys, "quantize=int8")
     int8 = row["onnxruntime_int8"]
     assert set(int8) == {"checkpoint", "dense"} and int8["checkpoint"]["repeats"] == 2
     assert row["onnxruntime_int8_speedup"] == row["onnxruntime"]["dense"]["median_ms"] / int8["checkpoint"]["median_ms"]
