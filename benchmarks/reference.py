@@ -101,5 +101,5 @@ class ReferenceKPrune:
                     with timed(timing, "teacher"):
                         sums = truncated_teacher_sums(original, teacher.batches, layer)
                 with timed(timing, "tune"):
-                    notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums[kind], s)
+                    notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums[kind], s).notes
         return PruneResult(masks=masks, notes=notes, timing=timing)

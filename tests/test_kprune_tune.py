@@ -69,7 +69,7 @@ def test_kpwt_reduces_reconstruction_error(tiny_model):
     model, adapter, teacher, masks = _setup(tiny_model)
     for sublayer in range(4):
         before = _reconstruction_error(model, adapter, masks, teacher, sublayer)
-        notes = kpwt(model, adapter, masks, teacher.batches, teacher.residual_sums(sublayer), sublayer)
+        notes = kpwt(model, adapter, masks, teacher.batches, teacher.residual_sums(sublayer), sublayer).notes
         after = _reconstruction_error(model, adapter, masks, teacher, sublayer)
         assert notes == []
         assert after < 0.9 * before
@@ -94,7 +94,7 @@ def test_kpwt_solves_duplicate_columns_with_the_ridge(tiny_model):
     masks = Masks.ones(adapter)
     masks.neurons[0][2::2] = 0.0
     before = _reconstruction_error(model, adapter, masks, teacher, 1)
-    notes = kpwt(model, adapter, masks, teacher.batches, teacher.residual_sums(1), 1)
+    notes = kpwt(model, adapter, masks, teacher.batches, teacher.residual_sums(1), 1).notes
     assert notes == [] or all("ridge" in note for note in notes)
     assert torch.isfinite(adapter.layers()[0].ffn_out.weight).all()
     assert _reconstruction_error(model, adapter, masks, teacher, 1) < before
@@ -105,7 +105,7 @@ def test_kpwt_reports_and_skips_a_non_finite_system(tiny_model):
     sums = [target.clone() for target in teacher.residual_sums(2)]
     sums[0][0, 0] = float("nan")
     weight = adapter.layers()[1].attn_out.weight.detach().clone()
-    notes = kpwt(model, adapter, masks, teacher.batches, sums, 2)
+    notes = kpwt(model, adapter, masks, teacher.batches, sums, 2).notes
     assert len(notes) == 1 and "sub-layer 2" in notes[0] and "untuned" in notes[0]
     torch.testing.assert_close(adapter.layers()[1].attn_out.weight, weight, rtol=0, atol=0)
 
@@ -114,7 +114,7 @@ def test_kpwt_without_survivors_changes_nothing(tiny_model):
     model, adapter, teacher, masks = _setup(tiny_model)
     masks.heads[1][:] = 0.0
     weight = adapter.layers()[1].attn_out.weight.detach().clone()
-    assert kpwt(model, adapter, masks, teacher.batches, teacher.residual_sums(2), 2) == []
+    assert kpwt(model, adapter, masks, teacher.batches, teacher.residual_sums(2), 2).notes == []
     torch.testing.assert_close(adapter.layers()[1].attn_out.weight, weight, rtol=0, atol=0)
 
 

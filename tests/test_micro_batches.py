@@ -140,7 +140,7 @@ def test_kprune_out_of_memory_halves_its_micro_batch(tiny_model, monkeypatch):
     finally:
         hook.remove()
     assert pruner.micro_batch_size == 8 and passes[:3] == [16, 8, 8]
-    assert result.settings == {"gradient_batch": 32} and "pruner.micro_batch_size=16" in notes[0]
+    assert result.settings["gradient_batch"] == 32 and "pruner.micro_batch_size=16" in notes[0]
 
 
 def test_caches_that_cannot_fit_the_gpu_are_one_error_naming_the_sample_size(tiny_model, monkeypatch):

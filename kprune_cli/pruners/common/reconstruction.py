@@ -17,11 +17,16 @@ when the hidden states entering that layer are cached). The products of one micr
 float64 too (``gram_precision="float64"``), or float32 products added up in float64
 (``"float32"``: on GPUs whose float64 runs at 1/32 to 1/64 of float32, the float64 GEMMs would
 cost more than the rest of the pruning; the activations are float32 either way).
+
+On request the same pass also keeps the equations of each of ``folds`` interleaved parts of the
+micro-batches (:class:`FoldEquations`), from which :mod:`~kprune_cli.pruners.common.held_out`
+computes a fit's error on the part it did not see, with no further pass. The total is still the
+running sum over all micro-batches, so asking for folds does not change it by a bit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
@@ -78,11 +83,23 @@ class SublayerActivations:
 
 
 @dataclass
+class FoldEquations:
+    """The normal equations of one fold (every ``folds``-th micro-batch): ``gram`` ``(k, k)``, ``rhs``
+    ``(k, d)`` as in :class:`NormalEquations`, and ``energy`` ``()`` = ``Σ ||Y − X − b||²`` over its
+    tokens, so that any fit's squared error on the fold follows from them (float64)."""
+
+    gram: torch.Tensor
+    rhs: torch.Tensor
+    energy: torch.Tensor
+
+
+@dataclass
 class NormalEquations:
     """``gram = AᵀA`` ``(k, k)`` and ``rhs = Aᵀ(Y − X − b)`` ``(k, d)`` in float64, over the
     ``columns`` ``(k,)`` of the output projection that belong to surviving units; ``a_sum = Σ_tokens A``
     ``(k,)``, ``residual_sum = Σ_tokens (Y − X − b)`` ``(d,)`` and ``tokens`` (their count) let an
-    affine fit centre the system (:mod:`~kprune_cli.pruners.common.affine`)."""
+    affine fit centre the system (:mod:`~kprune_cli.pruners.common.affine`); ``folds``: the
+    equations of each fold when asked for (empty otherwise)."""
 
     gram: torch.Tensor
     rhs: torch.Tensor
@@ -90,6 +107,7 @@ class NormalEquations:
     a_sum: torch.Tensor
     residual_sum: torch.Tensor
     tokens: int
+    folds: list[FoldEquations] = field(default_factory=list)
 
 
 def kept_columns(adapter: ModelAdapter, masks: Masks, sublayer: int) -> torch.Tensor:
@@ -143,13 +161,16 @@ def gram_precision_notes(precision: str) -> list[str]:
 
 def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[TokenBatch],
                      targets: Sequence[torch.Tensor], sublayer: int,
-                     hidden: Sequence[torch.Tensor] | None = None, precision: str = "float64") -> NormalEquations:
+                     hidden: Sequence[torch.Tensor] | None = None, precision: str = "float64",
+                     folds: int = 0) -> NormalEquations:
     """Accumulate the normal equations of ``sublayer`` over the micro-batches.
 
     ``targets[i]``: the reference residual sum ``Y`` on the selected tokens of ``batches[i]``;
     ``hidden[i]`` (optional): the hidden states entering the sub-layer's layer on ``batches[i]``,
     with ``masks`` applied, so the passes start there instead of at the embeddings.
     ``precision``: of one micro-batch's products, ``"float64"`` or ``"float32"`` (summed in float64).
+    ``folds`` (≥ 2, and at most the number of micro-batches): also keep the equations of micro-batches
+    ``i ≡ f (mod folds)`` for each fold ``f``; 0: none.
     """
     parts, kind = sublayer_parts(adapter, sublayer)
     proj = parts.out_proj(kind)
@@ -160,6 +181,8 @@ def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks
     a_sum = torch.zeros(k, dtype=torch.float64, device=proj.weight.device)
     residual_sum = torch.zeros(d, dtype=torch.float64, device=proj.weight.device)
     tokens = 0
+    fold_systems = [FoldEquations(torch.zeros_like(gram), torch.zeros_like(rhs), gram.new_zeros(()))
+                for _ in range(folds if 2 <= folds <= len(batches) else 0)]
     bias = proj.bias.detach() if proj.bias is not None else 0.0
     for index, (batch, target) in enumerate(zip(batches, targets)):
         acts = sublayer_activations(model, adapter, masks, batch, sublayer,
@@ -168,9 +191,15 @@ def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks
         residual = target - acts.x - bias  # (tokens, d)
         if precision == "float64":
             a, residual = a.double(), residual.double()
-        gram += (a.T @ a).double()
-        rhs += (a.T @ residual).double()
+        batch_gram, batch_rhs = (a.T @ a).double(), (a.T @ residual).double()
+        gram += batch_gram
+        rhs += batch_rhs
         a_sum += a.double().sum(dim=0)
         residual_sum += residual.double().sum(dim=0)
         tokens += a.shape[0]
-    return NormalEquations(gram, rhs, columns, a_sum, residual_sum, tokens)
+        if fold_systems:
+            fold = fold_systems[index % len(fold_systems)]
+            fold.gram += batch_gram
+            fold.rhs += batch_rhs
+            fold.energy += residual.double().pow(2).sum()
+    return NormalEquations(gram, rhs, columns, a_sum, residual_sum, tokens, fold_systems)

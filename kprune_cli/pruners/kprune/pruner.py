@@ -24,6 +24,7 @@ ranks units by representational knowledge only (as would the official code's fir
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping
 
@@ -40,7 +41,7 @@ from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.select import select_and_tune
-from kprune_cli.pruners.kprune.tune import kpwt
+from kprune_cli.pruners.kprune.tune import KPWT_RIDGE, kpwt
 from kprune_cli.runtime.console import make_progress
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import describe_cpu, native_matmul
@@ -54,6 +55,41 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 SELECTIONS = ("score", "reconstruction")
 """Values of ``pruner.selection``: which units of a sub-layer survive (KPMS decides how many)."""
+
+
+def check_ridge(value: float | str, selection: str, affine_tuning: bool) -> float | str:
+    """``pruner.ridge`` as given if valid: a relative ridge > 0, or ``"auto"`` with plain KPWT; else a :class:`UserError`."""
+    if value == "auto":
+        if selection != "score" or affine_tuning:
+            raise UserError("pruner.ridge=auto works with plain KPWT only: set pruner.selection=score and "
+                            "pruner.affine_tuning=false, or give a number")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UserError(f"pruner.ridge={value}: give a relative ridge > 0 (default {KPWT_RIDGE:g}) or auto")
+    return float(value)
+
+
+def held_out_notes(held_out: Mapping[str, Mapping[str, float | None]], ridge: float | str,
+                   tokens: int) -> list[str]:
+    """The report's notes on KPWT's held-out check: ``held_out`` maps each checked sub-layer to the
+    ridge it was solved with and its held-out error over the untuned one (``ratio``)."""
+    if not held_out:
+        return []
+    name = {str(s): f"{sublayer_kind(s).upper()} {s // 2}" for s in map(int, held_out)}
+    if ridge == "auto":
+        untuned = [name[key] for key, value in held_out.items() if value["ridge"] == math.inf]
+        chosen = sorted({float(value["ridge"]) for value in held_out.values() if value["ridge"] != math.inf})
+        return [f"pruner.ridge=auto: {len(held_out) - len(untuned)} of {len(held_out)} sub-layers tuned "
+                f"(relative ridges {', '.join(f'{value:g}' for value in chosen) or 'none'})"
+                + (f"; left untuned, as no ridge helped held-out tokens: {', '.join(untuned)}" if untuned else "")]
+    worse = {key: float(value["ratio"]) for key, value in held_out.items() if float(value["ratio"]) > 1.0}
+    if not worse:
+        return []
+    worst = max(worse, key=worse.get)
+    return [f"KPWT overfitted the sample on {len(worse)} of {len(held_out)} sub-layers: fitted on half of the "
+            f"{tokens:,} tokens, it raised the other half's reconstruction error (worst {name[worst]}, "
+            f"{worse[worst]:.2f}x the untuned error). A larger calibration.num_tokens, or pruner.ridge=auto "
+            f"(the ridge chosen on held-out tokens; docs/method.md), avoids it"]
 
 
 class KPrunePruner:
@@ -81,12 +117,17 @@ class KPrunePruner:
     survivors among its lower-scored units by the reconstruction error left after the re-fit
     (:mod:`~kprune_cli.pruners.kprune.select`; needs ``tune`` and ``iterative``); ``affine_tuning``
     re-fits the output bias with the weights (:mod:`~kprune_cli.pruners.kprune.tune`).
+    ``ridge``: KPWT's relative ridge (the default is a numerical guard, nearly the official code's
+    plain least squares), or ``"auto"`` (opt-in): chosen per sub-layer by the error on held-out halves
+    of the sample, for samples small next to the widths kept (docs/method.md). Every plain-KPWT run
+    checks its fits on held-out halves and notes the sub-layers where tuning made unseen tokens worse.
 
     Resumable (:class:`~kprune_cli.pruners.base.Resumable`): after each finished sub-layer its
     state is ``{"done", "budget", "notes", "timing", "micro_batch_size", "masks": {"heads":
     {layer: (H,)}, "neurons": {layer: (N,)}}, "tuned": {sub-layer: {"weight": (d, width), "bias": (d,)}},
-    "selection", "affine_tuning"}`` (``tuned``: the output projections of the finished sub-layers, the
-    only weights it changes; empty without ``tune``; the two switches: a resume must use the same).
+    "selection", "affine_tuning", "ridge", "held_out": {sub-layer: {"ridge", "ratio"}}}`` (``tuned``: the output projections of the finished sub-layers, the
+    only weights it changes; empty without ``tune``; the three switches: a resume must use the same;
+    ``held_out``: the held-out check of each tuned sub-layer, see :func:`held_out_notes`).
     """
 
     name = "kprune"
@@ -96,7 +137,7 @@ class KPrunePruner:
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
                  micro_batch_size: int | None = 32, autocast: bool | str | None = False,
                  gradient_batch: int | None = None, gram_precision: str = "auto", align: int | None = None,
-                 selection: str = "score", affine_tuning: bool = False) -> None:
+                 selection: str = "score", affine_tuning: bool = False, ridge: float | str = KPWT_RIDGE) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -131,9 +172,11 @@ class KPrunePruner:
             raise UserError("pruner.affine_tuning=true needs pruner.tune=true (it is a variant of KPWT)")
         self.selection = selection
         self.affine_tuning = bool(affine_tuning)
+        self.ridge = check_ridge(ridge, selection, self.affine_tuning)
         self.gram_precision = check_gram_precision(gram_precision)
         self.align = align
         self._state: dict[str, Any] = {"done": 0, "micro_batch_size": micro_batch_size}
+        self._held_out: dict[str, dict[str, float | None]] = {}
         self._resume_from: Mapping[str, Any] | None = None
         self._resume_notes: list[str] = []
 
@@ -155,13 +198,14 @@ class KPrunePruner:
         missing = [key for key in ("budget", "notes", "timing", "masks", "tuned") if key not in state]
         if missing:
             raise UserError(f"the saved K-prune state lacks {', '.join(missing)}: start again with overwrite=true")
-        switches = {"selection": self.selection, "affine_tuning": self.affine_tuning}
+        switches = {"selection": self.selection, "affine_tuning": self.affine_tuning, "ridge": self.ridge}
         changed = [f"pruner.{key}={state.get(key, default)}" for key, default in (("selection", "score"),
-                   ("affine_tuning", False)) if state.get(key, default) != switches[key]]
+                   ("affine_tuning", False), ("ridge", KPWT_RIDGE)) if state.get(key, default) != switches[key]]
         if changed:
             raise UserError(f"the interrupted run used {', '.join(changed)}: resume with the same, "
                             f"or start again with overwrite=true")
         self._resume_from = state
+        self._held_out = {key: dict(value) for key, value in state.get("held_out", {}).items()}
         saved = state.get("micro_batch_size", self.micro_batch_size)
         if saved != self.micro_batch_size:
             self._resume_notes = [f"resumed with pruner.micro_batch_size={saved}, as the interrupted run used it "
@@ -193,6 +237,7 @@ class KPrunePruner:
         gram_precision = resolve_gram_precision(self.gram_precision, problem.device)
         num_sublayers = 2 * problem.adapter.num_layers
         if saved is None:
+            self._held_out = {}
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
             notes = (self._precision_notes(problem.device) + (gram_precision_notes(gram_precision) if self.tune else [])
                      + self._affine_notes(problem))
@@ -232,8 +277,11 @@ class KPrunePruner:
                                                      s, scores[s], int(keep[s].count_nonzero()), hidden,
                                                      self.affine_tuning, precision=gram_precision)
                         else:
-                            notes += kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s,
-                                          hidden=hidden, precision=gram_precision, affine=self.affine_tuning)
+                            tuning = kpwt(problem.model, problem.adapter, masks, teacher.batches, sums, s, self.ridge,
+                                          hidden, gram_precision, self.affine_tuning, check=True)
+                            notes += tuning.notes
+                            if tuning.held_out is not None:
+                                self._held_out[str(s)] = {"ridge": tuning.ridge, "ratio": tuning.held_out}
                 if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
                     with timed(timing, "measure"):
                         hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
@@ -243,7 +291,13 @@ class KPrunePruner:
                 if on_step is not None:
                     on_step(s, masks)
                 progress.advance(bar)
-        return PruneResult(masks=masks, notes=notes, timing=timing, settings={"gradient_batch": gradient_batch})
+        notes += held_out_notes(self._held_out, self.ridge, problem.sample.num_tokens)
+        settings: dict[str, Any] = {"gradient_batch": gradient_batch}
+        if self._held_out:
+            settings["kpwt_held_out"] = {key: {"ridge": "untuned" if value["ridge"] == math.inf else value["ridge"],
+                                               "ratio": value["ratio"]}
+                                         for key, value in sorted(self._held_out.items(), key=lambda item: int(item[0]))}
+        return PruneResult(masks=masks, notes=notes, timing=timing, settings=settings)
 
     def gradient_batch_of(self, problem: PruneProblem) -> int:
         """Sequences per squared gradient on ``problem``: ``gradient_batch``, else the task's official size."""
@@ -261,7 +315,8 @@ class KPrunePruner:
                                     if getattr(projection, name) is not None}
         return {"done": done, "budget": budget, "notes": list(notes), "timing": dict(timing),
                 "micro_batch_size": self.micro_batch_size,
-                "selection": self.selection, "affine_tuning": self.affine_tuning,
+                "selection": self.selection, "affine_tuning": self.affine_tuning, "ridge": self.ridge,
+                "held_out": {key: dict(value) for key, value in self._held_out.items()},
                 "masks": {"heads": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.heads)},
                           "neurons": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.neurons)}},
                 "tuned": tuned}

@@ -62,7 +62,7 @@ def select_and_tune(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks,
     where = f"selection sub-layer {sublayer} ({kind.upper()} of layer {sublayer // 2})"
     if remove == 0 or keep == 0:  # the count alone decides
         mask[pool[:remove]] = 0
-        return kpwt(model, adapter, masks, batches, teacher_sums, sublayer, ridge, hidden, precision, affine)
+        return kpwt(model, adapter, masks, batches, teacher_sums, sublayer, ridge, hidden, precision, affine).notes
     system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer, hidden, precision)
     proj = parts.out_proj(kind)
     affine = affine and proj.bias is not None
@@ -76,7 +76,8 @@ def select_and_tune(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks,
         note = (f"{where}: the compensation-aware removal failed numerically (relative ridge "
                 f"{removal.ridge:g}); kept the top-scored units and tuned them plainly")
         mask[torch.argsort(scores.double(), descending=True, stable=True)[keep:]] = 0  # KPMS's choice
-        return [note] + kpwt(model, adapter, masks, batches, teacher_sums, sublayer, ridge, hidden, precision, affine)
+        return [note] + kpwt(model, adapter, masks, batches, teacher_sums, sublayer, ridge, hidden, precision,
+                             affine).notes
     kept_units = torch.ones(len(units), dtype=torch.bool, device=units.device)
     kept_units[removal.removed] = False
     mask[units[~kept_units]] = 0

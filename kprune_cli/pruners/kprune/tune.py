@@ -21,10 +21,19 @@ weights, ``min_{W, c} ||A·Wᵀ + c − (Y_teacher − X_student)||²``, by solv
 setting ``b = mean(Y_teacher − X_student) − W·mean(A)`` (:mod:`~kprune_cli.pruners.common.affine`);
 an emptied sub-layer then gets its best constant output as bias. A projection without a bias
 (ModernBERT) is fitted plainly (the pruner notes it once).
+
+Held-out check (plain KPWT, ``check=True``): the same pass keeps the equations of two interleaved
+halves of the micro-batches, and the fit on each half is scored on the other
+(:mod:`~kprune_cli.pruners.common.held_out`); the ratio to the untuned weights' error says whether
+the fit carries over beyond the sample. It costs a few extra solves and changes nothing. With
+``ridge="auto"`` (``pruner.ridge=auto``, opt-in, a deviation from the paper) the relative ridge is
+the one of :data:`~kprune_cli.pruners.common.held_out.RIDGE_GRID` with the smallest held-out error,
+and a sub-layer that no ridge improves on held-out tokens is left untuned.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -34,6 +43,7 @@ from kprune_cli.models.adapters import ModelAdapter
 from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.common import sublayer_parts
 from kprune_cli.pruners.common.affine import centred, refit_bias
+from kprune_cli.pruners.common.held_out import UNTUNED, cross_validated_ridge, held_out_errors
 from kprune_cli.pruners.common.lstsq import DEFAULT_RIDGE, solve_ridge
 from kprune_cli.pruners.common.reconstruction import NormalEquations, normal_equations
 from kprune_cli.pruners.common.teacher import DistillBatch
@@ -41,21 +51,40 @@ from kprune_cli.pruners.common.teacher import DistillBatch
 KPWT_RIDGE = DEFAULT_RIDGE
 """Relative ridge of the KPWT solve (``λ = KPWT_RIDGE · mean(diag(AᵀA))``); grows tenfold on failure."""
 
+HELD_OUT_FOLDS = 2
+"""Interleaved parts of the micro-batches for the held-out check and ``ridge="auto"``."""
+
+
+@dataclass
+class Tuning:
+    """What :func:`kpwt` did to one sub-layer: ``notes`` for the report; ``ridge``: the relative ridge
+    of the solve (:data:`~kprune_cli.pruners.common.held_out.UNTUNED`: left as it was; ``None``:
+    nothing was solved); ``held_out``: the held-out error of the fit at that ridge over the untuned
+    weights' (above 1: the fit made unseen tokens worse; ``None``: not checked)."""
+
+    notes: list[str] = field(default_factory=list)
+    ridge: float | None = None
+    held_out: float | None = None
+
 
 def kpwt(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[DistillBatch],
-         teacher_sums: Sequence[torch.Tensor], sublayer: int, ridge: float = KPWT_RIDGE,
+         teacher_sums: Sequence[torch.Tensor], sublayer: int, ridge: float | str = KPWT_RIDGE,
          hidden: Sequence[torch.Tensor] | None = None, precision: str = "float64",
-         affine: bool = False) -> list[str]:
+         affine: bool = False, check: bool = False) -> Tuning:
     """Re-fit the survivors' output-projection columns of ``sublayer`` in place (and its bias when ``affine``).
 
     ``hidden[i]`` (optional): the student's hidden states entering the sub-layer's layer on
     ``batches[i]``; the passes then start there instead of at the embeddings. ``precision``: of
     the normal equations' per-micro-batch products (see
-    :func:`~kprune_cli.pruners.common.reconstruction.normal_equations`).
-    Returns notes for the report: empty on a clean solve, one line when the ridge had to grow
-    or when every attempt failed (the sub-layer is then left untuned).
+    :func:`~kprune_cli.pruners.common.reconstruction.normal_equations`). ``ridge``: relative, or
+    ``"auto"`` (cross-validated; plain KPWT only); ``check``: score the fit on held-out halves of the
+    sample (plain KPWT only; needs two micro-batches or more, else skipped).
+    Its notes are empty on a clean solve, one line when the ridge had to grow or when every
+    attempt failed (the sub-layer is then left untuned).
     """
-    system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer, hidden, precision)
+    auto = ridge == "auto"
+    folds = HELD_OUT_FOLDS if (check or auto) and not affine else 0
+    system = normal_equations(model, adapter, masks, batches, teacher_sums, sublayer, hidden, precision, folds)
     parts, kind = sublayer_parts(adapter, sublayer)
     proj = parts.out_proj(kind)
     where = f"KPWT sub-layer {sublayer} ({kind.upper()} of layer {sublayer // 2})"
@@ -63,18 +92,28 @@ def kpwt(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: S
     if system.columns.numel() == 0:  # no survivors: only the bias is left
         if affine:
             write_fit(proj, system, _all(system), system.rhs, affine)  # rhs: (0, d), the empty solution
-        return []
+        return Tuning()
     gram, rhs = fit_system(system, affine)
     prior = proj.weight.detach()[:, system.columns].T  # (k, d)
-    result = solve_ridge(gram, rhs, prior, ridge)
+    tuning = Tuning(ridge=KPWT_RIDGE if auto else float(ridge))
+    if system.folds and auto:
+        tuning.ridge, errors = cross_validated_ridge(system.folds, prior)
+        tuning.held_out = errors.ratio(tuning.ridge) if tuning.ridge != UNTUNED else 1.0
+    elif system.folds:
+        tuning.held_out = held_out_errors(system.folds, prior, [tuning.ridge]).ratio(tuning.ridge)
+    if tuning.ridge == UNTUNED:
+        return tuning
+    result = solve_ridge(gram, rhs, prior, tuning.ridge)
     if result.solution is None:
-        return [f"{where}: least squares failed up to relative ridge {result.ridge:g} "
-                f"(singular or non-finite system); sub-layer left untuned"]
+        tuning.notes.append(f"{where}: least squares failed up to relative ridge {result.ridge:g} "
+                            f"(singular or non-finite system); sub-layer left untuned")
+        return tuning
     write_fit(proj, system, _all(system), result.solution, affine)
+    nominal, tuning.ridge = tuning.ridge, result.ridge
     if result.fell_back:
-        return [f"{where}: solved only with relative ridge {result.ridge:g} "
-                f"({result.attempts - 1} fallback(s) from {ridge:g})"]
-    return []
+        tuning.notes.append(f"{where}: solved only with relative ridge {result.ridge:g} "
+                            f"({result.attempts - 1} fallback(s) from {nominal:g})")
+    return tuning
 
 
 def fit_system(system: NormalEquations, affine: bool) -> tuple[torch.Tensor, torch.Tensor]:
