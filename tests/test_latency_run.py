@@ -12,6 +12,7 @@ from conftest import kprune
 from kprune_helpers import make_problem, make_sample
 from test_kwon import labelled
 
+from kprune_cli.core.latency_budget import verify_speedup
 from kprune_cli.core.latency_table import TableSettings, fingerprint, table_path
 from kprune_cli.core.runners import RuntimeShape
 from kprune_cli.models.latency_table import LatencyCost, LatencyTable
@@ -23,8 +24,9 @@ from kprune_cli.tasks.spec import get_task
 
 QUICK_LATENCY = ("constraint=latency", "latency.runtime=torch", "latency.threads=1", "latency.batch_size=2",
                  "latency.seq_len=8", "latency.repeats=3", "latency.configurations=2", "latency.max_error=100",
-                 "latency.verify_repeats=5")
-"""A tiny table, timed quickly; a shared test machine's timing noise is not what these tests check."""
+                 "latency.verify_repeats=5", "latency.replan=false")
+"""A tiny table, timed quickly; a shared test machine's timing noise is not what these tests check (nor is a
+re-plan, which a miss on a designed table would start: one test below forces one)."""
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +71,34 @@ def test_a_latency_run_reports_its_measured_speedup(tiny_checkpoint, mrpc_dir, t
     assert any("latency table from the cache" in note for note in report["notes"])
     assert "## Measured latency" in (tmp_path / "out" / "report.md").read_text()
     assert "measured speedup" in capsys.readouterr().err
+
+
+def test_a_missed_target_is_pruned_once_more_for_the_corrected_target(tiny_checkpoint, mrpc_dir, tmp_path,
+                                                                       monkeypatch):
+    """The first verification says the table was 25% optimistic (a miss); the run prunes again from the
+    dense model with a target 1.25x higher, keeps the second plan and records both."""
+    table = seed_cache(tiny_checkpoint)
+    calls = []
+
+    def verify(dense, pruned, shape, repeats, used_table, rate, structure):
+        calls.append(structure)
+        predicted = table.predict_ms(table.full()) / table.predict_ms(structure)
+        measured = predicted / (1.25 if len(calls) == 1 else 1.0)
+        return verify_speedup(dense, pruned, shape, repeats, used_table, rate, structure,
+                              times=[[10.0] * 5, [10.0 / measured] * 5])
+
+    monkeypatch.setattr("kprune_cli.cli.run.verify_speedup", verify)
+    args = [arg for arg in run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out", "rate=0.3") if "replan" not in arg]
+    assert kprune(*args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    replan = report["latency"]["replan"]
+    assert len(calls) == 2 and report["latency"]["met"]
+    assert replan["planned_speedup"] == pytest.approx(replan["first_predicted_speedup"] / replan["first_speedup"]
+                                                      / 0.7)
+    assert table.predict_ms(calls[1]) < table.predict_ms(calls[0])  # the second plan asked for more
+    assert report["layers"] == calls[1]
+    assert any("pruned once more from the dense model" in note for note in report["notes"])
+    assert "Re-planned: the first plan ran" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_an_unreachable_latency_target_ends_in_one_line_before_pruning(tiny_checkpoint, mrpc_dir, tmp_path, capsys):

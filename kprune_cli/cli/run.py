@@ -23,7 +23,16 @@ from kprune_cli.config.settings import read_settings
 from kprune_cli.config.values import required_keys
 from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path, task_default_hint
 from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model
-from kprune_cli.core.latency_budget import latency_cost, runtime_shape, table_settings, verify_speedup
+from kprune_cli.core.latency_budget import (
+    latency_cost,
+    replan_note,
+    replan_rate,
+    replan_record,
+    replan_refused_note,
+    runtime_shape,
+    table_settings,
+    verify_speedup,
+)
 from kprune_cli.core.report import (
     SMOKE_NOTE,
     Report,
@@ -148,31 +157,51 @@ def run_pruning(cfg: DictConfig) -> Report:
                                             settings.calibration_seed, settings.calibration_batch_size)
         notes += source_notes + shortfall
         steps.bind_examples(sample.example_indices)
-        problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
-                               rate=settings.rate, device=device, seed=settings.seed, steps=steps, latency=latency)
-        with timed(timing, "prune"):
-            result = prune_and_slice(pruner, problem, notes)
-            notes += steps.notes()
-            if settings.resume and not steps.read:
-                notes.append(f"pruner={pruner_name} keeps no step checkpoints: resume=true ran it from the start")
-        with timed(timing, "evaluate_pruned"):
-            pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
-                                            batch_size=settings.eval_batch_size, notes=notes,
-                                            max_examples=settings.eval_max_examples)
-        with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
-            checkpoint_dir = output.path / "pruned"
-            checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path), task=task)
-        if settings.check_reload:
-            with timed(timing, "check_reload"):
-                notes.append(check_reload(model, checkpoint_dir, task, sample.model_inputs(sample.batches[0], device),
-                                          dtype=stored_dtype(model_path)))
-        measured = None
-        if latency is not None:
+        planned_rate, replanned = settings.rate, None
+        while True:  # once, or twice when a missed latency target is re-planned
+            problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops, rate=planned_rate,
+                                   device=device, seed=settings.seed, steps=steps if replanned is None else None,
+                                   latency=latency)
+            with timed(timing, "prune"):
+                result = prune_and_slice(pruner, problem, notes)
+                notes += steps.notes() if replanned is None else []
+                if settings.resume and not steps.read and replanned is None:
+                    notes.append(f"pruner={pruner_name} keeps no step checkpoints: resume=true ran it from the start")
+            with timed(timing, "evaluate_pruned"):
+                pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
+                                                batch_size=settings.eval_batch_size, notes=notes,
+                                                max_examples=settings.eval_max_examples)
+            with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
+                checkpoint_dir = output.path / "pruned"
+                checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path),
+                                               task=task)
+            if settings.check_reload:
+                with timed(timing, "check_reload"):
+                    notes.append(check_reload(model, checkpoint_dir, task,
+                                              sample.model_inputs(sample.batches[0], device),
+                                              dtype=stored_dtype(model_path)))
+            measured = None
+            if latency is None:
+                break
             with timed(timing, "verify_latency"):
                 dense_model, _ = load_model(model_path, task, "cpu")
                 measured = verify_speedup(dense_model, model, shape, settings.latency.verify_repeats, latency.table,
                                           settings.rate, adapter.structure())
                 del dense_model
+            if replanned is not None:
+                measured["replan"] = replanned
+                break
+            if measured["met"] or not settings.latency.replan:
+                break
+            if (planned_rate := replan_rate(measured, latency.table)) is None:
+                notes.append(replan_refused_note(measured))
+                break
+            replanned = replan_record(measured, planned_rate)
+            notes.append(replan_note(measured, planned_rate))
+            with timed(timing, "load"):  # the second plan starts from the dense model again
+                model, _ = load_model(model_path, task, device)
+                adapter = get_adapter(model)
+                pruner = build_pruner(cfg.pruner, pruner_name)
 
         report = build_report(
             cfg=cfg, task=task, pruner=pruner_name, rate=settings.rate, device=device,

@@ -99,6 +99,7 @@ class LatencyOptions:
     configurations: int
     max_error: float
     verify_repeats: int
+    replan: bool
 
 
 def read_latency_options(latency: DictConfig) -> LatencyOptions:
@@ -116,6 +117,7 @@ def read_latency_options(latency: DictConfig) -> LatencyOptions:
         configurations=check_int("latency.configurations", latency.configurations, 2),
         max_error=check_float("latency.max_error", latency.max_error, 0.0, above_minimum=True),
         verify_repeats=check_int("latency.verify_repeats", latency.verify_repeats, 3),
+        replan=check_bool("latency.replan", latency.replan),
     )
 
 

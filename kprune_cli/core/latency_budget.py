@@ -4,6 +4,8 @@ Before any pruning work, :func:`latency_cost` gets the table of the model's shap
 runtime (cached or measured, :mod:`kprune_cli.core.latency_table`) and refuses a ``rate`` that even
 emptying every sub-layer would not reach. After pruning, :func:`verify_speedup` times the dense and
 the pruned model in turns on the same runtime and shape and gives the report's ``latency`` block.
+A missed target may be pruned once more (``latency.replan``) to the target :func:`replan_rate` corrects
+by how far the table's prediction was off.
 """
 
 from __future__ import annotations
@@ -103,6 +105,43 @@ def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: Runti
         "met": low >= MET_FRACTION * target,
         "table_fit": dict(table.fit),
     }
+
+
+def replan_rate(measured: dict[str, Any], table: LatencyTable) -> float | None:
+    """The rate to plan a second pruning with after ``measured`` (a :func:`verify_speedup` block) missed:
+    the target speedup times ``predicted / measured`` speedup, so that a table that was optimistic by
+    some factor is asked for that much more. ``None`` when the prediction was not optimistic (a
+    re-plan would ask for the same) or the corrected target is beyond what emptying every sub-layer gives."""
+    correction = measured["predicted_speedup"] / measured["speedup"]
+    corrected = measured["target_speedup"] * correction
+    if correction <= 1.0 or corrected >= table.reachable_speedup(table.full()):
+        return None
+    return 1.0 - 1.0 / corrected
+
+
+def replan_record(first: dict[str, Any], planned_rate: float) -> dict[str, Any]:
+    """The report's ``latency.replan`` block: the first plan's measured and predicted speedup, and the
+    rate the second plan was pruned to."""
+    return {"first_speedup": first["speedup"], "first_speedup_ci": first["speedup_ci"],
+            "first_predicted_speedup": first["predicted_speedup"], "planned_rate": planned_rate,
+            "planned_speedup": 1.0 / (1.0 - planned_rate)}
+
+
+def replan_note(first: dict[str, Any], planned_rate: float) -> str:
+    """The report's note on a re-plan."""
+    return (f"latency target {first['target_speedup']:.2f}x missed at first ({first['speedup']:.2f}x measured, "
+            f"{first['predicted_speedup']:.2f}x predicted): pruned once more from the dense model, planned for "
+            f"{1.0 / (1.0 - planned_rate):.2f}x (rate {planned_rate:.4f}) to make up for the table's optimism "
+            f"(latency.replan=false keeps the first plan)")
+
+
+def replan_refused_note(first: dict[str, Any]) -> str:
+    """The report's note when a missed target cannot be re-planned."""
+    if first["predicted_speedup"] <= first["speedup"]:
+        why = "the table was not optimistic (the measured speedup is at least the predicted one)"
+    else:
+        why = "the corrected target is beyond what emptying every sub-layer gives"
+    return f"latency target {first['target_speedup']:.2f}x missed and not re-planned: {why}"
 
 
 def bootstrap_interval(dense: Sequence[float], pruned: Sequence[float], seed: int = 0) -> tuple[float, float]:

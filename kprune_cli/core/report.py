@@ -226,7 +226,17 @@ def _latency_lines(latency: Mapping[str, Any] | None) -> list[str]:
         f"pruned {latency['pruned_ms']:.2f} ms (predicted {latency['predicted_ms']:.2f} ms). Speedup "
         f"{latency['speedup']:.2f}x (95% interval {low:.2f}-{high:.2f}); target {latency['target_speedup']:.2f}x: "
         f"{verdict}.", "",
+        *_replan_lines(latency.get("replan")),
     ]
+
+
+def _replan_lines(replan: Mapping[str, Any] | None) -> list[str]:
+    """The first plan of a re-planned latency run, as report.md lines."""
+    if replan is None:
+        return []
+    return [f"Re-planned: the first plan ran {replan['first_speedup']:.2f}x (predicted "
+            f"{replan['first_predicted_speedup']:.2f}x); the second, above, was planned for "
+            f"{replan['planned_speedup']:.2f}x (rate {replan['planned_rate']:.4f}).", ""]
 
 
 def _numerics_line(numerics: Mapping[str, Any] | None) -> str:
