@@ -55,7 +55,8 @@ def _pruned(tiny_model, pruner, steps=None):
 
 
 @pytest.mark.parametrize("options", [{}, {"iterative": False}, {"tune": False},
-                                     {"selection": "reconstruction", "affine_tuning": True}])
+                                     {"selection": "reconstruction", "affine_tuning": True},
+                                     {"ridge": "auto", "micro_batch_size": 4}])
 @pytest.mark.parametrize("killed_after", [0, 1, 2, 3])
 def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny_model, tmp_path):
     expected, expected_weights = _pruned(tiny_model, KPrunePruner(**options))
@@ -72,6 +73,8 @@ def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny
     resumed = [note for note in result.notes if note.startswith("resumed at sub-layer")]
     assert resumed == [note for note in resumed if f"sub-layer {killed_after + 1}" in note] and len(resumed) == 1
     assert [note for note in result.notes if note not in resumed] == expected.notes
+    if options.get("ridge") == "auto":  # the held-out checks of the sub-layers before the kill were kept
+        assert len(result.settings["kpwt_held_out"]) == 4 and any("ridge=auto" in note for note in result.notes)
     files = sorted(path.name for path in (tmp_path / STEPS_NAME).iterdir())
     assert files == sorted([f"step-{s:03d}.safetensors" for s in range(4)] + [STATE_NAME])
 
