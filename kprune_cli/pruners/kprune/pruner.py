@@ -88,8 +88,8 @@ def held_out_notes(held_out: Mapping[str, Mapping[str, float | None]], ridge: fl
     worst = max(worse, key=worse.get)
     return [f"KPWT overfitted the sample on {len(worse)} of {len(held_out)} sub-layers: fitted on half of the "
             f"{tokens:,} tokens, it raised the other half's reconstruction error (worst {name[worst]}, "
-            f"{worse[worst]:.2f}x the untuned error). A larger calibration.num_tokens, or pruner.ridge=auto "
-            f"(the ridge chosen on held-out tokens; docs/method.md), avoids it"]
+            f"{worse[worst]:.2f}x the untuned error); pruner.ridge=auto chooses the ridge on held-out tokens "
+            f"instead (docs/method.md)"]
 
 
 class KPrunePruner:
