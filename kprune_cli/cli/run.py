@@ -157,30 +157,13 @@ def run_pruning(cfg: DictConfig) -> Report:
                                             settings.calibration_seed, settings.calibration_batch_size)
         notes += source_notes + shortfall
         steps.bind_examples(sample.example_indices)
-        planned_rate, replanned = settings.rate, None
+        planned_rate, replanned, measured = settings.rate, None, None
         while True:  # once, or twice when a missed latency target is re-planned
             problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops, rate=planned_rate,
                                    device=device, seed=settings.seed, steps=steps if replanned is None else None,
                                    latency=latency)
             with timed(timing, "prune"):
                 result = prune_and_slice(pruner, problem, notes)
-                notes += steps.notes() if replanned is None else []
-                if settings.resume and not steps.read and replanned is None:
-                    notes.append(f"pruner={pruner_name} keeps no step checkpoints: resume=true ran it from the start")
-            with timed(timing, "evaluate_pruned"):
-                pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
-                                                batch_size=settings.eval_batch_size, notes=notes,
-                                                max_examples=settings.eval_max_examples)
-            with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
-                checkpoint_dir = output.path / "pruned"
-                checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path),
-                                               task=task)
-            if settings.check_reload:
-                with timed(timing, "check_reload"):
-                    notes.append(check_reload(model, checkpoint_dir, task,
-                                              sample.model_inputs(sample.batches[0], device),
-                                              dtype=stored_dtype(model_path)))
-            measured = None
             if latency is None:
                 break
             with timed(timing, "verify_latency"):
@@ -202,6 +185,20 @@ def run_pruning(cfg: DictConfig) -> Report:
                 model, _ = load_model(model_path, task, device)
                 adapter = get_adapter(model)
                 pruner = build_pruner(cfg.pruner, pruner_name)
+        notes += steps.notes()
+        if settings.resume and not steps.read:
+            notes.append(f"pruner={pruner_name} keeps no step checkpoints: resume=true ran it from the start")
+        with timed(timing, "evaluate_pruned"):
+            pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
+                                            batch_size=settings.eval_batch_size, notes=notes,
+                                            max_examples=settings.eval_max_examples)
+        with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
+            checkpoint_dir = output.path / "pruned"
+            checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path), task=task)
+        if settings.check_reload:
+            with timed(timing, "check_reload"):
+                notes.append(check_reload(model, checkpoint_dir, task, sample.model_inputs(sample.batches[0], device),
+                                          dtype=stored_dtype(model_path)))
 
         report = build_report(
             cfg=cfg, task=task, pruner=pruner_name, rate=settings.rate, device=device,
