@@ -89,7 +89,8 @@ def test_kpwt_reports_its_held_out_check_and_auto_chooses_from_it(tiny_model):
     assert plain.ridge == 1e-6 and plain.held_out is not None and plain.held_out > 0
     assert auto.held_out is not None and auto.held_out <= plain.held_out  # the best of a grid that holds 1e-6
     if auto.ridge == UNTUNED:  # left as it was
-        torch.testing.assert_close(fits["auto"][1], sharpen(tiny_model("bert")).bert.encoder.layer[0].output.dense.weight)
+        original = sharpen(tiny_model("bert")).bert.encoder.layer[0].output.dense.weight
+        torch.testing.assert_close(fits["auto"][1], original)
 
 
 def test_auto_ridge_prunes_and_records_each_sub_layer(tiny_model):
@@ -102,12 +103,16 @@ def test_auto_ridge_prunes_and_records_each_sub_layer(tiny_model):
 
 
 def test_held_out_notes_name_the_overfitted_sub_layers():
-    checked = {"0": {"ridge": 1e-6, "ratio": 0.4}, "1": {"ridge": 1e-6, "ratio": 2.5}, "2": {"ridge": 1e-6, "ratio": 1.2}}
-    (note,) = held_out_notes(checked, 1e-6, 1500)
+    checked = {"0": {"ridge": 1e-6, "ratio": 0.4}, "1": {"ridge": 1e-6, "ratio": 2.5},
+               "2": {"ridge": 1e-6, "ratio": 1.2}}
+    (note,) = held_out_notes(checked, 1e-6, 1500, 4)
     assert "2 of 3 sub-layers" in note and "FFN 0" in note and "2.50x" in note and "1,500 tokens" in note
-    assert held_out_notes({"0": {"ridge": 1e-6, "ratio": 0.9}}, 1e-6, 1500) == []
-    (auto,) = held_out_notes({"0": {"ridge": 0.1, "ratio": 0.9}, "3": {"ridge": math.inf, "ratio": 1.0}}, "auto", 10)
+    assert held_out_notes({"0": {"ridge": 1e-6, "ratio": 0.9}}, 1e-6, 1500, 4) == []
+    auto_checked = {"0": {"ridge": 0.1, "ratio": 0.9}, "3": {"ridge": math.inf, "ratio": 1.0}}
+    (auto,) = held_out_notes(auto_checked, "auto", 10, 4)
     assert "1 of 2 sub-layers tuned" in auto and "FFN 1" in auto
+    (single,) = held_out_notes({}, "auto", 10, 1)
+    assert "one micro-batch" in single and "default ridge" in single
 
 
 @pytest.mark.parametrize("value, selection, affine, message", [

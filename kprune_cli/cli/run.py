@@ -159,9 +159,9 @@ def run_pruning(cfg: DictConfig) -> Report:
         steps.bind_examples(sample.example_indices)
         planned_rate, replanned, measured = settings.rate, None, None
         while True:  # once, or twice when a missed latency target is re-planned
-            problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops, rate=planned_rate,
-                                   device=device, seed=settings.seed, steps=steps if replanned is None else None,
-                                   latency=latency)
+            problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
+                                   rate=planned_rate, device=device, seed=settings.seed,
+                                   steps=steps if replanned is None else None, latency=latency)
             with timed(timing, "prune"):
                 result = prune_and_slice(pruner, problem, notes)
             if latency is None:

@@ -58,7 +58,8 @@ SELECTIONS = ("score", "reconstruction")
 
 
 def check_ridge(value: float | str, selection: str, affine_tuning: bool) -> float | str:
-    """``pruner.ridge`` as given if valid: a relative ridge > 0, or ``"auto"`` with plain KPWT; else a :class:`UserError`."""
+    """``pruner.ridge`` as given if valid: a relative ridge > 0, or ``"auto"`` with plain KPWT; else a
+    :class:`UserError`."""
     if value == "auto":
         if selection != "score" or affine_tuning:
             raise UserError("pruner.ridge=auto works with plain KPWT only: set pruner.selection=score and "
@@ -70,9 +71,13 @@ def check_ridge(value: float | str, selection: str, affine_tuning: bool) -> floa
 
 
 def held_out_notes(held_out: Mapping[str, Mapping[str, float | None]], ridge: float | str,
-                   tokens: int) -> list[str]:
+                   tokens: int, micro_batches: int) -> list[str]:
     """The report's notes on KPWT's held-out check: ``held_out`` maps each checked sub-layer to the
-    ridge it was solved with and its held-out error over the untuned one (``ratio``)."""
+    ridge it was solved with and its held-out error over the untuned one (``ratio``); the check
+    needs ``micro_batches`` ≥ 2 (its halves are interleaved micro-batches)."""
+    if micro_batches < 2 and ridge == "auto":
+        return [f"pruner.ridge=auto: the sample came in one micro-batch, so there were no halves to choose on: "
+                f"KPWT used the default ridge {KPWT_RIDGE:g} (a smaller pruner.micro_batch_size splits it)"]
     if not held_out:
         return []
     name = {str(s): f"{sublayer_kind(s).upper()} {s // 2}" for s in map(int, held_out)}
@@ -125,9 +130,10 @@ class KPrunePruner:
     Resumable (:class:`~kprune_cli.pruners.base.Resumable`): after each finished sub-layer its
     state is ``{"done", "budget", "notes", "timing", "micro_batch_size", "masks": {"heads":
     {layer: (H,)}, "neurons": {layer: (N,)}}, "tuned": {sub-layer: {"weight": (d, width), "bias": (d,)}},
-    "selection", "affine_tuning", "ridge", "held_out": {sub-layer: {"ridge", "ratio"}}}`` (``tuned``: the output projections of the finished sub-layers, the
-    only weights it changes; empty without ``tune``; the three switches: a resume must use the same;
-    ``held_out``: the held-out check of each tuned sub-layer, see :func:`held_out_notes`).
+    "selection", "affine_tuning", "ridge", "held_out": {sub-layer: {"ridge", "ratio"}}}`` (``tuned``: the
+    output projections of the finished sub-layers, the only weights it changes; empty without ``tune``;
+    the three switches: a resume must use the same; ``held_out``: the held-out check of each tuned
+    sub-layer, see :func:`held_out_notes`).
     """
 
     name = "kprune"
@@ -291,12 +297,13 @@ class KPrunePruner:
                 if on_step is not None:
                     on_step(s, masks)
                 progress.advance(bar)
-        notes += held_out_notes(self._held_out, self.ridge, problem.sample.num_tokens)
+        if self.tune:
+            notes += held_out_notes(self._held_out, self.ridge, problem.sample.num_tokens, len(teacher.batches))
         settings: dict[str, Any] = {"gradient_batch": gradient_batch}
         if self._held_out:
-            settings["kpwt_held_out"] = {key: {"ridge": "untuned" if value["ridge"] == math.inf else value["ridge"],
-                                               "ratio": value["ratio"]}
-                                         for key, value in sorted(self._held_out.items(), key=lambda item: int(item[0]))}
+            settings["kpwt_held_out"] = {
+                key: {"ridge": "untuned" if value["ridge"] == math.inf else value["ridge"], "ratio": value["ratio"]}
+                for key, value in sorted(self._held_out.items(), key=lambda item: int(item[0]))}
         return PruneResult(masks=masks, notes=notes, timing=timing, settings=settings)
 
     def gradient_batch_of(self, problem: PruneProblem) -> int:
