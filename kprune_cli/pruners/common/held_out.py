@@ -71,12 +71,13 @@ def held_out_errors(folds: Sequence[FoldEquations], prior: torch.Tensor,
         raise ValueError(f"held-out errors need at least two folds, got {len(folds)}")
     total_gram = sum(fold.gram for fold in folds)
     total_rhs = sum(fold.rhs for fold in folds)
+    others = [(total_gram - fold.gram, total_rhs - fold.rhs) for fold in folds]  # each fold's training system
     untuned = sum(fold_error(fold, prior) for fold in folds)
     by_ridge = {}
     for ridge in ridges:
         error = 0.0
-        for fold in folds:
-            fit = solve_ridge(total_gram - fold.gram, total_rhs - fold.rhs, prior, ridge, max_attempts=1)
+        for fold, (gram, rhs) in zip(folds, others):
+            fit = solve_ridge(gram, rhs, prior, ridge, max_attempts=1)
             error += fold_error(fold, fit.solution) if fit.solution is not None else math.inf
         by_ridge[float(ridge)] = error
     return HeldOutErrors(untuned, by_ridge)

@@ -182,7 +182,7 @@ def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks
     residual_sum = torch.zeros(d, dtype=torch.float64, device=proj.weight.device)
     tokens = 0
     fold_systems = [FoldEquations(torch.zeros_like(gram), torch.zeros_like(rhs), gram.new_zeros(()))
-                for _ in range(folds if 2 <= folds <= len(batches) else 0)]
+                    for _ in range(folds if 2 <= folds <= len(batches) else 0)]
     bias = proj.bias.detach() if proj.bias is not None else 0.0
     for index, (batch, target) in enumerate(zip(batches, targets)):
         acts = sublayer_activations(model, adapter, masks, batch, sublayer,
