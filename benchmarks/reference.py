@@ -24,9 +24,10 @@ from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_taps, forward_until
 from kprune_cli.pruners.common.kpms import BUDGET_TOLERANCE
+from kprune_cli.pruners.common.precision import AUTOCAST_DTYPES
 from kprune_cli.pruners.common.teacher import DistillBatch, Teacher
 from kprune_cli.pruners.kprune.measure import measure, score
-from kprune_cli.pruners.kprune.pruner import AUTOCAST_DTYPES, KPrunePruner
+from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.pruners.kprune.tune import kpwt
 from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed

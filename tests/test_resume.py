@@ -56,7 +56,8 @@ def _pruned(tiny_model, pruner, steps=None):
 
 @pytest.mark.parametrize("options", [{}, {"iterative": False}, {"tune": False},
                                      {"selection": "reconstruction", "affine_tuning": True},
-                                     {"ridge": "auto", "micro_batch_size": 4}])
+                                     {"ridge": "auto", "micro_batch_size": 4},
+                                     {"autocast": "bf16", "autocast_scope": "all"}])
 @pytest.mark.parametrize("killed_after", [0, 1, 2, 3])
 def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny_model, tmp_path):
     expected, expected_weights = _pruned(tiny_model, KPrunePruner(**options))

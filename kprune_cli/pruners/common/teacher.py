@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_taps
+from kprune_cli.pruners.common.precision import full_precision
 from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
 from kprune_cli.tasks.calibration import DRAW_INDEX, CalibrationSample
@@ -179,9 +180,9 @@ class ResidualSums:
         with capture_taps({kind: parts.sum_tap(kind) for kind in sums}) as store, \
                 LayerWindow(self.model, adapter, layer, layer + 1) as window:
             for index, batch in enumerate(self.batches):
-                hidden[index] = window(batch.inputs, hidden[index])  # (batch, seq, d) entering layer + 1
+                hidden[index] = full_precision(window(batch.inputs, hidden[index]))  # (batch, seq, d), layer + 1
                 for kind, values in sums.items():
-                    values.append(batch.select(store[kind]))  # (tokens_b, d)
+                    values.append(full_precision(batch.select(store[kind])))  # (tokens_b, d)
         self._hidden = (layer + 1, hidden)
         return sums
 

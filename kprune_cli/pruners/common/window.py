@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 from kprune_cli.models.adapters import ModelAdapter, Tap
 from kprune_cli.models.masks import Masks, apply_masks
 from kprune_cli.pruners.common.hooks import StopForward, forward_until
+from kprune_cli.pruners.common.precision import full_precision
 
 
 class LayerWindow:
@@ -98,16 +99,18 @@ class LayerWindow:
 @torch.no_grad()
 def encoder_inputs(model: nn.Module, adapter: ModelAdapter, batches: Sequence[Mapping[str, torch.Tensor]]
                    ) -> list[torch.Tensor]:
-    """Per batch of model inputs, the hidden states entering the first layer ``(batch, seq, d)``."""
+    """Per batch of model inputs, the hidden states entering the first layer ``(batch, seq, d)``
+    (float32 also after a half-precision pass)."""
     with LayerWindow(model, adapter, 0, 0) as window:
-        return [window(inputs) for inputs in batches]
+        return [full_precision(window(inputs)) for inputs in batches]
 
 
 @torch.no_grad()
 def advance(model: nn.Module, adapter: ModelAdapter, masks: Masks | None, layer: int,
             batches: Sequence[Mapping[str, torch.Tensor]], hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Run layer ``layer`` (with ``masks`` applied, if any) on the hidden states entering it:
-    per batch, the hidden states entering layer ``layer + 1`` ``(batch, seq, d)``."""
+    per batch, the hidden states entering layer ``layer + 1`` ``(batch, seq, d)`` (float32 also after a
+    half-precision pass)."""
     with apply_masks(adapter, masks) if masks is not None else nullcontext(), \
             LayerWindow(model, adapter, layer, layer + 1) as window:
-        return [window(inputs, states) for inputs, states in zip(batches, hidden)]
+        return [full_precision(window(inputs, states)) for inputs, states in zip(batches, hidden)]

@@ -32,9 +32,9 @@ For every unit of the sub-layers ``≥ s`` of the current (partly pruned) model:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -45,6 +45,7 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
 from kprune_cli.pruners.common.gradient_batch import GLUE_GRADIENT_BATCH
 from kprune_cli.pruners.common.hooks import capture_inputs, frozen, grad_leaf_input, scale_inputs
+from kprune_cli.pruners.common.precision import eager_attention, full_precision
 from kprune_cli.pruners.common.teacher import DistillBatch, Teacher, distillation_loss
 from kprune_cli.pruners.common.window import LayerWindow
 
@@ -108,7 +109,8 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
     ``autocast`` (``torch.bfloat16`` or ``torch.float16``): run the forward pass (and so the
     backward) under :func:`torch.autocast` in that dtype; faster where the hardware has
     half-precision units, at the price of slightly different scores. Knowledge is accumulated in
-    float64 either way. On a CPU, autocast passes use eager attention (see :func:`_eager_attention`).
+    float64 either way. On a CPU, autocast passes use eager attention
+    (:func:`~kprune_cli.pruners.common.precision.eager_attention`).
     Under float16 the loss is scaled before the backward pass and the gradients unscaled after it
     (``loss_scale``, default :data:`FP16_LOSS_SCALE`, halved and the micro-batch redone whenever a
     gradient overflows): the per-element gradients of a student close to its teacher, 1e-5 to
@@ -130,7 +132,7 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
     scale = (loss_scale or FP16_LOSS_SCALE) if autocast == torch.float16 else None
     start = from_sublayer // 2 if hidden is not None else 0
     precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
-    attention = _eager_attention(model) if autocast is not None and device.type == "cpu" else nullcontext()
+    attention = eager_attention(model) if autocast is not None and device.type == "cpu" else nullcontext()
     with frozen(model), scale_inputs(_mask_scales(adapter, masks)), grad_leaf_input(projs[from_sublayer]), \
             attention, LayerWindow(model, adapter, start) as window:
         for index, batch in enumerate(teacher.batches):
@@ -144,8 +146,8 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
             acts, grads, scale = scaled_gradients(forward, scale)
             real = batch.token_mask.flatten()[None, :]  # (1, batch * seq): True on real tokens
             for s, grad, captured in zip(sublayers, grads, acts):
-                act = _full_precision(captured.detach())  # (batch, seq, width)
-                per_sample = torch.linalg.vecdot(_full_precision(grad), act, dim=1)  # (batch, width)
+                act = full_precision(captured.detach())  # (batch, seq, width)
+                per_sample = torch.linalg.vecdot(full_precision(grad), act, dim=1)  # (batch, width)
                 if scale is not None:
                     per_sample = per_sample / scale
                 grad_sq[s].add(per_sample.double(), batch)
@@ -175,31 +177,6 @@ def scaled_gradients(forward: Callable[[], tuple[torch.Tensor, list[torch.Tensor
         if scale is None or scale <= 1 or bool(torch.stack([grad.isfinite().all() for grad in grads]).all()):
             return inputs, grads, scale
         scale /= 2
-
-
-@contextmanager
-def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run ``model``'s attention as plain matmuls and a softmax inside the block (transformers
-    reads ``config._attn_implementation`` at every forward).
-
-    Under bf16 autocast on a CPU, torch's fused SDPA kernel is slow backwards: on MiniLM-MRPC
-    its backward was a third of the profiled pass (about 0.4 s per call for a 32-sequence
-    micro-batch), where eager attention's batched matmuls run on the CPU's bf16 matrix units and
-    cut the pruning's CPU time by a fifth (``python -m benchmarks --sections profile``; README,
-    Performance).
-    """
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
-def _full_precision(values: torch.Tensor) -> torch.Tensor:
-    """``values`` in float32 if autocast made them half precision, else as they are."""
-    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
 def _masked_square_sum(act: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from rich.progress import Progress
@@ -36,6 +36,7 @@ from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.common.kpms import align_kept, kpms
+from kprune_cli.pruners.common.precision import AUTOCAST_DTYPES, autocast_forward
 from kprune_cli.pruners.common.reconstruction import check_gram_precision, gram_precision_notes, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
@@ -50,8 +51,10 @@ from kprune_cli.runtime.timing import timed
 
 StepCallback = Callable[[int, Masks], None]
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-"""Values of ``pruner.autocast`` besides ``false``: the precision of the measurement passes."""
+AUTOCAST_SCOPES = ("measure", "all")
+"""Values of ``pruner.autocast_scope``: which passes run in ``pruner.autocast``'s precision. ``measure``:
+the measurement passes (forward and backward); ``all``: also the teacher's pass (soft targets and
+residual sums), KPWT's passes and the passes that move the cached hidden states up a layer."""
 
 SELECTIONS = ("score", "reconstruction")
 """Values of ``pruner.selection``: which units of a sub-layer survive (KPMS decides how many)."""
@@ -107,7 +110,10 @@ class KPrunePruner:
     and changes results only in the last float bits; ``None``: the calibration batches as they
     are); ``autocast`` (``"bf16"`` or ``"fp16"``,
     default off) runs the measurement passes in that precision (faster on GPUs, slightly
-    different scores; see :func:`~kprune_cli.pruners.kprune.measure.measure`);
+    different scores; see :func:`~kprune_cli.pruners.kprune.measure.measure`), and with
+    ``autocast_scope="all"`` (opt-in) the teacher's, KPWT's and the hidden-state passes too, their
+    forward only (:func:`~kprune_cli.pruners.common.precision.autocast_forward`: the normal
+    equations and solves stay float64);
     ``gradient_batch`` is the number of sequences per squared gradient of predictive knowledge
     (``None``: the official code's for the task, 32 for GLUE and 12 for SQuAD, to which ``lambda_rep``
     is tuned, see :func:`~kprune_cli.pruners.common.gradient_batch.official_gradient_batch`;
@@ -142,7 +148,7 @@ class KPrunePruner:
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
                  micro_batch_size: int | None = 32, autocast: bool | str | None = False,
-                 gradient_batch: int | None = None, gram_precision: str = "auto", align: int | None = None,
+                 autocast_scope: str = "measure", gradient_batch: int | None = None, gram_precision: str = "auto", align: int | None = None,
                  selection: str = "score", affine_tuning: bool = False, ridge: float | str = KPWT_RIDGE) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
@@ -169,6 +175,11 @@ class KPrunePruner:
         if autocast not in (False, None, *AUTOCAST_DTYPES):
             raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
         self.autocast = autocast or False
+        if autocast_scope not in AUTOCAST_SCOPES:
+            raise UserError(f"pruner.autocast_scope={autocast_scope}: choose {' or '.join(AUTOCAST_SCOPES)}")
+        if autocast_scope == "all" and not self.autocast:
+            raise UserError("pruner.autocast_scope=all needs pruner.autocast=bf16 or fp16 (the precision of those passes)")
+        self.autocast_scope = autocast_scope
         if selection not in SELECTIONS:
             raise UserError(f"pruner.selection={selection}: choose {' or '.join(SELECTIONS)}")
         if selection == "reconstruction" and not (tune and iterative):
@@ -233,7 +244,8 @@ class KPrunePruner:
             self.load_state_dict(state)
         saved, self._resume_from = self._resume_from, None
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}
-        with timed(timing, "teacher"):
+        passes = self._forward_precision(problem)
+        with timed(timing, "teacher"), passes():
             teacher = Teacher(problem.model, problem.task.kind, problem.sample, self.temperature,
                               self.micro_batch_size, problem.device, keep_model=False)
             # The teacher's pre-LN sums come from the model itself: layer l's are taken at step 2l,
@@ -254,11 +266,12 @@ class KPrunePruner:
                             for kind in ("heads", "neurons")))
             for stage, seconds in saved["timing"].items():  # the interrupted runs' time, plus this one's
                 timing[stage] = timing.get(stage, 0.0) + seconds
-            self._resume(problem, teacher_sums, start, saved["tuned"], notes)
+            with passes():
+                self._resume(problem, teacher_sums, start, saved["tuned"], notes)
         notes += self._resume_notes
         self._resume_notes = []
         inputs = [batch.inputs for batch in teacher.batches]
-        with timed(timing, "measure"):
+        with timed(timing, "measure"), passes():
             hidden = encoder_inputs(problem.model, problem.adapter, inputs)  # entering layer 0
             for layer in range(min(start, num_sublayers - 1) // 2):  # a resumed run: up to its next layer
                 hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
@@ -275,9 +288,9 @@ class KPrunePruner:
                     scores, keep = self._search(problem, teacher, masks, s, budget, timing, hidden, gradient_batch)
                     budget -= problem.cost.kept_cost(kind, int(keep[s].count_nonzero()))
                 if teacher_sums is not None:
-                    with timed(timing, "teacher"):
+                    with timed(timing, "teacher"), passes():
                         sums = teacher_sums(s)
-                    with timed(timing, "tune"):  # with selection=reconstruction, the selection's time too
+                    with timed(timing, "tune"), passes():  # with selection=reconstruction, the selection's time too
                         if self.selection == "reconstruction":
                             notes += select_and_tune(problem.model, problem.adapter, masks, teacher.batches, sums,
                                                      s, scores[s], int(keep[s].count_nonzero()), hidden,
@@ -289,7 +302,7 @@ class KPrunePruner:
                             if tuning.held_out is not None:
                                 self._held_out[str(s)] = {"ridge": tuning.ridge, "ratio": tuning.held_out}
                 if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
-                    with timed(timing, "measure"):
+                    with timed(timing, "measure"), passes():
                         hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
                 self._state = self._snapshot(problem, s + 1, masks, budget, notes, timing)
                 if problem.steps is not None:
@@ -305,6 +318,12 @@ class KPrunePruner:
                 key: {"ridge": "untuned" if value["ridge"] == math.inf else value["ridge"], "ratio": value["ratio"]}
                 for key, value in sorted(self._held_out.items(), key=lambda item: int(item[0]))}
         return PruneResult(masks=masks, notes=notes, timing=timing, settings=settings)
+
+    def _forward_precision(self, problem: PruneProblem) -> Callable[[], ContextManager[None]]:
+        """A context for the passes outside the measurement: the model's forward in ``autocast``'s
+        precision when ``autocast_scope="all"``, else unchanged."""
+        dtype = AUTOCAST_DTYPES[self.autocast] if self.autocast_scope == "all" else None
+        return lambda: autocast_forward(problem.model, dtype)
 
     def gradient_batch_of(self, problem: PruneProblem) -> int:
         """Sequences per squared gradient on ``problem``: ``gradient_batch``, else the task's official size."""
@@ -359,8 +378,9 @@ class KPrunePruner:
         if not self.autocast or native_matmul(device, AUTOCAST_DTYPES[self.autocast]):
             return []
         where = f"this CPU ({describe_cpu()})" if device.type == "cpu" else str(device)
+        passes = "measurement passes" if self.autocast_scope == "measure" else "measurement, teacher and KPWT passes"
         return [f"pruner.autocast={self.autocast}: {where} has no native {self.autocast} matrix units, so the "
-                f"measurement passes ran emulated, slower than in float32; pruner.autocast=false is faster here"]
+                f"{passes} ran emulated, slower than in float32; pruner.autocast=false is faster here"]
 
     def _search(self, problem: PruneProblem, teacher: Teacher, masks: Masks, from_sublayer: int,
                 budget: float, timing: dict[str, float], hidden: list[torch.Tensor],
