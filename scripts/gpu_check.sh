@@ -8,8 +8,9 @@
 # fp16 autocast; the same run twice with deterministic=true (masks and safetensors compared); a run
 # SIGKILLed after two sub-layers and resumed (compared with the uninterrupted run); kprune eval,
 # bench and finetune (a few steps); the benchmark harness (fast vs reference schedule, profile);
-# K-prune on MiniLM-MRPC at 100K tokens in fp32 and bf16 (needs ../shared or $KPRUNE_SHARED, else
-# skipped) and on a random BERT-base at 100K tokens (pruning time, stages, peak memory). Prints a
+# K-prune on MiniLM-MRPC at 100K tokens in fp32, bf16 and bf16 with pruner.autocast_scope=all (needs
+# ../shared or $KPRUNE_SHARED, else skipped) and on a random BERT-base at 100K tokens in fp32 and
+# bf16-all (pruning time, stages, peak memory, keep decisions equal to fp32's). Prints a
 # table and writes DIR/gpu_check.json (DIR defaults to gpu-check/), the logs beside it. Exit status
 # 1 if any check failed.
 #
@@ -168,8 +169,9 @@ else
 fi
 
 # --- timings: K-prune's pruning at TOKENS tokens, one process (each case loaded once); a row per run
-if [ "$DRY" = 1 ] || [ -d "$SHARED/models/minilm-mrpc" ]; then CASES="minilm:fp32,minilm:bf16,bert-base:fp32"; else
-    skip minilm "no $SHARED/models/minilm-mrpc (set KPRUNE_SHARED)"; CASES="bert-base:fp32"; fi
+if [ "$DRY" = 1 ] || [ -d "$SHARED/models/minilm-mrpc" ]; then
+    CASES="minilm:fp32,minilm:bf16,minilm:bf16-all,bert-base:fp32,bert-base:bf16-all"; else
+    skip minilm "no $SHARED/models/minilm-mrpc (set KPRUNE_SHARED)"; CASES="bert-base:fp32,bert-base:bf16-all"; fi
 check timings "$((2 * LIMIT))" $PY - "$RESULTS" "$CASES" "$DEVICE" "$TOKENS" "$DRY" "$SHARED" <<'EOF'
 import copy, json, sys, time
 from pathlib import Path
@@ -180,8 +182,10 @@ from kprune_cli.runtime.memory import peak_memory_mb, reset_peak_memory
 results, cases, device, tokens, dry, shared = sys.argv[1:7]
 device, tokens, dry = torch.device(device), int(tokens), dry == "1"
 TINY = {"num_hidden_layers": 2, "hidden_size": 96, "intermediate_size": 384}
-loaded = {}
-for name, autocast in (item.split(":") for item in cases.split(",")):
+loaded, float32_keep = {}, {}
+for name, precision in (item.split(":") for item in cases.split(",")):
+    # fp32 | bf16 (measurement passes) | bf16-all (pruner.autocast_scope=all: the teacher's and KPWT's passes too)
+    autocast, _, scope = precision.partition("-")
     if name not in loaded:  # MiniLM-MRPC from the shared model and data; BERT-base random (tiny in a dry run)
         loaded[name] = (random_case(name, tokens, **{**MINILM_SHAPE, **TINY}) if dry and name == "minilm"
                         else minilm_mrpc(tokens, shared_dir=Path(shared)) if name == "minilm"
@@ -192,16 +196,20 @@ for name, autocast in (item.split(":") for item in cases.split(",")):
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    result = KPrunePruner(autocast=False if autocast == "fp32" else autocast).prune(problem)
+    result = KPrunePruner(autocast=False if autocast == "fp32" else autocast,
+                          autocast_scope="all" if scope else "measure").prune(problem)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     stages = ", ".join(f"{stage} {value:.1f}" for stage, value in result.timing.items())
+    keep = torch.cat(result.masks.heads + result.masks.neurons).cpu() != 0
+    float32_keep.setdefault(name, keep)  # the fp32 row comes first: later rows say how many units they keep alike
+    agree = f"; keep decisions equal to fp32's: {100 * float((keep == float32_keep[name]).float().mean()):.1f}%"
     detail = (f"{case.sample.num_tokens} tokens ({case.source}); {stages}; peak {peak_memory_mb(device):.0f} MB"
-              + "".join(f"; note: {note}" for note in result.notes))
-    print(json.dumps({"case": name, "autocast": autocast, "seconds": seconds, "detail": detail}), flush=True)
+              + (agree if precision != "fp32" else "") + "".join(f"; note: {note}" for note in result.notes))
+    print(json.dumps({"case": name, "precision": precision, "seconds": seconds, "detail": detail}), flush=True)
     with open(results, "a") as rows:
-        rows.write(f"  {name}-{autocast}\tok\t{seconds:.1f}\t{detail[:300]}\n")
+        rows.write(f"  {name}-{precision}\tok\t{seconds:.1f}\t{detail[:300]}\n")
     del case, problem
 EOF
 

@@ -77,8 +77,9 @@ def test_scope_all_tunes_close_to_the_float32_passes(tiny_model):
     assert float(relative) < 0.05
 
 
-@pytest.mark.parametrize("options, match", [({"autocast_scope": "everything", "autocast": "bf16"}, "choose measure or all"),
-                                            ({"autocast_scope": "all"}, "needs pruner.autocast=bf16 or fp16")])
+@pytest.mark.parametrize("options, match", [
+    ({"autocast_scope": "everything", "autocast": "bf16"}, "choose measure or all"),
+    ({"autocast_scope": "all"}, "needs pruner.autocast=bf16 or fp16")])
 def test_bad_scopes_are_one_line(options, match):
     with pytest.raises(UserError, match=match):
         KPrunePruner(**options)

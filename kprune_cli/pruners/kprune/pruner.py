@@ -148,7 +148,8 @@ class KPrunePruner:
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
                  micro_batch_size: int | None = 32, autocast: bool | str | None = False,
-                 autocast_scope: str = "measure", gradient_batch: int | None = None, gram_precision: str = "auto", align: int | None = None,
+                 autocast_scope: str = "measure", gradient_batch: int | None = None, gram_precision: str = "auto",
+                 align: int | None = None,
                  selection: str = "score", affine_tuning: bool = False, ridge: float | str = KPWT_RIDGE) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
@@ -178,7 +179,8 @@ class KPrunePruner:
         if autocast_scope not in AUTOCAST_SCOPES:
             raise UserError(f"pruner.autocast_scope={autocast_scope}: choose {' or '.join(AUTOCAST_SCOPES)}")
         if autocast_scope == "all" and not self.autocast:
-            raise UserError("pruner.autocast_scope=all needs pruner.autocast=bf16 or fp16 (the precision of those passes)")
+            raise UserError("pruner.autocast_scope=all needs pruner.autocast=bf16 or fp16 "
+                            "(the precision of those passes)")
         self.autocast_scope = autocast_scope
         if selection not in SELECTIONS:
             raise UserError(f"pruner.selection={selection}: choose {' or '.join(SELECTIONS)}")
