@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from rich.progress import Progress
 from conftest import FAMILIES, OTHER_FAMILIES, make_tiny_model
 from kprune_helpers import DEVICES, TINY_FLOPS
 
@@ -96,6 +97,23 @@ def test_a_noisy_first_check_is_timed_again_and_averaged(tiny_model):
     assert len(calls) == 4  # two groups of parts, the check, the check again
     emptied = table.checks[1]
     assert emptied["measured_ms"] == pytest.approx(1.15 * additive_ms(table.emptied()))
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_the_progress_bar_ends_full_also_when_the_check_is_timed_again(tiny_model, noisy):
+    calls = []
+
+    def timer(models):  # with noisy, the first check is off by 30% on one model, so it is timed again
+        calls.append(len(models))
+        times = fake_timer(additive_ms)(models)
+        if noisy and len(calls) == 3:
+            times[0] = [value * 1.3 for value in times[0]]
+        return times
+    progress = Progress(disable=True)
+    measure_table(tiny_model(), SHAPE, SETTINGS, progress=progress, timer=timer)
+    (task,) = progress.tasks
+    assert len(calls) == (4 if noisy else 3)
+    assert task.completed == task.total
 
 
 def test_noisy_widths_are_smoothed_non_decreasing_and_never_below_the_emptied_sublayer():
@@ -235,3 +253,44 @@ def test_a_model_pruned_already_is_refused_for_a_latency_table(tiny_model):
     prune_physically(get_adapter(model), Masks([torch.tensor([1.0, 1, 0, 1])] * 2, [torch.ones(64)] * 2))
     with pytest.raises(UserError, match="layers that are not all full"):
         latency_cost(model, SHAPE, SETTINGS, 0.3)
+
+
+class Interpolated(LatencyCost):
+    """A latency cost that prices every width by interpolation (as before widths were cut to the timed ones)."""
+
+    def priced_width(self, kind: str, kept: int) -> int:
+        return kept
+
+
+def test_a_latency_search_keeps_only_timed_ffn_widths_and_a_flops_search_any():
+    # FFN widths timed every 16 neurons; 64 neurons per FFN, 4 heads, 2 layers.
+    table = LatencyTable({}, 2, 0.0, 0.0, (0.0, 1.0, 2.0, 3.0, 4.0), (0, 16, 32, 48, 64), (0.0, 1.6, 3.2, 4.8, 6.4))
+    cost = LatencyCost(table)
+    assert [cost.priced_width("ffn", n) for n in (0, 15, 16, 47, 63, 64)] == [0, 0, 16, 32, 48, 64]
+    assert cost.priced_width("mha", 3) == 3 and TINY_FLOPS.priced_width("ffn", 47) == 47
+    generator = torch.Generator().manual_seed(0)
+    off_grid = 0
+    for trial in range(10):
+        scores = {s: torch.rand(4 if s % 2 == 0 else 64, generator=generator, dtype=torch.float64) for s in range(4)}
+        budget = float(torch.rand(1, generator=generator)) * cost.total(table.full())
+        keep, unsnapped = kpms(scores, cost, budget), kpms(scores, Interpolated(table), budget)
+        for s in (1, 3):
+            kept = int(keep[s].sum())
+            assert kept in table.ffn_widths, trial
+            # the survivors are the top-scored ones of the sub-layer
+            top = torch.argsort(scores[s], descending=True, stable=True)[:kept]
+            assert bool(keep[s][top].all())
+        assert cost.total([{"heads": int(keep[s].sum()), "neurons": int(keep[s + 1].sum())} for s in (0, 2)]) \
+            <= budget + 1e-9
+        off_grid += sum(int(unsnapped[s].sum()) % 16 != 0 for s in (1, 3))
+    assert off_grid > 0  # a search priced by interpolation keeps any width: the cut above did something
+
+
+def test_the_additivity_check_draws_ffn_widths_the_table_timed(tiny_model):
+    seen = []
+
+    def timer(models):
+        seen.extend(layer["neurons"] for model in models for layer in get_adapter(model).structure())
+        return fake_timer(additive_ms)(models)
+    table = measure_table(tiny_model(), SHAPE, SETTINGS, timer=timer)
+    assert set(seen) <= set(table.ffn_widths) and len(set(seen)) > 2

@@ -18,8 +18,10 @@ groups of a few percent would otherwise show in the table). The width tables are
 non-decreasing (pooling adjacent violators): a runtime never gets slower by dropping a unit, but a
 timer's noise may say so.
 
-**Additivity check.** ``configurations`` random structures of the whole model (widths drawn
-uniformly per sub-layer), with the dense and the emptied model, are timed end to end; the measured
+**Additivity check.** ``configurations`` random structures of the whole model (per sub-layer a
+head count, or one of the timed FFN widths, drawn uniformly: the widths a search keeps, see
+:meth:`~kprune_cli.models.latency_table.LatencyCost.priced_width`), with the dense and the emptied
+model, are timed end to end; the measured
 times are fitted as ``scale · Σ table + offset`` (least squares of the relative errors); when the
 fit's worst relative error exceeds ``max_error`` (5%) the check is timed once more (the two medians
 of each model averaged), and a second failure refuses the table with one line (it is kept beside the
@@ -58,8 +60,9 @@ from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import cpu_model
 from kprune_cli.runtime.timing import time_in_turns
 
-TABLE_VERSION = 1
-"""How tables are measured; part of the fingerprint, so that a table measured otherwise is never reused."""
+TABLE_VERSION = 2
+"""How tables are measured; part of the fingerprint, so that a table measured otherwise is never reused
+(2: the additivity check draws FFN widths from the timed ones)."""
 
 GROUP_SIZE = 8
 """Models timed in turns at once (each group's models are all in memory together)."""
@@ -175,7 +178,8 @@ def measure_table(model: PreTrainedModel, shape: RuntimeShape, settings: TableSe
     empty = {"heads": 0, "neurons": 0}
     parts: list[Structure] = [[empty, empty]] + [[{"heads": h, "neurons": 0}] for h in range(1, heads + 1)] \
         + [[{"heads": 0, "neurons": n}] for n in widths[1:]]
-    bar = progress.add_task("latency table", total=len(parts) + settings.configurations + 2) if progress else None
+    checked = settings.configurations + 1  # the emptied model and the random ones (the dense one is a reference)
+    bar = progress.add_task("latency table", total=len(parts) + checked) if progress else None
     with Timing(model, shape, settings, timer, progress, bar) as timing:
         times, (_, base) = timing.medians(parts, [[{"heads": heads, "neurons": neurons}], [empty]])
         added = [value - base for value in times]  # over the emptied one-layer model
@@ -187,12 +191,15 @@ def measure_table(model: PreTrainedModel, shape: RuntimeShape, settings: TableSe
         )
         generator = random.Random(settings.seed)
         checks = [table.emptied()] + [
-            [{"heads": generator.randint(0, heads), "neurons": generator.randint(0, neurons)} for _ in range(layers)]
+            [{"heads": generator.randint(0, heads), "neurons": generator.choice(widths)} for _ in range(layers)]
             for _ in range(settings.configurations)
         ]
         measured, (dense,) = timing.medians(checks, [table.full()])
         fitted = fit_additivity(table, [table.full(), *checks], [dense, *measured])
         if fitted.fit["worst_error"] > settings.max_error:
+            if progress is not None:  # the second check's models join the bar's total
+                progress.update(bar, total=len(parts) + 2 * checked,
+                                description="latency table (additivity checked again)")
             again, (dense_again,) = timing.medians(checks, [table.full()])
             measured = [(first + second) / 2 for first, second in zip(measured, again)]
             fitted = fit_additivity(table, [table.full(), *checks], [(dense + dense_again) / 2, *measured])

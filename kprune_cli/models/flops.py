@@ -27,6 +27,10 @@ class CostModel(Protocol):
     def kept_cost(self, kind: str, kept: int) -> float:
         """The cost of a sub-layer of ``kind`` that keeps ``kept`` units, over its emptied self."""
 
+    def priced_width(self, kind: str, kept: int) -> int:
+        """The largest width ``≤ kept`` whose cost was priced, not interpolated: a search that chose
+        ``kept`` units of a sub-layer of ``kind`` keeps this many."""
+
     def budget(self, rate: float, structure: list[dict[str, int]]) -> float:
         """What the kept units may cost at ``rate`` for a model of ``structure``."""
 
@@ -66,6 +70,10 @@ class FlopsModel:
 
     def kept_cost(self, kind: str, kept: int) -> float:
         return float(kept) * self.cost(kind)
+
+    def priced_width(self, kind: str, kept: int) -> int:
+        """Every width is priced: ``kept``."""
+        return kept
 
     def budget(self, rate: float, structure: Iterable[Mapping[str, int]]) -> float:
         """``(1 - rate)`` of ``structure``'s FLOPs: the paper's constraint."""

@@ -127,6 +127,19 @@ class LatencyCost:
     def kept_cost(self, kind: str, kept: int) -> float:
         return self.table.scale * self.table.sublayer_ms(kind, kept)
 
+    def priced_width(self, kind: str, kept: int) -> int:
+        """``kept`` heads (every head count is timed); for an FFN, the largest timed width ``≤ kept``.
+
+        The table times FFN widths every ``latency.ffn_step`` neurons and interpolates between them,
+        but runtimes have steps finer than that: in PyTorch eager on an AVX2 CPU, widths that are not a
+        multiple of 8 ran 15-20% slower than the multiple of 8 below them (MiniLM's FFN at batch 32 × 53
+        tokens, 2 threads: 1400 neurons 27.4 ms, 1401-1407 31.4-34.8 ms). A search that keeps only
+        timed widths runs at the table's own times, with no interpolation to be wrong.
+        """
+        if kind == "mha" or kept >= self.table.num_neurons:
+            return kept
+        return self.table.ffn_widths[bisect.bisect_right(self.table.ffn_widths, kept) - 1]
+
     def by_width(self, kind: str) -> list[float]:
         """:meth:`kept_cost` of a sub-layer of ``kind`` keeping 0, 1, ... all of its units."""
         return [self.kept_cost(kind, kept) for kept in range(self.table.full_width(kind) + 1)]

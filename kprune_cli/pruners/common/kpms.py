@@ -11,6 +11,12 @@ sub-layer's ``k``-th step (its ``unit_costs``). With FLOPs every step is ``F_hea
 threshold on the score), exactly as in the paper and the official code; it is not a knapsack
 that skips an expensive unit to fit cheaper, lower-scoring ones. O(n log n).
 
+With a latency table, a sub-layer's count is then cut down to the largest width the table timed
+(:meth:`~kprune_cli.models.latency_table.LatencyCost.priced_width`: FFN widths every
+``latency.ffn_step`` neurons; runtimes are slower between them than the interpolation says), dropping its
+lowest-scored survivors; the budget they leave goes to the sub-layers searched later. With FLOPs every
+width is priced and nothing is cut.
+
 Ties are broken by position (stable sort: earlier sub-layer, lower index first); the official
 code keeps or drops tied units together.
 
@@ -53,7 +59,12 @@ def kpms(scores: Mapping[int, torch.Tensor], cost: CostModel, budget: float) -> 
     keep = torch.zeros_like(values, dtype=torch.bool)
     keep[order[: int(fits.sum())]] = True
     pieces = keep.split([scores[s].numel() for s in sublayers])
-    return {s: piece.to(scores[s].device) for s, piece in zip(sublayers, pieces)}
+    found = {}
+    for s, piece in zip(sublayers, pieces):
+        kept = int(piece.sum())
+        surplus = kept - cost.priced_width(sublayer_kind(s), kept)
+        found[s] = (drop_lowest(piece, scores[s].cpu(), surplus) if surplus else piece).to(scores[s].device)
+    return found
 
 
 def in_score_order(scores: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -69,11 +80,16 @@ def align_kept(keep: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch
     """``keep`` ``(units,)`` bool with its lowest-scoring kept units dropped until the count is a
     multiple of ``multiple`` (rounded down, so the FLOPs stay within any budget ``keep`` met).
     Tensor-core GEMMs run fastest on widths that are multiples of 8 (or 64)."""
-    surplus = int(keep.sum()) % multiple
-    if surplus == 0:
+    return drop_lowest(keep, scores, int(keep.sum()) % multiple)
+
+
+def drop_lowest(keep: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:
+    """``keep`` ``(units,)`` bool without its ``count`` lowest-scoring kept units (ties: the lower
+    index goes first); ``keep`` itself when ``count`` is 0."""
+    if count == 0:
         return keep
     kept = keep.nonzero().squeeze(1)  # (kept,)
     order = torch.argsort(scores[kept].double(), stable=True)  # lowest first; ties: lower index first
-    aligned = keep.clone()
-    aligned[kept[order[:surplus]]] = False
-    return aligned
+    dropped = keep.clone()
+    dropped[kept[order[:count]]] = False
+    return dropped
