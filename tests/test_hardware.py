@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import kprune
 from kprune_helpers import make_problem, make_sample, sharpen
 
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
@@ -45,6 +46,21 @@ def test_kprune_notes_an_emulated_autocast(tiny_model, flags, native):
     assert len(emulated) == (0 if native else 1)
     if not native:
         assert "pruner.autocast=false" in emulated[0]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_kprune_run_warns_before_the_work_when_autocast_would_be_emulated(flags, native, tiny_checkpoint, mrpc_dir,
+                                                                         tmp_path, capsys):
+    flags("avx2", *(("avx512_bf16",) if native else ()))
+    assert kprune("run", "task=mrpc", f"model.path={tiny_checkpoint}", f"data_dir={mrpc_dir}", "device=cpu",
+                  f"output_dir={tmp_path / 'out'}", "calibration.num_tokens=300", "rate=0.5",
+                  "pruner.autocast=bf16") == 0
+    printed = capsys.readouterr().err
+    warning = [line for line in printed.splitlines() if "warning:" in line]
+    assert len(warning) == (0 if native else 1)
+    if not native:  # after the device line, before the pruning's progress
+        assert printed.index("device:") < printed.index("warning:") < printed.index("K-prune")
+        assert "no native bf16" in warning[0]
 
 
 def test_kprune_in_float32_leaves_no_precision_note(tiny_model, flags):

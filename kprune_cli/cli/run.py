@@ -49,6 +49,7 @@ from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
 from kprune_cli.models.model_card import write_model_card
 from kprune_cli.pruners.base import PruneProblem, Pruner
+from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.runtime.console import console, make_progress
 from kprune_cli.runtime.errors import UserError, listed
 from kprune_cli.runtime.hardware import announce_device
@@ -123,6 +124,9 @@ def run_pruning(cfg: DictConfig) -> Report:
             output.claim(resume=settings.resume)
         numerics.enter_context(deterministic_algorithms(settings.deterministic))  # before CUDA starts
         announce_device(device)
+        if isinstance(pruner, KPrunePruner):  # hours instead of minutes deserve a word before they start
+            for note in pruner.precision_notes(device):
+                console.print(f"[bold]kprune:[/] warning: {escape(note)}", highlight=False, soft_wrap=True)
         reset_peak_memory(device)  # this job's peak, not the sweep's so far (one process runs a sweep's jobs)
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):

@@ -259,7 +259,7 @@ class KPrunePruner:
         if saved is None:
             self._held_out = {}
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
-            notes = (self._precision_notes(problem.device) + (gram_precision_notes(gram_precision) if self.tune else [])
+            notes = (self.precision_notes(problem.device) + (gram_precision_notes(gram_precision) if self.tune else [])
                      + self._affine_notes(problem))
         else:
             start, budget, notes = int(saved["done"]), float(saved["budget"]), list(saved["notes"])
@@ -375,14 +375,15 @@ class KPrunePruner:
         return ["pruner.affine_tuning: the output projections without a bias (this family has none) "
                 "were tuned plainly"]
 
-    def _precision_notes(self, device: torch.device) -> list[str]:
-        """A note when ``autocast`` asks for a precision that ``device`` only emulates (slower than float32)."""
+    def precision_notes(self, device: torch.device) -> list[str]:
+        """A note when ``autocast`` asks for a precision that ``device`` only emulates (slower than float32,
+        up to 50x on a CPU without bf16 units); ``kprune run`` also prints it before the work starts."""
         if not self.autocast or native_matmul(device, AUTOCAST_DTYPES[self.autocast]):
             return []
         where = f"this CPU ({describe_cpu()})" if device.type == "cpu" else str(device)
         passes = "measurement passes" if self.autocast_scope == "measure" else "measurement, teacher and KPWT passes"
         return [f"pruner.autocast={self.autocast}: {where} has no native {self.autocast} matrix units, so the "
-                f"{passes} ran emulated, slower than in float32; pruner.autocast=false is faster here"]
+                f"{passes} run emulated, far slower than in float32; pruner.autocast=false is faster here"]
 
     def _search(self, problem: PruneProblem, teacher: Teacher, masks: Masks, from_sublayer: int,
                 budget: float, timing: dict[str, float], hidden: list[torch.Tensor],
