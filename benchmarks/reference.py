@@ -20,11 +20,11 @@ from transformers import PreTrainedModel
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.flops import FlopsModel
 from kprune_cli.models.masks import Masks
+from kprune_cli.models.precision import AUTOCAST_DTYPES
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_taps, forward_until
 from kprune_cli.pruners.common.kpms import BUDGET_TOLERANCE
-from kprune_cli.pruners.common.precision import AUTOCAST_DTYPES
 from kprune_cli.pruners.common.teacher import DistillBatch, Teacher
 from kprune_cli.pruners.kprune.measure import measure, score
 from kprune_cli.pruners.kprune.pruner import KPrunePruner

@@ -1,5 +1,5 @@
 """``pruner.autocast_scope=all``: the teacher's, KPWT's and the hidden-state passes in half precision
-too, their forward only (kprune_cli/pruners/common/precision.py)."""
+too, their forward only (kprune_cli/models/precision.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from kprune_helpers import make_problem, make_sample, sharpen
 
 from kprune_cli.models.adapters import get_adapter
-from kprune_cli.pruners.common.precision import autocast_forward
+from kprune_cli.models.precision import autocast_forward
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.runtime.errors import UserError
 

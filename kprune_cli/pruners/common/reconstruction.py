@@ -35,9 +35,9 @@ from transformers import PreTrainedModel
 
 from kprune_cli.models.adapters import ModelAdapter, Tap
 from kprune_cli.models.masks import Masks, apply_masks
+from kprune_cli.models.precision import full_precision
 from kprune_cli.pruners.common import sublayer_parts, unit_width
 from kprune_cli.pruners.common.hooks import capture_taps
-from kprune_cli.pruners.common.precision import full_precision
 from kprune_cli.pruners.common.window import LayerWindow
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import fast_float64
@@ -124,7 +124,7 @@ def sublayer_activations(model: PreTrainedModel, adapter: ModelAdapter, masks: M
     """What ``sublayer`` sees and produces on ``batch``'s selected tokens with ``masks`` applied,
     from a forward pass that stops where the sub-layer's residual sum is read. The pass starts at
     the embeddings, or with ``hidden`` ``(batch, seq, d)`` entering the sub-layer's layer.
-    Half-precision values (a pass under :func:`~kprune_cli.pruners.common.precision.autocast_forward`)
+    Half-precision values (a pass under :func:`~kprune_cli.models.precision.autocast_forward`)
     come back float32."""
     parts, kind = sublayer_parts(adapter, sublayer)
     taps = {"x": parts.input_tap(kind), "a": Tap(parts.out_proj(kind)), "y": parts.sum_tap(kind)}

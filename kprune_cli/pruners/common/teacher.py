@@ -28,9 +28,9 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from kprune_cli.models.adapters import get_adapter
+from kprune_cli.models.precision import full_precision
 from kprune_cli.pruners.common import sublayer_kind
 from kprune_cli.pruners.common.hooks import capture_taps
-from kprune_cli.pruners.common.precision import full_precision
 from kprune_cli.pruners.common.reconstruction import TokenBatch
 from kprune_cli.pruners.common.window import LayerWindow, advance, encoder_inputs
 from kprune_cli.tasks.calibration import DRAW_INDEX, CalibrationSample

@@ -26,8 +26,8 @@ from transformers.utils import ModelOutput
 
 from kprune_cli.models.adapters import ModelAdapter, Tap
 from kprune_cli.models.masks import Masks, apply_masks
+from kprune_cli.models.precision import full_precision
 from kprune_cli.pruners.common.hooks import StopForward, forward_until
-from kprune_cli.pruners.common.precision import full_precision
 
 
 class LayerWindow:

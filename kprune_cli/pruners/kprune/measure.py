@@ -42,10 +42,10 @@ from transformers import PreTrainedModel
 from kprune_cli.models.adapters import ModelAdapter
 from kprune_cli.models.flops import CostModel
 from kprune_cli.models.masks import Masks
+from kprune_cli.models.precision import eager_attention, full_precision
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
 from kprune_cli.pruners.common.gradient_batch import GLUE_GRADIENT_BATCH
 from kprune_cli.pruners.common.hooks import capture_inputs, frozen, grad_leaf_input, scale_inputs
-from kprune_cli.pruners.common.precision import eager_attention, full_precision
 from kprune_cli.pruners.common.teacher import DistillBatch, Teacher, distillation_loss
 from kprune_cli.pruners.common.window import LayerWindow
 
@@ -110,7 +110,7 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
     backward) under :func:`torch.autocast` in that dtype; faster where the hardware has
     half-precision units, at the price of slightly different scores. Knowledge is accumulated in
     float64 either way. On a CPU, autocast passes use eager attention
-    (:func:`~kprune_cli.pruners.common.precision.eager_attention`).
+    (:func:`~kprune_cli.models.precision.eager_attention`).
     Under float16 the loss is scaled before the backward pass and the gradients unscaled after it
     (``loss_scale``, default :data:`FP16_LOSS_SCALE`, halved and the micro-batch redone whenever a
     gradient overflows): the per-element gradients of a student close to its teacher, 1e-5 to

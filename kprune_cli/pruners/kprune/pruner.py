@@ -32,11 +32,11 @@ import torch
 from rich.progress import Progress
 
 from kprune_cli.models.masks import Masks
+from kprune_cli.models.precision import AUTOCAST_DTYPES, autocast_forward
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.common.kpms import align_kept, kpms
-from kprune_cli.pruners.common.precision import AUTOCAST_DTYPES, autocast_forward
 from kprune_cli.pruners.common.reconstruction import check_gram_precision, gram_precision_notes, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
@@ -112,7 +112,7 @@ class KPrunePruner:
     default off) runs the measurement passes in that precision (faster on GPUs, slightly
     different scores; see :func:`~kprune_cli.pruners.kprune.measure.measure`), and with
     ``autocast_scope="all"`` (opt-in) the teacher's, KPWT's and the hidden-state passes too, their
-    forward only (:func:`~kprune_cli.pruners.common.precision.autocast_forward`: the normal
+    forward only (:func:`~kprune_cli.models.precision.autocast_forward`: the normal
     equations and solves stay float64);
     ``gradient_batch`` is the number of sequences per squared gradient of predictive knowledge
     (``None``: the official code's for the task, 32 for GLUE and 12 for SQuAD, to which ``lambda_rep``

@@ -1,4 +1,5 @@
-"""Half-precision forward passes for the pruners (``pruner.autocast``, ``pruner.autocast_scope``).
+"""Half-precision forward passes of a float32 model (``pruner.autocast``, ``pruner.autocast_scope``,
+``eval_dtype``).
 
 The model's weights stay float32. A pass runs under :func:`torch.autocast` in bfloat16 or float16,
 so its matrix products use the hardware's half-precision units where it has them; everything the
