@@ -214,3 +214,29 @@ def test_a_plain_run_is_no_smoke_run(tiny_checkpoint, mrpc_dir, tmp_path):
     report = json.loads((output / "report.json").read_text())
     assert report["smoke"] is False and not any("smoke" in note or "reloaded" in note for note in report["notes"])
     assert "Smoke run" not in (output / "report.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_a_bad_eval_dtype_is_one_line(command, tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    where = [f"model.path={tiny_checkpoint}", f"output_dir={tmp_path / 'out'}"] if command == "run" \
+        else [f"checkpoint={tiny_checkpoint}"]
+    assert kprune(command, "task=mrpc", *where, f"data_dir={mrpc_dir}", "eval_dtype=fp64") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("eval_dtype='fp64' is not allowed: give fp32, bf16, fp16") and "\n" not in error
+
+
+def test_eval_in_bf16_scores_close_to_float32_and_warns_where_bf16_is_emulated(tiny_checkpoint, mrpc_dir,
+                                                                             monkeypatch, capsys):
+    from kprune_cli.runtime import hardware
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        assert kprune("eval", f"checkpoint={tiny_checkpoint}", "task=mrpc", f"data_dir={mrpc_dir}", "device=cpu",
+                      f"eval_dtype={precision}") == 0
+        captured = capsys.readouterr()
+        scores[precision] = json.loads(captured.out.strip().splitlines()[-1])
+        warned = "warning: eval_dtype=bf16: this CPU" in captured.err
+        assert warned == (precision == "bf16")
+    assert scores["bf16"].keys() == scores["fp32"].keys()
+    assert all(abs(scores["bf16"][key] - scores["fp32"][key]) <= 0.1 for key in scores["fp32"]
+               if isinstance(scores["fp32"][key], float))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from kprune_helpers import sharpen
 from rich.progress import Progress
 from scipy import stats
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -54,6 +55,21 @@ def test_classification_matches_direct_computation(tiny_model, char_tokenizer):
     assert set(metrics) == {"accuracy"} and 0 < expected < 1
     assert metrics["accuracy"] == pytest.approx(expected)
     assert progress.tasks[0].completed == progress.tasks[0].total == 37
+
+
+def test_bf16_evaluation_runs_the_forward_in_bf16_and_scores_close_to_float32(tiny_model, char_tokenizer):
+    model, tokenizer = sharpen(tiny_model("distilbert", num_labels=1)), char_tokenizer(token_type_ids=False)
+    left, right = sentences(30, seed=1), sentences(30, seed=2)
+    validation = DatasetDict(validation=Dataset.from_dict({"sentence1": left["sentence"], "sentence2": right["sentence"],
+                                                          "label": np.linspace(0, 5, 30).tolist()}))
+    seen = []
+    hook = model.pre_classifier.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    full = evaluate_model(model, tokenizer, STSB, validation, "cpu", batch_size=8)
+    half = evaluate_model(model, tokenizer, STSB, validation, "cpu", batch_size=8, dtype=torch.bfloat16)
+    hook.remove()
+    assert set(seen) == {torch.float32, torch.bfloat16}
+    assert half["pearson"] != full["pearson"] and half["pearson"] == pytest.approx(full["pearson"], abs=0.05)
+    assert "forward" not in vars(model) and all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_regression_and_no_segment_ids(tiny_model, char_tokenizer):

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from rich.table import Table
 
-from kprune_cli.config.values import check_int, check_optional_int
+from kprune_cli.config.values import check_int, check_optional_int, check_precision
 from kprune_cli.core.builtins import resolve_model_path
 from kprune_cli.core.latency import interleaved_latency, latency_figures
 from kprune_cli.models.adapters import get_adapter
@@ -22,12 +22,11 @@ from kprune_cli.runtime.console import console, make_progress
 from kprune_cli.runtime.device import resolve_device
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import announce_device
+from kprune_cli.runtime.precision import PRECISIONS
 from kprune_cli.tasks.spec import get_task
 
 ORT_KEY = "onnxruntime"  # a row's ONNX Runtime figures per model role
 ORT_INT8_KEY = "onnxruntime_int8"  # the same for the int8 models (quantize=int8)
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""``dtype``: the precision PyTorch is timed in (autocast; None: float32)."""
 
 
 def run_bench(cfg: DictConfig) -> list[dict]:
@@ -36,9 +35,7 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     device = resolve_device(str(cfg.device))
     repeats = check_int("repeats", cfg.repeats, 1)
     batch_sizes = [check_int("batch_sizes", size, 1) for size in cfg.batch_sizes]
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"dtype={cfg.dtype!r} is not allowed: give {', '.join(DTYPES)}")
-    dtype = DTYPES[cfg.dtype]
+    dtype = PRECISIONS[check_precision("dtype", cfg.dtype)]  # the precision PyTorch is timed in (None: float32)
     with_onnx = _onnx_wanted(cfg.onnx, device)
     quantize = _quantize_wanted(cfg.quantize, with_onnx)
     if cfg.seq_len is None and task.avg_seq_len is None:

@@ -50,13 +50,13 @@ from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
 from kprune_cli.models.model_card import write_model_card
 from kprune_cli.pruners.base import PruneProblem, Pruner
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
-from kprune_cli.runtime.console import console, make_progress
+from kprune_cli.runtime.console import console, make_progress, warn
 from kprune_cli.runtime.errors import UserError, listed
-from kprune_cli.runtime.hardware import announce_device
+from kprune_cli.runtime.hardware import announce_device, emulated_note
 from kprune_cli.runtime.interrupts import deferred_interrupts
 from kprune_cli.runtime.memory import peak_memory_mb, reset_peak_memory
 from kprune_cli.runtime.output_dir import OutputDir, write_errors
-from kprune_cli.runtime.precision import deterministic_algorithms
+from kprune_cli.runtime.precision import PRECISIONS, deterministic_algorithms
 from kprune_cli.runtime.steps import StepCheckpoints
 from kprune_cli.runtime.timing import timed
 from kprune_cli.tasks.calibration import calibration_rows
@@ -124,9 +124,13 @@ def run_pruning(cfg: DictConfig) -> Report:
             output.claim(resume=settings.resume)
         numerics.enter_context(deterministic_algorithms(settings.deterministic))  # before CUDA starts
         announce_device(device)
-        if isinstance(pruner, KPrunePruner):  # hours instead of minutes deserve a word before they start
-            for note in pruner.precision_notes(device):
-                console.print(f"[bold]kprune:[/] warning: {escape(note)}", highlight=False, soft_wrap=True)
+        eval_dtype = PRECISIONS[settings.eval_dtype]
+        slow = emulated_note(f"eval_dtype={settings.eval_dtype}", eval_dtype, device, "the evaluation's passes",
+                             "eval_dtype=fp32")
+        if isinstance(pruner, KPrunePruner):
+            slow += pruner.precision_notes(device)
+        for note in slow:  # hours instead of minutes deserve a word before they start
+            warn(note)
         reset_peak_memory(device)  # this job's peak, not the sweep's so far (one process runs a sweep's jobs)
         torch.manual_seed(settings.seed)
         with timed(timing, "load"):
@@ -154,7 +158,7 @@ def run_pruning(cfg: DictConfig) -> Report:
 
         with timed(timing, "evaluate_dense"):
             dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
-                                           notes=notes, max_examples=settings.eval_max_examples)
+                                           notes=notes, max_examples=settings.eval_max_examples, dtype=eval_dtype)
         with timed(timing, "calibration"):
             rows, source_notes = calibration_rows(task, data, settings.calibration_source)
             sample, shortfall = draw_sample(task, rows, tokenizer, settings.sample_size,
@@ -195,7 +199,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         with timed(timing, "evaluate_pruned"):
             pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
                                             batch_size=settings.eval_batch_size, notes=notes,
-                                            max_examples=settings.eval_max_examples)
+                                            max_examples=settings.eval_max_examples, dtype=eval_dtype)
         with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
             checkpoint_dir = output.path / "pruned"
             checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path), task=task)

@@ -19,6 +19,7 @@ from kprune_cli.config.values import (
     check_float,
     check_int,
     check_optional_int,
+    check_precision,
     check_rate,
     required_keys,
     resolve_config,
@@ -134,6 +135,8 @@ class RunSettings:
     data_dir: str | None
     eval_batch_size: int
     eval_max_examples: int | None
+    eval_dtype: str
+    """``fp32``, ``bf16`` or ``fp16``: the precision of the evaluation's forward passes (autocast)."""
     sample_size: SampleSize
     calibration_batch_size: int
     calibration_seed: int
@@ -165,6 +168,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             data_dir=None if cfg.data_dir is None else str(cfg.data_dir),
             eval_batch_size=check_int("eval_batch_size", cfg.eval_batch_size, 1),
             eval_max_examples=check_optional_int("eval_max_examples", cfg.eval_max_examples, 1),
+            eval_dtype=check_precision("eval_dtype", cfg.eval_dtype),
             sample_size=read_sample_size(cfg.calibration),
             calibration_batch_size=check_int("calibration.batch_size", cfg.calibration.batch_size, 1),
             calibration_seed=check_int("calibration.seed", cfg.calibration.seed, 0, SEED_LIMIT),

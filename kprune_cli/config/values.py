@@ -99,6 +99,18 @@ def check_bool(key: str, value: Any) -> bool:
     return value
 
 
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+"""Names of a forward pass's precision (``eval_dtype``, ``kprune bench dtype``); their dtypes are
+:data:`kprune_cli.runtime.precision.PRECISIONS` (torch is not imported here)."""
+
+
+def check_precision(key: str, value: Any) -> str:
+    """``value`` if it is one of :data:`PRECISION_NAMES`."""
+    if value not in PRECISION_NAMES:
+        raise UserError(f"{key}={value!r} is not allowed: give {', '.join(PRECISION_NAMES)}")
+    return str(value)
+
+
 def check_argument_types(target: Callable[..., Any], values: dict[str, Any], prefix: str) -> None:
     """A :class:`UserError` for the first of ``values`` whose type ``target``'s annotations rule out.
 

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kprune_cli.models.precision import autocast_forward
 from kprune_cli.runtime.console import console, make_progress
 from kprune_cli.runtime.interrupts import deferred_interrupts
 from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, evaluation_features, feature_lengths
@@ -43,7 +44,7 @@ class BatchSize:
 def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
                    datasets: DatasetDict, device: torch.device | str, batch_size: int = 64,
                    progress: Progress | None = None, notes: list[str] | None = None,
-                   max_examples: int | None = None) -> dict[str, float]:
+                   max_examples: int | None = None, dtype: torch.dtype | None = None) -> dict[str, float]:
     """Every metric of ``task`` on every split of ``task.eval_splits``, as fractions.
 
     The first split's metrics keep their plain names (``{"accuracy": 0.87, "f1": 0.9}``);
@@ -51,11 +52,14 @@ def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     rich progress display to add the bars to; by default a transient one of our own.
     A batch that runs out of GPU memory is retried in halves (the metrics do not change);
     ``notes`` (optional) gets a line for the report each time. ``max_examples``: evaluate on
-    the first that many examples of each split only (a quick check, not a result).
+    the first that many examples of each split only (a quick check, not a result). ``dtype``
+    (``torch.bfloat16`` or ``torch.float16``; ``eval_dtype``): the forward passes run under autocast
+    in it (:func:`~kprune_cli.models.precision.autocast_forward`), the weights stay float32 and the
+    outputs come back float32; None: float32.
     """
     metrics = {}
     sizes = BatchSize(batch_size, notes if notes is not None else [])
-    with _progress_display(progress) as display:
+    with _progress_display(progress) as display, autocast_forward(model, dtype):
         for position, split in enumerate(task.eval_splits):
             prefix = "" if position == 0 else SPLIT_PREFIXES.get(split, f"{split}_")
             scores = evaluate_split(model, tokenizer, task, first_examples(datasets[split], max_examples), device,

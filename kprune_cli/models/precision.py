@@ -22,8 +22,10 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-"""Values of ``pruner.autocast`` besides ``false``: the precision of the half-precision passes."""
+from kprune_cli.runtime.precision import PRECISIONS
+
+AUTOCAST_DTYPES = {name: dtype for name, dtype in PRECISIONS.items() if dtype is not None}
+"""Values of ``pruner.autocast`` besides ``false``: the half precisions by name, ``bf16`` and ``fp16``."""
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -81,6 +82,11 @@ class LogProgress(Progress):
 
 def _count(value: float | None) -> str:
     return "?" if value is None else f"{value:g}"
+
+
+def warn(message: str) -> None:
+    """Print ``kprune: warning: <message>`` on the console (stderr), as plain text."""
+    console.print(f"[bold]kprune:[/] warning: {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def make_progress(transient: bool = True) -> Progress:

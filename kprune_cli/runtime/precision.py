@@ -1,4 +1,5 @@
-"""Numerics switches of a job: deterministic algorithms, and float32 matrix products in full precision.
+"""Numerics switches of a job: deterministic algorithms, float32 matrix products in full precision, and
+the names of the precisions a forward pass may run in (``fp32``, ``bf16``, ``fp16``).
 
 On the CPU both change nothing by default (PyTorch's CPU kernels are deterministic, and float32
 products are exact IEEE float32 unless someone lowers ``torch.set_float32_matmul_precision``). On
@@ -14,6 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each precision name a setting takes (``eval_dtype``, ``kprune bench dtype``;
+checked by :func:`kprune_cli.config.values.check_precision`); None: float32."""
 
 CUBLAS_WORKSPACE = ":4096:8"
 """``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS (PyTorch's reproducibility notes)."""

@@ -45,7 +45,7 @@ from kprune_cli.pruners.kprune.select import select_and_tune
 from kprune_cli.pruners.kprune.tune import KPWT_RIDGE, kpwt
 from kprune_cli.runtime.console import make_progress
 from kprune_cli.runtime.errors import UserError
-from kprune_cli.runtime.hardware import describe_cpu, native_matmul
+from kprune_cli.runtime.hardware import emulated_note
 from kprune_cli.runtime.precision import full_float32
 from kprune_cli.runtime.timing import timed
 
@@ -378,12 +378,9 @@ class KPrunePruner:
     def precision_notes(self, device: torch.device) -> list[str]:
         """A note when ``autocast`` asks for a precision that ``device`` only emulates (slower than float32,
         up to 50x on a CPU without bf16 units); ``kprune run`` also prints it before the work starts."""
-        if not self.autocast or native_matmul(device, AUTOCAST_DTYPES[self.autocast]):
-            return []
-        where = f"this CPU ({describe_cpu()})" if device.type == "cpu" else str(device)
         passes = "measurement passes" if self.autocast_scope == "measure" else "measurement, teacher and KPWT passes"
-        return [f"pruner.autocast={self.autocast}: {where} has no native {self.autocast} matrix units, so the "
-                f"{passes} run emulated, far slower than in float32; pruner.autocast=false is faster here"]
+        return emulated_note(f"pruner.autocast={self.autocast}", AUTOCAST_DTYPES.get(self.autocast), device,
+                             f"the {passes}", "pruner.autocast=false")
 
     def _search(self, problem: PruneProblem, teacher: Teacher, masks: Masks, from_sublayer: int,
                 budget: float, timing: dict[str, float], hidden: list[torch.Tensor],
