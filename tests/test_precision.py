@@ -1,4 +1,5 @@
-"""Deterministic mode, full-float32 passes and their record in the report (runtime/precision.py)."""
+"""Deterministic mode, full-float32 passes and their record in the report, and the precision names
+(runtime/precision.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from kprune_helpers import DEVICES, make_problem, make_sample, sharpen
 from test_cli import run_args
 from test_kwon import labelled
 
+from kprune_cli.config.values import PRECISION_NAMES
+from kprune_cli.models.precision import AUTOCAST_DTYPES
 from kprune_cli.pruners.kprune import pruner as kprune_module
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.pruners.kwon.pruner import KwonPruner
 from kprune_cli.runtime.precision import (
     CUBLAS_WORKSPACE,
+    PRECISIONS,
     deterministic_algorithms,
     full_float32,
     matmul_precision,
@@ -106,3 +110,8 @@ def test_deterministic_run_is_recorded_and_repeats_to_the_bit(device, tiny_check
     weights = [(output / "pruned" / "model.safetensors").read_bytes() for output in outputs]
     assert weights[0] == weights[1]
     assert not torch.are_deterministic_algorithms_enabled()  # the job put the mode back
+
+
+def test_precision_names_and_their_dtypes_agree():
+    assert tuple(PRECISIONS) == PRECISION_NAMES and PRECISIONS["fp32"] is None
+    assert AUTOCAST_DTYPES == {"bf16": torch.bfloat16, "fp16": torch.float16}
