@@ -87,6 +87,23 @@ def test_same_seed_same_weights_other_seed_other_weights(tokenizer, demo_dir: Pa
     assert not all(torch.equal(a, c) for a, c in zip(weights[0], weights[2]))
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_training_learns_and_differs_from_float32(tokenizer, demo_dir: Path, dtype: str) -> None:
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    models = {precision: tiny_bert(tokenizer) for precision in ("fp32", dtype)}
+    before = mean_train_loss(models[dtype], tokenizer, demo_dir)
+    seen = []
+    hook = models[dtype].classifier.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    for precision, model in models.items():
+        finetune(model, tokenizer, TASK, data, dataclasses.replace(RECIPE, dtype=precision), device="cpu")
+    hook.remove()
+    assert set(seen[:1]) == {torch.bfloat16 if dtype == "bf16" else torch.float16}
+    assert mean_train_loss(models[dtype], tokenizer, demo_dir) < 0.8 * before
+    assert all(parameter.dtype == torch.float32 for parameter in models[dtype].parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(models["fp32"].state_dict().values(),
+                                                     models[dtype].state_dict().values()))
+
+
 def test_finetune_keeps_the_global_rng_state(tokenizer, demo_dir: Path) -> None:
     data = load_task_data(TASK, data_dir=str(demo_dir))
     model = tiny_bert(tokenizer, dropout=0.1)
@@ -148,6 +165,7 @@ def test_read_settings_turns_the_config_into_checked_values(tmp_path: Path) -> N
     ("max_length=0", "max_length=0 is not allowed: give an integer >= 1 or null"),
     ("seed=-1", "seed=-1 is not allowed: give an integer from 0 to 4294967295"),
     ("overwrite=maybe", "overwrite='maybe' is not allowed: give true or false"),
+    ("dtype=fp64", "dtype='fp64' is not allowed: give fp32, bf16, fp16"),
     ("~epochs", "the config has no epochs: it is required"),
 ])
 def test_a_bad_config_value_is_a_one_line_user_error_before_any_work(tmp_path: Path, override: str,

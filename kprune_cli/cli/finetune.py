@@ -19,10 +19,11 @@ from rich.table import Table
 from kprune_cli.config.values import check_bool, check_optional_int, required_keys, resolve_config
 from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path
 from kprune_cli.core.finetune import FinetuneRecipe, finetune, load_seeded, read_recipe, write_finetuned
-from kprune_cli.runtime.console import console, make_progress
+from kprune_cli.runtime.console import console, make_progress, warn
 from kprune_cli.runtime.device import resolve_device
-from kprune_cli.runtime.hardware import announce_device
+from kprune_cli.runtime.hardware import announce_device, emulated_note
 from kprune_cli.runtime.output_dir import atomic_directory, check_output_dir
+from kprune_cli.runtime.precision import PRECISIONS
 from kprune_cli.tasks.data import load_task_data
 from kprune_cli.tasks.spec import TaskSpec, get_task
 
@@ -66,6 +67,9 @@ def run_finetune(cfg: DictConfig) -> Path:
     task, device, recipe = settings.task, settings.device, settings.recipe
     check_output_dir(settings.output_dir, settings.overwrite)  # before the minutes of training, not after
     announce_device(device)
+    for note in emulated_note(f"dtype={recipe.dtype}", PRECISIONS[recipe.dtype], device, "the training passes",
+                              "dtype=fp32"):
+        warn(note)
 
     model_path, _ = resolve_model_path(settings.model_path, task, device)
     datasets = load_task_data(task, data_dir=resolve_data_dir(task, settings.data_dir))

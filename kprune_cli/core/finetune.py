@@ -5,14 +5,18 @@ Standard recipe: AdamW (no decay on biases and LayerNorm weights), linear schedu
 gradient clipping at 1.0, shuffled batches from a seeded generator, dynamic padding. The loss is the
 model's own (``labels`` for GLUE, ``start_positions`` / ``end_positions`` for SQuAD). An optimizer
 step may accumulate the gradients of several forward passes (``gradient_accumulation_steps``), so that
-a large batch fits a small GPU. The result is a normal Hugging Face directory with
-``dev_metrics.json`` beside the weights.
+a large batch fits a small GPU. ``dtype=bf16`` / ``fp16`` runs the forward (and so the backward)
+passes under autocast, the weights and the optimizer staying float32; fp16 scales the loss (a
+``torch.amp.GradScaler``: gradients unscaled before clipping, steps with an overflow skipped). On a
+GPU the batches are copied from pinned memory. The result is a normal Hugging Face directory with
+``dev_metrics.json`` beside the weights (evaluated in float32).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,9 +30,17 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from kprune_cli.config.paths import CONFIG_DIR
-from kprune_cli.config.values import SEED_LIMIT, check_float, check_int, check_optional_int, required_keys
+from kprune_cli.config.values import (
+    SEED_LIMIT,
+    check_float,
+    check_int,
+    check_optional_int,
+    check_precision,
+    required_keys,
+)
 from kprune_cli.models.loading import load_for_finetuning
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.precision import PRECISIONS
 from kprune_cli.tasks.spec import TaskSpec
 
 MAX_GRAD_NORM = 1.0
@@ -49,6 +61,7 @@ class FinetuneRecipe:
     max_steps: int | None
     seed: int
     gradient_accumulation_steps: int = 1  # forward passes of ``batch_size`` sequences per optimizer step
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: the training passes' precision (autocast)
 
 
 def read_recipe(cfg: DictConfig) -> FinetuneRecipe:
@@ -63,6 +76,7 @@ def read_recipe(cfg: DictConfig) -> FinetuneRecipe:
             max_steps=check_optional_int("max_steps", cfg.max_steps, 1),
             seed=check_int("seed", cfg.seed, 0, SEED_LIMIT),
             gradient_accumulation_steps=check_int("gradient_accumulation_steps", cfg.gradient_accumulation_steps, 1),
+            dtype=check_precision("dtype", cfg.dtype),
         )
 
 
@@ -96,16 +110,21 @@ def _training_batches(loader: DataLoader, num_steps: int, per_step: int
                     return
 
 
-def _accumulate(model: PreTrainedModel, group: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def _accumulate(model: PreTrainedModel, group: list[dict[str, torch.Tensor]], dtype: torch.dtype | None,
+                scaler: torch.amp.GradScaler) -> torch.Tensor:
     """Backward of the mean loss over the batches of ``group`` (each batch's own mean loss, weighted
-    by its sequences: the loss of the whole group as one batch); the loss, detached."""
+    by its sequences: the loss of the whole group as one batch), the forward under autocast in
+    ``dtype`` (None: float32) and the loss multiplied by ``scaler``'s scale; the loss, detached
+    and unscaled."""
     total = sum(int(next(iter(batch.values())).shape[0]) for batch in group)
     summed = torch.zeros((), device=model.device)
+    precision = torch.autocast(model.device.type, dtype=dtype) if dtype is not None else nullcontext()
     for batch in group:
         size = int(next(iter(batch.values())).shape[0])
-        loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss * (size / total)
-        loss.backward()
-        summed += loss.detach()
+        with precision:
+            loss = model(**{k: v.to(model.device, non_blocking=True) for k, v in batch.items()}).loss * (size / total)
+        scaler.scale(loss).backward()
+        summed += loss.detach().float()
     return summed
 
 
@@ -144,8 +163,11 @@ def finetune(
     if len(train) == 0:
         raise UserError(f"the {task.train_split!r} split of task {task.name!r} has no examples to fine-tune on")
     generator = torch.Generator().manual_seed(recipe.seed)
+    on_gpu = torch.device(device).type == "cuda"
     loader = DataLoader(train, batch_size=recipe.batch_size, shuffle=True, generator=generator,
-                        collate_fn=partial(collate, tokenizer=tokenizer))
+                        collate_fn=partial(collate, tokenizer=tokenizer), pin_memory=on_gpu)
+    dtype = PRECISIONS[recipe.dtype]
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
     per_step = recipe.gradient_accumulation_steps
     num_steps = recipe.max_steps or math.ceil(recipe.epochs * len(loader) / per_step)
 
@@ -161,11 +183,13 @@ def finetune(
         running_loss = None
         for step, group in enumerate(_training_batches(loader, num_steps, per_step), start=1):
             try:
-                loss = _accumulate(model, group)
+                loss = _accumulate(model, group, dtype, scaler)
             except torch.cuda.OutOfMemoryError:
                 raise _out_of_memory(recipe) from None
+            scaler.unscale_(optimizer)  # (no-ops unless fp16)
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             value = loss.item()
