@@ -13,7 +13,7 @@ from kprune_helpers import TASK_OF_HEAD, TINY_FLOPS, make_problem, make_sample, 
 from rich.progress import Progress
 
 from kprune_cli.models.masks import apply_masks
-from kprune_cli.pruners.kprune.pruner import KPrunePruner
+from kprune_cli.pruners.kprune.pruner import GPU_MICRO_BATCH_TOKENS, KPrunePruner
 from kprune_cli.runtime.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -169,3 +169,29 @@ def test_pruner_configs(tmp_path, name, changed):
              "iterative": True, "gradient_batch": None, "selection": "score", "affine_tuning": False}
     assert isinstance(pruner, KPrunePruner) and pruner.name == "kprune"
     assert {key: getattr(pruner, key) for key in paper} == {**paper, **changed}
+
+
+def test_a_token_budget_sizes_the_micro_batches_once_and_says_so(tiny_model):
+    model = sharpen(tiny_model("bert"))
+    problem = make_problem(model, rate=0.5, sample=make_sample(model, num=16, seq=12, batch=8))
+    longest = max(int(batch["input_ids"].shape[1]) for batch in problem.sample.batches)
+    pruner = KPrunePruner(micro_batch_tokens=3 * longest + 1)
+    result = pruner.prune(problem)
+    assert pruner.micro_batch_size == 3 and pruner.state_dict()["micro_batch_size"] == 3
+    assert any(note.startswith(f"pruner.micro_batch_tokens={3 * longest + 1}: 3 sequences per pass")
+               for note in result.notes)
+    assert pruner.micro_batch_tokens is None  # consumed: an out-of-memory retry halves the size it set
+
+
+def test_auto_token_budget_is_for_gpus_only():
+    pruner = KPrunePruner()
+    assert pruner.micro_batch_tokens == "auto"
+    assert pruner.token_budget(torch.device("cpu")) is None
+    assert pruner.token_budget(torch.device("cuda")) == GPU_MICRO_BATCH_TOKENS
+    assert KPrunePruner(micro_batch_tokens=None).token_budget(torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("value", [0, -5, "many", 2.5])
+def test_bad_token_budgets_are_one_line(value):
+    with pytest.raises(UserError, match=r"pruner.micro_batch_tokens=.*give a positive integer, auto or null"):
+        KPrunePruner(micro_batch_tokens=value)

@@ -56,6 +56,11 @@ AUTOCAST_SCOPES = ("measure", "all")
 the measurement passes (forward and backward); ``all``: also the teacher's pass (soft targets and
 residual sums), KPWT's passes and the passes that move the cached hidden states up a layer."""
 
+GPU_MICRO_BATCH_TOKENS = 16384
+"""Tokens per pass of ``pruner.micro_batch_tokens=auto`` on a CUDA GPU (the CUDA review's S3: 16-32K
+tokens keep a GPU busy where 32 GLUE sequences, about 2K tokens, leave it launch-bound; not yet timed
+on a GPU). On a CPU ``auto`` keeps ``micro_batch_size``."""
+
 SELECTIONS = ("score", "reconstruction")
 """Values of ``pruner.selection``: which units of a sub-layer survive (KPMS decides how many)."""
 
@@ -147,7 +152,8 @@ class KPrunePruner:
 
     def __init__(self, lambda_pred: float = 1.0, lambda_rep: float = 2.5e-4, mu: float = 64.0,
                  temperature: float = 2.0, tune: bool = True, iterative: bool = True,
-                 micro_batch_size: int | None = 32, autocast: bool | str | None = False,
+                 micro_batch_size: int | None = 32, micro_batch_tokens: int | str | None = "auto",
+                 autocast: bool | str | None = False,
                  autocast_scope: str = "measure", gradient_batch: int | None = None, gram_precision: str = "auto",
                  align: int | None = None,
                  selection: str = "score", affine_tuning: bool = False, ridge: float | str = KPWT_RIDGE) -> None:
@@ -161,6 +167,9 @@ class KPrunePruner:
                 raise UserError(f"pruner.{key}={value}: must be > 0")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise UserError(f"pruner.micro_batch_size={micro_batch_size}: must be a positive integer or null")
+        if micro_batch_tokens not in (None, "auto") and not (isinstance(micro_batch_tokens, int)
+                                                               and micro_batch_tokens >= 1):
+            raise UserError(f"pruner.micro_batch_tokens={micro_batch_tokens}: give a positive integer, auto or null")
         if gradient_batch is not None and gradient_batch < 1:
             raise UserError(f"pruner.gradient_batch={gradient_batch}: must be a positive integer or null")
         if align is not None and align < 1:
@@ -172,6 +181,7 @@ class KPrunePruner:
         self.tune = tune
         self.iterative = iterative
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.gradient_batch = gradient_batch
         if autocast not in (False, None, *AUTOCAST_DTYPES):
             raise UserError(f"pruner.autocast={autocast}: choose false, {' or '.join(AUTOCAST_DTYPES)}")
@@ -245,6 +255,7 @@ class KPrunePruner:
         if problem.steps is not None and (state := problem.steps.load()) is not None:
             self.load_state_dict(state)
         saved, self._resume_from = self._resume_from, None
+        sizing = self._size_by_tokens(problem) if saved is None else []
         timing = {"teacher": 0.0, "measure": 0.0, "search": 0.0, "tune": 0.0}
         passes = self._forward_precision(problem)
         with timed(timing, "teacher"), passes():
@@ -259,8 +270,8 @@ class KPrunePruner:
         if saved is None:
             self._held_out = {}
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
-            notes = (self.precision_notes(problem.device) + (gram_precision_notes(gram_precision) if self.tune else [])
-                     + self._affine_notes(problem))
+            notes = (sizing + self.precision_notes(problem.device)
+                     + (gram_precision_notes(gram_precision) if self.tune else []) + self._affine_notes(problem))
         else:
             start, budget, notes = int(saved["done"]), float(saved["budget"]), list(saved["notes"])
             layers = range(problem.adapter.num_layers)
@@ -326,6 +337,26 @@ class KPrunePruner:
         precision when ``autocast_scope="all"``, else unchanged."""
         dtype = AUTOCAST_DTYPES[self.autocast] if self.autocast_scope == "all" else None
         return lambda: autocast_forward(problem.model, dtype)
+
+    def token_budget(self, device: torch.device) -> int | None:
+        """Tokens per pass that size the micro-batches on ``device``: ``micro_batch_tokens``, with
+        ``"auto"`` = :data:`GPU_MICRO_BATCH_TOKENS` on CUDA and None (``micro_batch_size`` decides) elsewhere."""
+        if self.micro_batch_tokens == "auto":
+            return GPU_MICRO_BATCH_TOKENS if device.type == "cuda" else None
+        return self.micro_batch_tokens
+
+    def _size_by_tokens(self, problem: PruneProblem) -> list[str]:
+        """With a token budget, set ``micro_batch_size`` to the sequences of the sample's longest
+        length that fit it (at least 1), once: an out-of-memory retry then halves that, and a resumed
+        run keeps the size it saved. Returns the report's note (none without a budget)."""
+        budget = self.token_budget(problem.device)
+        self.micro_batch_tokens = None
+        if budget is None:
+            return []
+        longest = max(int(batch["input_ids"].shape[1]) for batch in problem.sample.batches)
+        self.micro_batch_size = max(1, budget // longest)
+        return [f"pruner.micro_batch_tokens={budget}: {self.micro_batch_size} sequences per pass (the sample's "
+                f"sequences are up to {longest} tokens long); pruner.micro_batch_size was not used"]
 
     def gradient_batch_of(self, problem: PruneProblem) -> int:
         """Sequences per squared gradient on ``problem``: ``gradient_batch``, else the task's official size."""
