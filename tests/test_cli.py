@@ -233,7 +233,9 @@ def test_eval_in_bf16_scores_and_warns_where_bf16_is_emulated(tiny_checkpoint, m
         assert kprune("eval", f"checkpoint={tiny_checkpoint}", "task=mrpc", f"data_dir={mrpc_dir}", "device=cpu",
                       f"eval_dtype={precision}") == 0
         captured = capsys.readouterr()
-        scores[precision] = json.loads(captured.out.strip().splitlines()[-1])["metrics"]
+        printed = json.loads(captured.out.strip().splitlines()[-1])
+        assert printed["eval_dtype"] == precision
+        scores[precision] = printed["metrics"]
         warned = "warning: eval_dtype=bf16: this CPU" in captured.err
         assert warned == (precision == "bf16")
     # a random tiny model's predictions sit near ties, so bf16 may flip many: only the scoring is compared

@@ -50,5 +50,6 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
         table.add_row(name, f"{value:.4f}")
     console.print(table)
     console.print(f"{count_parameters(model):,} parameters · evaluated in {seconds:.1f}s on {device}", highlight=False)
-    print(json.dumps({"task": task.name, "checkpoint": checkpoint, "metrics": metrics, "seconds": round(seconds, 3)}))
+    print(json.dumps({"task": task.name, "checkpoint": checkpoint, "metrics": metrics, "eval_dtype": precision,
+                      "seconds": round(seconds, 3)}))
     return metrics
