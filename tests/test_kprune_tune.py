@@ -168,7 +168,7 @@ def test_kprune_with_float32_gram_products_stays_close_to_float64(tiny_model):
     assert exact.masks.kept() == fast.masks.kept()
     for a, b in zip(exact_weights, fast_weights):  # float32 round-off, amplified by the solve's conditioning
         assert float((b - a).norm() / a.norm()) < 1e-4
-    assert any("float32 products" in note for note in fast.notes)
+    assert any("float32 products" in note and "pruner.gram_precision=float32 asked" in note for note in fast.notes)
     assert not any("float32 products" in note for note in exact.notes)
 
 

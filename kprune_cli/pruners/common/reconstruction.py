@@ -154,12 +154,14 @@ def resolve_gram_precision(setting: str, device: torch.device) -> str:
     return "float64" if fast_float64(device) else "float32"
 
 
-def gram_precision_notes(precision: str) -> list[str]:
-    """The report's note when the normal equations use float32 products."""
+def gram_precision_notes(setting: str, precision: str) -> list[str]:
+    """The report's note when the normal equations use float32 products (``precision``, resolved from
+    the pruner's ``setting``)."""
     if precision != "float32":
         return []
-    return ["gram_precision: the normal equations were accumulated from float32 products (summed in float64), "
-            "as float64 is slow on this device; gram_precision=float64 gives the float64 products"]
+    why = "as float64 is slow on this device" if setting == "auto" else "as pruner.gram_precision=float32 asked"
+    return [f"gram_precision: the normal equations were accumulated from float32 products (summed in float64), "
+            f"{why}; gram_precision=float64 gives the float64 products"]
 
 
 def normal_equations(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, batches: Sequence[TokenBatch],

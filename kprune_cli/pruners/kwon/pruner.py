@@ -113,7 +113,7 @@ class KwonPruner:
                         for batch in batches for part in split_batch(batch, self.micro_batch_size)
                     ]
                     precision = resolve_gram_precision(self.gram_precision, problem.device)
-                    notes += gram_precision_notes(precision)
+                    notes += gram_precision_notes(self.gram_precision, precision)
                     tuning = LayerwiseTuning(model, adapter, masks, reference, token_batches, problem.task.kind,
                                              precision)
                     bar = progress.add_task("Kwon et al.: mask tuning", total=adapter.num_layers)
