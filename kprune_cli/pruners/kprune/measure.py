@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 from kprune_cli.models.adapters import ModelAdapter
 from kprune_cli.models.flops import CostModel
 from kprune_cli.models.masks import Masks
-from kprune_cli.models.precision import eager_attention, full_precision
+from kprune_cli.models.precision import autocast_passes, full_precision
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts, unit_width
 from kprune_cli.pruners.common.gradient_batch import GLUE_GRADIENT_BATCH
 from kprune_cli.pruners.common.hooks import capture_inputs, frozen, grad_leaf_input, scale_inputs
@@ -110,7 +110,7 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
     backward) under :func:`torch.autocast` in that dtype; faster where the hardware has
     half-precision units, at the price of slightly different scores. Knowledge is accumulated in
     float64 either way. On a CPU, autocast passes use eager attention
-    (:func:`~kprune_cli.models.precision.eager_attention`).
+    (:func:`~kprune_cli.models.precision.autocast_passes`).
     Under float16 the loss is scaled before the backward pass and the gradients unscaled after it
     (``loss_scale``, default :data:`FP16_LOSS_SCALE`, halved and the micro-batch redone whenever a
     gradient overflows): the per-element gradients of a student close to its teacher, 1e-5 to
@@ -131,12 +131,11 @@ def measure(model: PreTrainedModel, adapter: ModelAdapter, masks: Masks, teacher
 
     scale = (loss_scale or FP16_LOSS_SCALE) if autocast == torch.float16 else None
     start = from_sublayer // 2 if hidden is not None else 0
-    precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
-    attention = eager_attention(model) if autocast is not None and device.type == "cpu" else nullcontext()
     with frozen(model), scale_inputs(_mask_scales(adapter, masks)), grad_leaf_input(projs[from_sublayer]), \
-            attention, LayerWindow(model, adapter, start) as window:
+            LayerWindow(model, adapter, start) as window:
         for index, batch in enumerate(teacher.batches):
             def forward(batch: DistillBatch = batch, index: int = index) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                precision = autocast_passes(model, device, autocast) if autocast is not None else nullcontext()
                 with capture_inputs(projs) as acts, precision:  # (batch, seq, width) each
                     outputs = window(batch.inputs, hidden[index] if hidden is not None else None)
                     loss = distillation_loss(outputs, batch.target, teacher.kind, teacher.temperature,
