@@ -129,8 +129,11 @@ def test_a_bad_argument_is_one_user_error(changes, message, tiny_checkpoint):
 
 
 def test_importing_the_package_loads_no_torch():
-    code = "import sys, kprune_cli; assert 'torch' not in sys.modules; kprune_cli.prune; assert 'torch' in sys.modules"
+    # Only the lazy import needs a fresh process; that the names then load is checked here (a fresh
+    # process importing torch and transformers would take seconds).
+    code = "import sys, kprune_cli; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+    assert callable(kprune_cli.prune)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         kprune_cli.nope  # noqa: B018
 

@@ -116,6 +116,7 @@ def test_inference_speed_prunes_to_the_flops_ratio():
     assert sum(p.numel() for p in model.parameters()) > 0 and model.config.num_hidden_layers == 2  # dense kept
 
 
+@pytest.mark.slow
 def test_suite_end_to_end_in_process():
     settings = Settings(main_tokens=200, large_tokens=100, scaling_tokens=(100, 200), depths=(1, 2),
                         depth_tokens=100, rates=(0.5,), batch_sizes=(2,), repeats=2, isolate=False,

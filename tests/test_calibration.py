@@ -131,10 +131,10 @@ def test_only_drawn_rows_are_tokenised(shared_dir, minilm_tokenizer, monkeypatch
 def test_squad_counts_every_window_of_a_question(shared_dir, minilm_tokenizer):
     task = dataclasses.replace(get_task("squad"), max_length=96, extra={"doc_stride": 32})
     train = read_squad_json(shared_dir / "data/squad/dev-v1.1.json").select(range(400))
-    sample = draw_calibration_sample(task, train, minilm_tokenizer, num_tokens=5_000, seed=0)
+    sample = draw_calibration_sample(task, train, minilm_tokenizer, num_tokens=2_000, seed=0)
     windows = tokens = questions = 0
     for row in np.random.default_rng(0).permutation(len(train)):
-        if tokens >= 5_000:
+        if tokens >= 2_000:
             break
         features = tokenize_split(task, train.select([int(row)]), minilm_tokenizer, for_training=True)
         windows += len(features)

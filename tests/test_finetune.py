@@ -63,11 +63,17 @@ def mean_train_loss(model: PreTrainedModel, tokenizer: BertTokenizer, demo_dir: 
         return model(**batch).loss.item()
 
 
-def test_finetuning_lowers_the_training_loss_and_reports_dev_metrics(tokenizer, demo_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def trained(tokenizer: BertTokenizer, demo_dir: Path) -> tuple[PreTrainedModel, dict[str, float], float]:
+    """A tiny BERT fine-tuned in float32 by RECIPE, its dev metrics, and its training loss before."""
     model = tiny_bert(tokenizer)
     before = mean_train_loss(model, tokenizer, demo_dir)
-    data = load_task_data(TASK, data_dir=str(demo_dir))
-    metrics = finetune(model, tokenizer, TASK, data, RECIPE, device="cpu")
+    metrics = finetune(model, tokenizer, TASK, load_task_data(TASK, data_dir=str(demo_dir)), RECIPE, device="cpu")
+    return model, metrics, before
+
+
+def test_finetuning_lowers_the_training_loss_and_reports_dev_metrics(trained, tokenizer, demo_dir: Path) -> None:
+    model, metrics, before = trained
     after = mean_train_loss(model, tokenizer, demo_dir)
     assert after < 0.8 * before
     assert set(metrics) == {"accuracy"}
@@ -88,20 +94,19 @@ def test_same_seed_same_weights_other_seed_other_weights(tokenizer, demo_dir: Pa
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_half_precision_training_learns_and_differs_from_float32(tokenizer, demo_dir: Path, dtype: str) -> None:
+def test_half_precision_training_learns_and_differs_from_float32(trained, tokenizer, demo_dir: Path,
+                                                                  dtype: str) -> None:
     data = load_task_data(TASK, data_dir=str(demo_dir))
-    models = {precision: tiny_bert(tokenizer) for precision in ("fp32", dtype)}
-    before = mean_train_loss(models[dtype], tokenizer, demo_dir)
+    model = tiny_bert(tokenizer)
+    before = mean_train_loss(model, tokenizer, demo_dir)
     seen = []
-    hook = models[dtype].classifier.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
-    for precision, model in models.items():
-        finetune(model, tokenizer, TASK, data, dataclasses.replace(RECIPE, dtype=precision), device="cpu")
+    hook = model.classifier.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    finetune(model, tokenizer, TASK, data, dataclasses.replace(RECIPE, dtype=dtype), device="cpu")
     hook.remove()
     assert set(seen[:1]) == {torch.bfloat16 if dtype == "bf16" else torch.float16}
-    assert mean_train_loss(models[dtype], tokenizer, demo_dir) < 0.8 * before
-    assert all(parameter.dtype == torch.float32 for parameter in models[dtype].parameters())
-    assert not all(torch.equal(a, b) for a, b in zip(models["fp32"].state_dict().values(),
-                                                     models[dtype].state_dict().values()))
+    assert mean_train_loss(model, tokenizer, demo_dir) < 0.8 * before
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(trained[0].state_dict().values(), model.state_dict().values()))
 
 
 def test_finetune_keeps_the_global_rng_state(tokenizer, demo_dir: Path) -> None:

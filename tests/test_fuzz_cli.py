@@ -62,8 +62,9 @@ def fixtures(tmp_path_factory):
         yield write_tiny_checkpoint(root / "model"), write_mrpc_data(root / "data"), root, itertools.count()
 
 
-# No "explain" phase: it traces the test, and Hydra, taking the tracer for a debugger, then
+# Slow: 25 whole runs. No "explain" phase: it traces the test, and Hydra, taking the tracer for a debugger, then
 # re-raises errors instead of reporting them.
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, derandomize=True, database=None,
           phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

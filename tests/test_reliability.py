@@ -584,6 +584,7 @@ def test_run_stopped_at_any_moment_leaves_a_complete_result_or_a_failure_record(
         assert code in (0, stopped)
 
 
+@pytest.mark.slow
 def test_real_run_stopped_by_sigterm_cleans_up(slow_job, tmp_path):
     """A real ``python -m kprune_cli run`` process: SIGTERM soon after it took its directory."""
     output = tmp_path / "out"

@@ -128,6 +128,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_stock_transformers_loads_a_pruned_bert_without_the_other_families_or_kprune(tmp_path):
     model = pruned_tiny("bert")
     directory = saved(model, tmp_path / "pruned")

@@ -218,6 +218,7 @@ def _reference(args: list[str], output: Path) -> Path:
     return output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_run_killed_at_three_points_resumes_to_the_uninterrupted_result(device, tiny_checkpoint, mrpc_dir,
                                                                           tmp_path):
