@@ -14,7 +14,7 @@ from datasets import Dataset
 from transformers import AutoModel
 
 from kprune_cli.models.loading import load_model
-from kprune_cli.tasks.data import collate
+from kprune_cli.tasks.batches import FeatureBatches
 from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.kinds.embedding import EMBEDDING_OUTPUT
 from kprune_cli.tasks.spec import get_task
@@ -68,4 +68,4 @@ def kprune_embeddings(path: Path, texts: list[str]) -> torch.Tensor:
     features = kind_of(STSB_EMBED).tokenize(STSB_EMBED, Dataset.from_dict({"sentence1": texts}), tokenizer, 48,
                                            for_training=False)
     with torch.inference_mode():
-        return model(**collate(features.to_list(), tokenizer))[EMBEDDING_OUTPUT]
+        return model(**FeatureBatches(features, tokenizer).batch(range(len(features))))[EMBEDDING_OUTPUT]

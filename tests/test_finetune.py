@@ -23,7 +23,8 @@ from kprune_cli.core.evaluation import evaluate_model
 from kprune_cli.core.finetune import FinetuneRecipe, finetune
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.output_dir import atomic_directory
-from kprune_cli.tasks.data import collate, load_task_data, tokenize_split
+from kprune_cli.tasks.batches import FeatureBatches
+from kprune_cli.tasks.data import load_task_data, tokenize_split
 from kprune_cli.tasks.demo import write_demo_data
 from kprune_cli.tasks.spec import get_task
 
@@ -57,7 +58,7 @@ def tiny_bert(tokenizer: BertTokenizer, seed: int = 0, dropout: float = 0.0) -> 
 def mean_train_loss(model: PreTrainedModel, tokenizer: BertTokenizer, demo_dir: Path) -> float:
     data = load_task_data(TASK, data_dir=str(demo_dir))
     features = tokenize_split(TASK, data["train"], tokenizer, for_training=True)
-    batch = collate(features.to_list(), tokenizer)
+    batch = FeatureBatches(features, tokenizer).batch(range(len(features)))
     model.eval()
     with torch.no_grad():
         return model(**batch).loss.item()

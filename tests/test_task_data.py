@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from datasets import Dataset
 
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks import data as task_data
-from kprune_cli.tasks.data import collate, feature_lengths, load_task_data, tokenize_split
+from kprune_cli.tasks.batches import FeatureBatches
+from kprune_cli.tasks.data import feature_lengths, load_task_data, tokenize_split
 from kprune_cli.tasks.spec import get_task
 
 DEMO = get_task("demo")  # columns sentence, label
@@ -135,15 +138,40 @@ def test_regression_labels_are_float_and_segment_ids_optional(char_tokenizer, tm
     train = load_task_data(STSB, tmp_path)["train"]
     features = tokenize_split(STSB, train, char_tokenizer(token_type_ids=False), for_training=True)
     assert "token_type_ids" not in features.column_names
-    batch = collate(list(features), char_tokenizer(token_type_ids=False))
+    batch = FeatureBatches(features, char_tokenizer(token_type_ids=False)).batch([0])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [3.0]
 
 
-def test_collate_pads_to_the_longest_feature(char_tokenizer):
+def test_batches_pad_the_rows_asked_for_to_the_longest_one(char_tokenizer):
     tokenizer = char_tokenizer()
-    features = [dict(tokenizer(text), labels=label, example_id="x") for text, label in (("abc", 1), ("a", 0))]
-    batch = collate(features, tokenizer)
+    rows = [dict(tokenizer(text), labels=label, example_id="x") for text, label in (("abc", 1), ("a", 0), ("ab", 1))]
+    batches = FeatureBatches(Dataset.from_list(rows), tokenizer)
+    batch = batches.batch([1, 0])
     assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
-    assert batch["input_ids"].shape == (2, 5) and batch["labels"].tolist() == [1, 0]
-    assert batch["input_ids"][1].tolist() == features[1]["input_ids"] + [tokenizer.pad_token_id] * 2
-    assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert batch["input_ids"].shape == (2, 5) and batch["labels"].tolist() == [0, 1]
+    assert batch["input_ids"][0].tolist() == rows[1]["input_ids"] + [tokenizer.pad_token_id] * 2
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert all(tensor.dtype == torch.int64 for tensor in batch.values())
+    assert batches.batch([1])["input_ids"].shape == (1, 3)  # a batch is as long as its own longest row
+
+
+@pytest.mark.parametrize("token_type_ids", [True, False])
+def test_batches_equal_padding_the_rows_one_by_one(char_tokenizer, token_type_ids):
+    """Random lengths, float targets, a dataset seen through select (an indices mapping): every
+    batch is the rows padded by hand."""
+    tokenizer = char_tokenizer(token_type_ids=token_type_ids)
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(list("abcdef"), size=int(size))) for size in rng.integers(1, 20, 40)]
+    rows = [dict(tokenizer(text), labels=float(rng.random()), offset_mapping=[[0, 1]]) for text in texts]
+    features = Dataset.from_list(rows).select(rng.permutation(40)[:25])
+    batches = FeatureBatches(features, tokenizer)
+    pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": tokenizer.pad_token_type_id}
+    for picked in ([3, 0, 17, 5], [24], list(range(25))):
+        batch, chosen = batches.batch(picked), [features[index] for index in picked]
+        width = max(len(row["input_ids"]) for row in chosen)
+        assert set(batch) == {*pads, "labels"} - ({"token_type_ids"} if not token_type_ids else set())
+        for key in set(batch) - {"labels"}:
+            expected = [row[key] + [pads[key]] * (width - len(row[key])) for row in chosen]
+            assert batch[key].tolist() == expected, key
+        assert batch["labels"].dtype == torch.float32
+        assert batch["labels"].tolist() == pytest.approx([row["labels"] for row in chosen])

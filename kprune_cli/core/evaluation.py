@@ -15,8 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kprune_cli.models.precision import autocast_forward
 from kprune_cli.runtime.console import console, make_progress
-from kprune_cli.runtime.interrupts import deferred_interrupts
-from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, evaluation_features, feature_lengths
+from kprune_cli.tasks.batches import FeatureBatches
+from kprune_cli.tasks.data import MODEL_INPUT_KEYS, evaluation_features, feature_lengths
 from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 
@@ -107,10 +107,13 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features
     as one float32 array per feature: ``(num_labels,)`` for ``logits``, ``(tokens,)``
     (padding removed) for the ``token_outputs`` with one value per token (QA's ``start_logits`` /
     ``end_logits``). A batch of more than one feature that runs out of GPU memory is retried with
-    ``batch_size`` halved. The outputs stay on ``device`` until the split is done and are copied to
-    the host once (no sync per batch on a GPU).
+    ``batch_size`` halved. Batches are gathered from the features' Arrow columns
+    (:class:`~kprune_cli.tasks.batches.FeatureBatches`), in page-locked memory for a GPU, and copied
+    asynchronously. The outputs stay on ``device`` until the split is done and are copied to the host
+    once (no sync per batch on a GPU).
     """
     inputs = features.select_columns([key for key in MODEL_INPUT_KEYS if key in features.column_names])
+    batches = FeatureBatches(inputs, tokenizer, pin_memory=torch.device(device).type == "cuda")
     order = np.argsort(-feature_lengths(inputs), kind="stable")
     done: list[tuple[np.ndarray, list[int]]] = []  # per batch: its features' indices and real lengths
     results: dict[str, list[torch.Tensor]] = {name: [] for name in output_names}  # per batch, on ``device``
@@ -122,9 +125,7 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features
             begin = 0
             while begin < len(order):
                 indices = order[begin:begin + batch_size.size]
-                with deferred_interrupts():  # datasets' fingerprinting would swallow Ctrl-C
-                    rows = inputs.select(indices).to_list()
-                batch = collate(rows, tokenizer)
+                batch = batches.batch(indices)
                 result = _forward(model, batch, device, retry=len(indices) > 1)
                 if result is None:
                     batch_size.halve(len(indices), f"evaluating {description}")
@@ -166,7 +167,7 @@ def _forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], device: tor
     batch may fit). Returning, rather than handling it in an ``except`` block, frees the failed
     pass's tensors before the retry."""
     try:
-        return model(**{key: value.to(device) for key, value in batch.items()})
+        return model(**{key: value.to(device, non_blocking=True) for key, value in batch.items()})
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError needs torch >= 2.5
         if not retry:
             raise

@@ -18,7 +18,6 @@ import json
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -157,15 +156,18 @@ def finetune(
     afterwards), so on CPU the same seed gives the same weights. The model is left in eval mode.
     """
     from kprune_cli.core.evaluation import evaluate_model
-    from kprune_cli.tasks.data import collate, tokenize_split
+    from kprune_cli.tasks.batches import FeatureBatches
+    from kprune_cli.tasks.data import tokenize_split
 
     train = tokenize_split(task, datasets[task.train_split], tokenizer, for_training=True)
     if len(train) == 0:
         raise UserError(f"the {task.train_split!r} split of task {task.name!r} has no examples to fine-tune on")
     generator = torch.Generator().manual_seed(recipe.seed)
     on_gpu = torch.device(device).type == "cuda"
-    loader = DataLoader(train, batch_size=recipe.batch_size, shuffle=True, generator=generator,
-                        collate_fn=partial(collate, tokenizer=tokenizer), pin_memory=on_gpu)
+    # Shuffled row indices, padded into batches from the Arrow columns (the same draws as a loader
+    # over the rows themselves, without building Python lists per row).
+    loader = DataLoader(range(len(train)), batch_size=recipe.batch_size, shuffle=True, generator=generator,
+                        collate_fn=FeatureBatches(train, tokenizer).batch, pin_memory=on_gpu)
     dtype = PRECISIONS[recipe.dtype]
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
     per_step = recipe.gradient_accumulation_steps

@@ -16,7 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.interrupts import deferred_interrupts
-from kprune_cli.tasks.data import MODEL_INPUT_KEYS, collate, feature_lengths, tokenize_split
+from kprune_cli.tasks.batches import FeatureBatches
+from kprune_cli.tasks.data import MODEL_INPUT_KEYS, feature_lengths, tokenize_split
 from kprune_cli.tasks.kinds import kind_of
 from kprune_cli.tasks.spec import TaskSpec
 from kprune_cli.tasks.unlabeled import read_unlabeled
@@ -168,8 +169,9 @@ def _length_sorted_sample(features: Dataset, example_indices: np.ndarray, tokeni
     """``features`` (in draw order) sorted by length, longest first, and padded per batch of
     ``batch_size``; each keeps its place in the draw order (:data:`DRAW_INDEX`)."""
     by_length = np.argsort(-feature_lengths(features), kind="stable")
+    batches = FeatureBatches(features, tokenizer)
     return CalibrationSample([
-        {**collate(features.select(by_length[begin:begin + batch_size]).to_list(), tokenizer),
+        {**batches.batch(by_length[begin:begin + batch_size]),
          DRAW_INDEX: torch.from_numpy(by_length[begin:begin + batch_size].copy())}
         for begin in range(0, len(by_length), batch_size)
     ], tuple(int(index) for index in example_indices))

@@ -1,4 +1,4 @@
-"""Task data: load the splits (hub or local files), tokenise them, pad batches.
+"""Task data: load the splits (hub or local files) and tokenise them (batches: :mod:`kprune_cli.tasks.batches`).
 
 Local layouts accepted by :func:`load_task_data` for a split ``<split>`` (e.g. ``train``,
 ``validation``, ``validation_matched``; ``dev`` may stand for ``validation``):
@@ -197,7 +197,7 @@ def _check_split(task: TaskSpec, split: str, dataset: Dataset) -> None:
 @deferred_interrupts()
 def tokenize_split(task: TaskSpec, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *,
                    for_training: bool) -> Dataset:
-    """Unpadded model features of ``dataset`` (see :func:`collate` for batching).
+    """Unpadded model features of ``dataset`` (batched by :class:`~kprune_cli.tasks.batches.FeatureBatches`).
 
     The task's kind tokenises (:meth:`~kprune_cli.tasks.kinds.base.TaskKind.tokenize`), at most
     :func:`sequence_limit` tokens per feature. GLUE: one feature per row
@@ -227,20 +227,3 @@ def feature_lengths(features: Dataset) -> np.ndarray:
     """``(features,)`` unpadded token counts, read from Arrow without building Python lists."""
     column = features.select_columns(["input_ids"]).with_format("arrow")["input_ids"]
     return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def collate(features: Sequence[dict], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """Pad ``features`` on the right to the longest one: ``(batch, seq)`` model inputs plus
-    ``(batch,)`` targets; other keys (``example_id``, ``offset_mapping``) are dropped."""
-    width = max(len(feature["input_ids"]) for feature in features)
-    pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0,
-                  "token_type_ids": tokenizer.pad_token_type_id}
-    batch = {}
-    for key in MODEL_INPUT_KEYS:
-        if key in features[0]:
-            batch[key] = torch.tensor(
-                [list(feature[key]) + [pad_values[key]] * (width - len(feature[key])) for feature in features])
-    for key in TARGET_KEYS:
-        if key in features[0]:
-            batch[key] = torch.tensor([feature[key] for feature in features])
-    return batch
