@@ -11,13 +11,15 @@ setup: $(VENV)/.installed
 
 # pip installs torch (it finds the local CPU build; uv does not look there), uv the rest: uv resolves
 # and unpacks in parallel, 8 s here against 90 s for pip (2-core AMD EPYC). torch is named again so
-# that uv keeps the installed build instead of resolving another. No bytecode is compiled up front:
-# each module is compiled the first time a process imports it (see PYTEST below).
+# that uv keeps the installed build instead of resolving another; where uv cannot install, pip does.
+# No bytecode is compiled up front: each module is compiled the first time a process imports it
+# (see PYTEST below).
 $(VENV)/.installed: pyproject.toml setup.py  # setup.py lists the packages (a new one needs a reinstall)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile uv
 	$(PY) -m pip install --quiet --no-compile "$(TORCH_PIN)"
-	$(PY) -m uv pip install --quiet --python $(PY) "$(TORCH_PIN)" -e ".[demo,dev,deploy]"
+	$(PY) -m uv pip install --quiet --python $(PY) "$(TORCH_PIN)" -e ".[demo,dev,deploy]" \
+		|| $(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[demo,dev,deploy]"
 	touch $@
 
 demo: setup
