@@ -167,6 +167,15 @@ def test_the_old_pruner_batch_size_names_the_two_keys_that_replace_it(pruner, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_known_keys_follow_the_group_choice_within_one_process(tmp_path, capsys):
+    """The known keys are cached per group choice: a key of one option is known under it and
+    refused under another, whichever was checked first in the process."""
+    assert kprune("run", "pruner=kprune", "pruner.mu=8", "--cfg", "job") == 0
+    assert kprune("run", "pruner=kwon", "pruner.mu=8", f"output_dir={tmp_path / 'out'}") == 2
+    assert "unknown key 'pruner.mu'" in capsys.readouterr().err
+    assert kprune("run", "pruner=kprune", "pruner.mu=8", "--cfg", "job") == 0
+
+
 def test_keys_of_a_chosen_group_option_and_added_keys_are_known(capsys):
     assert kprune("run", "pruner=kwon", "pruner.rearrange=false", "--cfg", "job") == 0
     assert kprune("run", "+extra_note=1", "--cfg", "job") == 0
