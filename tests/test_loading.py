@@ -14,10 +14,10 @@ from transformers import AutoConfig, BertModel, BertTokenizer, GPT2Config, GPT2F
 
 from kprune_cli.models.loading import (
     _load_weights,
-    _locate,
     count_parameters,
     load_for_finetuning,
     load_model,
+    locate_model,
     stored_dtype,
 )
 from kprune_cli.runtime.device import resolve_device
@@ -118,7 +118,7 @@ def test_a_deberta_sentencepiece_file_counts_as_a_tokenizer(tiny_model, tmp_path
     directory = tmp_path / "model"
     tiny_model("bert").save_pretrained(directory)
     (directory / "spm.model").write_bytes(b"sentencepiece")
-    assert _locate(str(directory)) == str(directory)
+    assert locate_model(str(directory)) == str(directory)
 
 
 def test_qa_model_for_glue_task(tiny_model, save):

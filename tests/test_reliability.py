@@ -150,6 +150,22 @@ def test_bad_model_directory_is_one_line_exit_2(case, tiny_checkpoint, mrpc_dir,
     assert_clean_user_error(code, capsys.readouterr().err, expected, output)
 
 
+@pytest.mark.parametrize(("command", "module", "key"), [("run", "run", "model.path"),
+                                                       ("eval", "evaluate", "checkpoint"),
+                                                       ("finetune", "finetune", "model.path")])
+def test_a_missing_model_is_named_before_any_data_is_read(command, module, key, tmp_path, capsys, monkeypatch):
+    """A model path that does not exist is the error even where the data cannot be read either
+    (none given, the hub unreachable): the mistake found without reading anything comes first."""
+    def no_data(*args, **kwargs):
+        raise AssertionError("data read before the model path was checked")
+
+    monkeypatch.setattr(f"kprune_cli.cli.{module}.load_task_data", no_data)
+    output = tmp_path / "out"
+    extra = [] if command == "eval" else [f"output_dir={output}"]
+    code = kprune(command, "task=mrpc", f"{key}={tmp_path / 'absent'}", "device=cpu", *extra)
+    assert_clean_user_error(code, capsys.readouterr().err, "does not exist", output)
+
+
 # Bad input: data directories.
 def _data_with(tmp_path: Path, files: dict[str, str]) -> Path:
     directory = tmp_path / "data"

@@ -36,13 +36,13 @@ def test_every_real_task_names_a_default_hub_model_or_says_why_not():
 def fake_hub(monkeypatch, tiny_checkpoint) -> list[str]:
     """The model paths the run looked up; mrpc's default hub id resolves to the tiny checkpoint."""
     asked: list[str] = []
-    locate = loading._locate
+    locate = loading.locate_model
 
     def locate_on_fake_hub(path: str) -> str:
         asked.append(path)
         return locate(str(tiny_checkpoint) if path == DEFAULT_MRPC else path)
 
-    monkeypatch.setattr(loading, "_locate", locate_on_fake_hub)
+    monkeypatch.setattr(loading, "locate_model", locate_on_fake_hub)
     return asked
 
 
@@ -67,7 +67,7 @@ def test_offline_the_error_is_one_line_naming_both_ways_out(monkeypatch, mrpc_di
     def unreachable(path: str) -> str:
         raise UserError(f"cannot load {path!r}: it is not a local directory and the Hugging Face hub is unreachable")
 
-    monkeypatch.setattr(loading, "_locate", unreachable)
+    monkeypatch.setattr(loading, "locate_model", unreachable)
     output = tmp_path / "out"
     assert kprune("run", "task=mrpc", f"data_dir={mrpc_dir}", f"output_dir={output}", "device=cpu") == 2
     *progress, err = capsys.readouterr().err.strip().splitlines()  # the device and model picked, then the error

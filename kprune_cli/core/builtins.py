@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kprune_cli.core.demo_model import ensure_demo_model, packaged_minilm
+from kprune_cli.models.loading import locate_model
 from kprune_cli.runtime.console import console
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.tasks.demo import ensure_demo_data
@@ -55,6 +56,7 @@ def resolve_model_path(path: str, task: TaskSpec, device: torch.device,
         return str(model_dir), [f"demo: MiniLM fine-tuned on the generated demo task, cached at {model_dir}"]
     if path == BUILTIN_MINILM:
         return str(packaged_minilm()), []
+    locate_model(path)  # a bad model directory is one line before any data is loaded
     return path, []
 
 

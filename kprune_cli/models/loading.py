@@ -48,7 +48,7 @@ def load_model(path: str, task: TaskSpec, device: torch.device | str = "cpu"
     task, ``...ForSequenceClassification`` with ``task.num_labels`` outputs for a GLUE task.
     """
     path = str(path)
-    location = _locate(path)
+    location = locate_model(path)
     config = _load_config(location, path)
     kind_of(task).check_head(config, task, path)
     tokenizer = _load_tokenizer(location, path)
@@ -80,7 +80,7 @@ def load_for_finetuning(path: str, task: TaskSpec, device: torch.device | str = 
     a head of another size is replaced.
     """
     path = str(path)
-    location = _locate(path)
+    location = locate_model(path)
     config = _load_config(location, path)
     tokenizer = _load_tokenizer(location, path)
     kind_of(task).configure_head(config, task)
@@ -96,14 +96,15 @@ def stored_dtype(path: str) -> torch.dtype:
     checkpoint is stored in float16 too (models are always loaded and pruned in float32).
     """
     path = str(path)
-    dtype = _load_config(_locate(path), path).dtype
+    dtype = _load_config(locate_model(path), path).dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def _locate(path: str) -> str:
-    """``path`` itself after checking a local directory's files; hub ids pass through."""
+def locate_model(path: str) -> str:
+    """The local model directory ``path`` after checking that it holds a config, weights and a
+    tokenizer (a :class:`UserError` naming what is missing), or ``path`` itself for a hub id."""
     local = Path(path).expanduser()
     if not local.exists():
         if _HUB_ID.match(path):
