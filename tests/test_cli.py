@@ -167,6 +167,15 @@ def test_the_old_pruner_batch_size_names_the_two_keys_that_replace_it(pruner, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("command", "given", "taken"), [("latency-table", "model.path", "checkpoint"),
+                                                        ("eval", "model.path", "checkpoint"),
+                                                        ("run", "checkpoint", "model.path")])
+def test_the_other_commands_model_key_names_this_ones(command, given, taken, capsys):
+    assert kprune(command, f"{given}=some/model") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"unknown key {given!r}" in err and f"takes its model as {taken}=" in err
+
+
 def test_known_keys_follow_the_group_choice_within_one_process(tmp_path, capsys):
     """The known keys are cached per group choice: a key of one option is known under it and
     refused under another, whichever was checked first in the process."""

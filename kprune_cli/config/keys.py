@@ -22,6 +22,10 @@ RENAMED_KEYS = {
 }
 """Keys of earlier kprune versions, and what took their place."""
 
+MODEL_KEYS = ("model.path", "checkpoint")
+"""The two names of a command's model: ``kprune run`` and ``finetune`` take ``model.path`` (the
+``model`` group), ``eval``, ``export``, ``bench`` and ``latency-table`` take ``checkpoint``."""
+
 
 def check_known_keys(config_dir: Path, config_name: str, overrides: list[str]) -> None:
     """A :class:`UserError` for the first ``key=value`` of ``overrides`` whose key is not in the
@@ -47,6 +51,9 @@ def check_known_keys(config_dir: Path, config_name: str, overrides: list[str]) -
             continue
         if key in RENAMED_KEYS:
             raise UserError(f"{override.input_line}: unknown key {key!r}: {RENAMED_KEYS[key]}")
+        if key in MODEL_KEYS and (other := next(name for name in MODEL_KEYS if name != key)) in known:
+            raise UserError(f"{override.input_line}: unknown key {key!r}: kprune {config_name} takes its model "
+                            f"as {other}=")
         leaves = sorted(name for name in known if not any(other.startswith(name + ".") for other in known))
         closest = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(closest)}?" if closest else "no key of the config is close to it"
