@@ -5,6 +5,7 @@ with smaller batches, runs are deterministic, and two jobs never share an output
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import kprune, make_char_tokenizer, make_tiny_model, write_mrpc_data, write_tiny_checkpoint
@@ -31,6 +33,7 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.runtime import interrupts, locks
 from kprune_cli.runtime.interrupts import Terminated, catchable_interrupts, deferred_interrupts
+from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.locks import STALE_AFTER_S
 from kprune_cli.runtime.output_dir import FAILED_NAME, LOCK_NAME, STEPS_NAME, OutputDir
 from kprune_cli.tasks.calibration import CalibrationSample
@@ -164,6 +167,22 @@ def test_a_missing_model_is_named_before_any_data_is_read(command, module, key, 
     extra = [] if command == "eval" else [f"output_dir={output}"]
     code = kprune(command, "task=mrpc", f"{key}={tmp_path / 'absent'}", "device=cpu", *extra)
     assert_clean_user_error(code, capsys.readouterr().err, "does not exist", output)
+
+
+def test_the_hub_clients_retry_warnings_are_quiet_during_a_command(tiny_checkpoint, monkeypatch, capsys):
+    """Offline, the hub client logged one warning per retried request before our one-line error."""
+    huggingface_hub.utils.logging.set_verbosity_warning()
+    retry_logger = logging.getLogger("huggingface_hub.utils._http")
+    warned = []
+
+    def offline(*args, **kwargs):
+        warned.append(retry_logger.isEnabledFor(logging.WARNING))
+        raise UserError("cannot load task 'mrpc' (glue/mrpc) from the Hugging Face hub: the hub is unreachable")
+
+    monkeypatch.setattr("kprune_cli.cli.evaluate.load_task_data", offline)
+    assert kprune("eval", f"checkpoint={tiny_checkpoint}", "task=mrpc", "device=cpu") == 2
+    assert warned == [False]
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: cannot load task 'mrpc'")
 
 
 # Bad input: data directories.

@@ -192,13 +192,17 @@ def _record_failure(error: Exception, cfg: DictConfig) -> None:
 
 
 def _quiet_third_party_progress() -> None:
-    """Our rich progress bars stand for the long loops; the libraries' own tqdm bars would interleave."""
+    """Our rich progress bars stand for the long loops; the libraries' own tqdm bars would interleave.
+    The hub client's retry warnings are quieted too: offline, each request logged one before our
+    own one-line error said the hub is unreachable."""
     import datasets
+    import huggingface_hub
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
