@@ -165,6 +165,7 @@ def test_batches_equal_padding_the_rows_one_by_one(char_tokenizer, token_type_id
     rows = [dict(tokenizer(text), labels=float(rng.random()), offset_mapping=[[0, 1]]) for text in texts]
     features = Dataset.from_list(rows).select(rng.permutation(40)[:25])
     batches = FeatureBatches(features, tokenizer)
+    assert batches.lengths.tolist() == feature_lengths(features).tolist()
     pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": tokenizer.pad_token_type_id}
     for picked in ([3, 0, 17, 5], [24], list(range(25))):
         batch, chosen = batches.batch(picked), [features[index] for index in picked]

@@ -114,7 +114,7 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, features
     """
     inputs = features.select_columns([key for key in MODEL_INPUT_KEYS if key in features.column_names])
     batches = FeatureBatches(inputs, tokenizer, pin_memory=torch.device(device).type == "cuda")
-    order = np.argsort(-feature_lengths(inputs), kind="stable")
+    order = np.argsort(-batches.lengths, kind="stable")
     done: list[tuple[np.ndarray, list[int]]] = []  # per batch: its features' indices and real lengths
     results: dict[str, list[torch.Tensor]] = {name: [] for name in output_names}  # per batch, on ``device``
     bar = progress.add_task(description, total=len(order))

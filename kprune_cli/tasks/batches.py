@@ -39,10 +39,12 @@ class FeatureBatches:
         self._tokens = {key: (*_flat(table[key]), pad_values[key]) for key in tokens}
         self._targets = {key: _target_array(table[key]) for key in targets}
         self._pin_memory = pin_memory
-        self.num_rows = len(features)
 
-    def __len__(self) -> int:
-        return self.num_rows
+    @property
+    def lengths(self) -> np.ndarray:
+        """``(rows,)`` unpadded token counts (what :func:`~kprune_cli.tasks.data.feature_lengths` reads)."""
+        offsets = self._tokens["input_ids"][0]
+        return offsets[1:] - offsets[:-1]
 
     def batch(self, rows: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The features ``rows`` (indices into ``features``, in the batch's order), padded."""

@@ -168,8 +168,8 @@ def _length_sorted_sample(features: Dataset, example_indices: np.ndarray, tokeni
                           batch_size: int) -> CalibrationSample:
     """``features`` (in draw order) sorted by length, longest first, and padded per batch of
     ``batch_size``; each keeps its place in the draw order (:data:`DRAW_INDEX`)."""
-    by_length = np.argsort(-feature_lengths(features), kind="stable")
     batches = FeatureBatches(features, tokenizer)
+    by_length = np.argsort(-batches.lengths, kind="stable")
     return CalibrationSample([
         {**batches.batch(by_length[begin:begin + batch_size]),
          DRAW_INDEX: torch.from_numpy(by_length[begin:begin + batch_size].copy())}

@@ -271,7 +271,8 @@ class KPrunePruner:
             self._held_out = {}
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
             notes = (sizing + self.precision_notes(problem.device)
-                     + (gram_precision_notes(self.gram_precision, gram_precision) if self.tune else []) + self._affine_notes(problem))
+                     + (gram_precision_notes(self.gram_precision, gram_precision) if self.tune else [])
+                     + self._affine_notes(problem))
         else:
             start, budget, notes = int(saved["done"]), float(saved["budget"]), list(saved["notes"])
             layers = range(problem.adapter.num_layers)
