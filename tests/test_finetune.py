@@ -127,6 +127,36 @@ def test_max_steps_replaces_epochs(tokenizer, demo_dir: Path) -> None:
     assert training.total == 3 and training.completed == 3
 
 
+class RecordingProgress(Progress):
+    """A silent Progress that records each update as (completed, description)."""
+
+    def __init__(self) -> None:
+        super().__init__(disable=True)
+        self.updates: list[tuple[float | None, str | None]] = []
+
+    def update(self, task_id, **changes) -> None:
+        super().update(task_id, **changes)
+        self.updates.append((changes.get("completed"), changes.get("description")))
+
+
+def test_the_running_loss_is_read_only_every_loss_read_every_steps_and_at_the_last(tokenizer, demo_dir: Path
+                                                                                   ) -> None:
+    """Reading the loss is a host sync on a GPU: the bar shows it every LOSS_READ_EVERY steps only."""
+    from kprune_cli.core.finetune import LOSS_READ_EVERY
+
+    data = load_task_data(TASK, data_dir=str(demo_dir))
+    steps = LOSS_READ_EVERY + 3
+    with RecordingProgress() as progress:
+        finetune(tiny_bert(tokenizer), tokenizer, TASK, data, dataclasses.replace(RECIPE, max_steps=steps),
+                 device="cpu", progress=progress)
+    training = [(done, text) for done, text in progress.updates if done is not None][:steps]
+    assert [done for done, _ in training] == list(range(1, steps + 1))
+    shown = {done: text for done, text in training if text is not None}
+    assert sorted(shown) == [LOSS_READ_EVERY, steps]
+    losses = [float(re.search(r"loss (\d+\.\d+)", text).group(1)) for text in shown.values()]
+    assert all(0 < loss < 10 for loss in losses)
+
+
 def test_atomic_directory_leaves_nothing_when_the_body_fails(tmp_path: Path) -> None:
     target = tmp_path / "out"
     with pytest.raises(RuntimeError):

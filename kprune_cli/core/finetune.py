@@ -44,6 +44,9 @@ from kprune_cli.tasks.spec import TaskSpec
 
 MAX_GRAD_NORM = 1.0
 LOSS_SMOOTHING = 0.98  # weight of the past in the running loss shown on the progress bar
+# The running loss stays on the device and is read (a host sync on a GPU) only every this many steps
+# and at the last one, so that the host can queue the next steps' kernels meanwhile.
+LOSS_READ_EVERY = 25
 METRICS_FILE = "dev_metrics.json"
 CONFIG_NAME = "finetune.yaml"
 
@@ -182,7 +185,7 @@ def finetune(
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(recipe.seed)
         model.train()
-        running_loss = None
+        running_loss: torch.Tensor | None = None  # () float32, on the device
         for step, group in enumerate(_training_batches(loader, num_steps, per_step), start=1):
             try:
                 loss = _accumulate(model, group, dtype, scaler)
@@ -194,11 +197,14 @@ def finetune(
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            running_loss = value if running_loss is None else LOSS_SMOOTHING * running_loss + (1 - LOSS_SMOOTHING) * value
-            if progress is not None:
+            running_loss = loss if running_loss is None else running_loss.lerp_(loss, 1 - LOSS_SMOOTHING)
+            if progress is None:
+                continue
+            if step % LOSS_READ_EVERY == 0 or step == num_steps:
                 progress.update(bar, completed=step,
-                                description=f"fine-tuning on {task.name} (loss {running_loss:.4f})")
+                                description=f"fine-tuning on {task.name} (loss {running_loss.item():.4f})")
+            else:
+                progress.update(bar, completed=step)
         model.eval()
     return evaluate_model(model, tokenizer, task, datasets, device, progress=progress)
 
