@@ -166,7 +166,8 @@ def test_pruner_configs(tmp_path, name, changed):
         config = compose("main", overrides=[f"pruner={name}", f"hydra.searchpath=[file://{CONFIGS}]"])
     pruner = instantiate(config.pruner)
     paper = {"lambda_pred": 1.0, "lambda_rep": 2.5e-4, "mu": 64.0, "temperature": 2.0, "tune": True,
-             "iterative": True, "gradient_batch": None, "selection": "score", "affine_tuning": False}
+             "iterative": True, "gradient_batch": None, "selection": "score", "affine_tuning": False,
+             "norm_refit": False}
     assert isinstance(pruner, KPrunePruner) and pruner.name == "kprune"
     assert {key: getattr(pruner, key) for key in paper} == {**paper, **changed}
 

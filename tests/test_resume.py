@@ -45,8 +45,8 @@ class KilledAfter(StepCheckpoints):
             raise Killed
 
 
-def _pruned(tiny_model, pruner, steps=None):
-    problem = make_problem(sharpen(tiny_model("bert")), rate=0.6)
+def _pruned(tiny_model, pruner, steps=None, family="bert"):
+    problem = make_problem(sharpen(tiny_model(family)), rate=0.6)
     problem.steps = steps
     if steps is not None:
         steps.bind_examples(problem.sample.example_indices)
@@ -56,6 +56,7 @@ def _pruned(tiny_model, pruner, steps=None):
 
 @pytest.mark.parametrize("options", [{}, {"iterative": False}, {"tune": False},
                                      {"selection": "reconstruction", "affine_tuning": True},
+                                     {"norm_refit": True, "affine_tuning": True},
                                      {"ridge": "auto", "micro_batch_size": 4},
                                      {"autocast": "bf16", "autocast_scope": "all"}])
 @pytest.mark.parametrize("killed_after", [0, 1, 2, 3])
@@ -78,6 +79,22 @@ def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny
         assert len(result.settings["kpwt_held_out"]) == 4 and any("ridge=auto" in note for note in result.notes)
     files = sorted(path.name for path in (tmp_path / STEPS_NAME).iterdir())
     assert files == sorted([f"step-{s:03d}.safetensors" for s in range(4)] + [STATE_NAME])
+
+
+@pytest.mark.parametrize("killed_after", [0, 1, 2])
+def test_a_resumed_pre_norm_run_with_norm_refit_equals_the_uninterrupted_one(killed_after, tiny_model, tmp_path):
+    """Pre-norm: FFN 0's re-fit is of layer 1's input norm, written only once layer 1's teacher sums are
+    taken; a run killed in between (after sub-layer 1) must write it at the same point when resumed."""
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner(norm_refit=True), family="modernbert")
+    pruner = KPrunePruner(norm_refit=True)
+    with pytest.raises(Killed):
+        _pruned(tiny_model, pruner, KilledAfter(tmp_path, killed_after, pruner), family="modernbert")
+    steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
+    result, weights = _pruned(tiny_model, KPrunePruner(norm_refit=True), steps, family="modernbert")
+    assert all(torch.equal(got, want) for got, want in zip(result.masks.heads + result.masks.neurons,
+                                                           expected.masks.heads + expected.masks.neurons))
+    assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())
+    assert result.settings["norm_refit"] == expected.settings["norm_refit"]
 
 
 def test_steps_that_cannot_be_written_for_lack_of_space_are_skipped_with_a_note(monkeypatch, tiny_model, tmp_path):

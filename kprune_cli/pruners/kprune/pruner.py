@@ -37,6 +37,7 @@ from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.common.kpms import align_kept, kpms
+from kprune_cli.pruners.common.norm_refit import KEEP, NormFit, norm_layer, norm_refit_notes, refit_norm, write_norm
 from kprune_cli.pruners.common.reconstruction import check_gram_precision, gram_precision_notes, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
@@ -132,7 +133,9 @@ class KPrunePruner:
     Opt-in, off by default (docs/kprune-plus.md): ``selection="reconstruction"`` picks a sub-layer's
     survivors among its lower-scored units by the reconstruction error left after the re-fit
     (:mod:`~kprune_cli.pruners.kprune.select`; needs ``tune`` and ``iterative``); ``affine_tuning``
-    re-fits the output bias with the weights (:mod:`~kprune_cli.pruners.kprune.tune`).
+    re-fits the output bias with the weights (:mod:`~kprune_cli.pruners.kprune.tune`); ``norm_refit``
+    re-fits, channel by channel, the gain and bias of the LayerNorm that reads each tuned sub-layer's sum
+    towards the teacher's output of it (:mod:`~kprune_cli.pruners.common.norm_refit`; needs ``tune``).
     ``ridge``: KPWT's relative ridge (the default is a numerical guard, nearly the official code's
     plain least squares), or ``"auto"`` (opt-in): chosen per sub-layer by the error on held-out halves
     of the sample, for samples small next to the widths kept (docs/method.md). Every plain-KPWT run
@@ -141,9 +144,11 @@ class KPrunePruner:
     Resumable (:class:`~kprune_cli.pruners.base.Resumable`): after each finished sub-layer its
     state is ``{"done", "budget", "notes", "timing", "micro_batch_size", "masks": {"heads":
     {layer: (H,)}, "neurons": {layer: (N,)}}, "tuned": {sub-layer: {"weight": (d, width), "bias": (d,)}},
-    "selection", "affine_tuning", "ridge", "held_out": {sub-layer: {"ridge", "ratio"}}}`` (``tuned``: the
-    output projections of the finished sub-layers, the only weights it changes; empty without ``tune``;
-    the three switches: a resume must use the same; ``held_out``: the held-out check of each tuned
+    "selection", "affine_tuning", "ridge", "norm_refit", "held_out": {sub-layer: {"ridge", "ratio"}},
+    "norms": {sub-layer: {"weight": (d,), "bias": (d,)}}, "norm_fits": {sub-layer: {"shrink", "held_out"}}}``
+    (``tuned``: the output projections of the finished sub-layers, the weights it changes besides
+    ``norms``, the LayerNorms re-fitted after them with ``norm_refit``; empty without ``tune``;
+    the four switches: a resume must use the same; ``held_out``: the held-out check of each tuned
     sub-layer, see :func:`held_out_notes`).
     """
 
@@ -156,7 +161,8 @@ class KPrunePruner:
                  autocast: bool | str | None = False,
                  autocast_scope: str = "measure", gradient_batch: int | None = None, gram_precision: str = "auto",
                  align: int | None = None,
-                 selection: str = "score", affine_tuning: bool = False, ridge: float | str = KPWT_RIDGE) -> None:
+                 selection: str = "score", affine_tuning: bool = False, ridge: float | str = KPWT_RIDGE,
+                 norm_refit: bool = False) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -199,13 +205,18 @@ class KPrunePruner:
                             "(its cost is the error after the re-fit, chosen sub-layer by sub-layer)")
         if affine_tuning and not tune:
             raise UserError("pruner.affine_tuning=true needs pruner.tune=true (it is a variant of KPWT)")
+        if norm_refit and not tune:
+            raise UserError("pruner.norm_refit=true needs pruner.tune=true (it fits the LayerNorm after each "
+                            "tuned sub-layer, towards the teacher's sums that tuning takes)")
         self.selection = selection
         self.affine_tuning = bool(affine_tuning)
         self.ridge = check_ridge(ridge, selection, self.affine_tuning)
+        self.norm_refit = bool(norm_refit)
         self.gram_precision = check_gram_precision(gram_precision)
         self.align = align
         self._state: dict[str, Any] = {"done": 0, "micro_batch_size": micro_batch_size}
         self._held_out: dict[str, dict[str, float | None]] = {}
+        self._norms: dict[str, NormFit] = {}
         self._resume_from: Mapping[str, Any] | None = None
         self._resume_notes: list[str] = []
 
@@ -227,14 +238,19 @@ class KPrunePruner:
         missing = [key for key in ("budget", "notes", "timing", "masks", "tuned") if key not in state]
         if missing:
             raise UserError(f"the saved K-prune state lacks {', '.join(missing)}: start again with overwrite=true")
-        switches = {"selection": self.selection, "affine_tuning": self.affine_tuning, "ridge": self.ridge}
+        switches = {"selection": self.selection, "affine_tuning": self.affine_tuning, "ridge": self.ridge,
+                    "norm_refit": self.norm_refit}
         changed = [f"pruner.{key}={state.get(key, default)}" for key, default in (("selection", "score"),
-                   ("affine_tuning", False), ("ridge", KPWT_RIDGE)) if state.get(key, default) != switches[key]]
+                   ("affine_tuning", False), ("ridge", KPWT_RIDGE), ("norm_refit", False))
+                   if state.get(key, default) != switches[key]]
         if changed:
             raise UserError(f"the interrupted run used {', '.join(changed)}: resume with the same, "
                             f"or start again with overwrite=true")
         self._resume_from = state
         self._held_out = {key: dict(value) for key, value in state.get("held_out", {}).items()}
+        self._norms = {key: NormFit(value["weight"], value.get("bias"), float(state["norm_fits"][key]["shrink"]),
+                                    state["norm_fits"][key]["held_out"])
+                       for key, value in state.get("norms", {}).items()}
         saved = state.get("micro_batch_size", self.micro_batch_size)
         if saved != self.micro_batch_size:
             self._resume_notes = [f"resumed with pruner.micro_batch_size={saved}, as the interrupted run used it "
@@ -268,7 +284,7 @@ class KPrunePruner:
         gram_precision = resolve_gram_precision(self.gram_precision, problem.device)
         num_sublayers = 2 * problem.adapter.num_layers
         if saved is None:
-            self._held_out = {}
+            self._held_out, self._norms = {}, {}
             start, masks, budget = 0, Masks.ones(problem.adapter, problem.device), problem.budget
             notes = (sizing + self.precision_notes(problem.device)
                      + (gram_precision_notes(self.gram_precision, gram_precision) if self.tune else [])
@@ -281,7 +297,7 @@ class KPrunePruner:
             for stage, seconds in saved["timing"].items():  # the interrupted runs' time, plus this one's
                 timing[stage] = timing.get(stage, 0.0) + seconds
             with passes():
-                self._resume(problem, teacher_sums, start, saved["tuned"], notes)
+                self._resume(problem, teacher_sums, start, saved["tuned"], self._norms, notes)
         notes += self._resume_notes
         self._resume_notes = []
         inputs = [batch.inputs for batch in teacher.batches]
@@ -293,11 +309,17 @@ class KPrunePruner:
         progress = make_progress() if owned else progress
         with progress if owned else nullcontext():
             bar = progress.add_task("K-prune", total=num_sublayers, completed=start)
+            pending: tuple[int, NormFit] | None = None  # a pre-norm FFN's fit of the next layer's input norm
             if not self.iterative and saved is None:
                 self._search(problem, teacher, masks, 0, problem.budget, timing, hidden, gradient_batch)
             for s in range(start, num_sublayers):
                 kind, layer = sublayer_kind(s), s // 2
                 progress.update(bar, description=f"K-prune {kind.upper()} {layer}")
+                if pending is not None:  # the layer's teacher sums come from its norm as it was
+                    with timed(timing, "teacher"), passes():
+                        teacher_sums(s)
+                    write_norm(problem.adapter, *pending)
+                    pending = None
                 if self.iterative:
                     scores, keep = self._search(problem, teacher, masks, s, budget, timing, hidden, gradient_batch)
                     budget -= problem.cost.kept_cost(kind, int(keep[s].count_nonzero()))
@@ -315,22 +337,37 @@ class KPrunePruner:
                             notes += tuning.notes
                             if tuning.held_out is not None:
                                 self._held_out[str(s)] = {"ridge": tuning.ridge, "ratio": tuning.held_out}
+                    if self.norm_refit:
+                        with timed(timing, "tune"), passes():
+                            fit = refit_norm(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden)
+                        if fit is not None:
+                            self._norms[str(s)] = fit
+                            if norm_layer(problem.adapter, s) == layer:
+                                write_norm(problem.adapter, s, fit)
+                            else:
+                                pending = (s, fit)
                 if kind == "ffn" and s + 1 < num_sublayers:  # layer ``layer`` is final: move the cache up
                     with timed(timing, "measure"), passes():
                         hidden = advance(problem.model, problem.adapter, masks, layer, inputs, hidden)
                 self._state = self._snapshot(problem, s + 1, masks, budget, notes, timing)
                 if problem.steps is not None:
-                    problem.steps.save(self._state, append_only=("tuned",))
+                    problem.steps.save(self._state, append_only=("tuned", "norms"))
                 if on_step is not None:
                     on_step(s, masks)
                 progress.advance(bar)
         if self.tune:
             notes += held_out_notes(self._held_out, self.ridge, problem.sample.num_tokens, len(teacher.batches))
+        if self.norm_refit:
+            notes += norm_refit_notes(self._norms, num_sublayers)
         settings: dict[str, Any] = {"gradient_batch": gradient_batch}
         if self._held_out:
             settings["kpwt_held_out"] = {
                 key: {"ridge": "untuned" if value["ridge"] == math.inf else value["ridge"], "ratio": value["ratio"]}
                 for key, value in sorted(self._held_out.items(), key=lambda item: int(item[0]))}
+        if self._norms:
+            settings["norm_refit"] = {key: {"shrink": "kept" if fit.shrink == KEEP else fit.shrink,
+                                            "held_out": fit.held_out}
+                                      for key, fit in sorted(self._norms.items(), key=lambda item: int(item[0]))}
         return PruneResult(masks=masks, notes=notes, timing=timing, settings=settings)
 
     def _forward_precision(self, problem: PruneProblem) -> Callable[[], ContextManager[None]]:
@@ -376,7 +413,11 @@ class KPrunePruner:
         return {"done": done, "budget": budget, "notes": list(notes), "timing": dict(timing),
                 "micro_batch_size": self.micro_batch_size,
                 "selection": self.selection, "affine_tuning": self.affine_tuning, "ridge": self.ridge,
+                "norm_refit": self.norm_refit,
                 "held_out": {key: dict(value) for key, value in self._held_out.items()},
+                "norms": {key: {"weight": fit.gain} | ({"bias": fit.bias} if fit.bias is not None else {})
+                          for key, fit in self._norms.items()},
+                "norm_fits": {key: {"shrink": fit.shrink, "held_out": fit.held_out} for key, fit in self._norms.items()},
                 "masks": {"heads": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.heads)},
                           "neurons": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.neurons)}},
                 "tuned": tuned}
@@ -384,10 +425,12 @@ class KPrunePruner:
     @staticmethod
     @torch.no_grad()
     def _resume(problem: PruneProblem, teacher_sums: ResidualSums | None, start: int,
-                tuned: Mapping[str, Mapping[str, torch.Tensor]], notes: list[str]) -> None:
+                tuned: Mapping[str, Mapping[str, torch.Tensor]], norms: Mapping[str, NormFit],
+                notes: list[str]) -> None:
         """Continue a killed run at sub-layer ``start``: the teacher's residual sums of that layer are
         taken from the still original model (as the uninterrupted run took them, before tuning it),
-        then the tuned weights of the finished sub-layers (``tuned``, by sub-layer) are loaded."""
+        then the tuned weights of the finished sub-layers (``tuned``, by sub-layer) and their re-fitted
+        LayerNorms (``norms``) are loaded."""
         num_sublayers = 2 * problem.adapter.num_layers
         if teacher_sums is not None and start < num_sublayers:
             teacher_sums(start)
@@ -396,6 +439,8 @@ class KPrunePruner:
             projection = parts.out_proj(kind)
             for name, tensor in weights.items():
                 getattr(projection, name).copy_(tensor)
+        for sublayer, fit in norms.items():
+            write_norm(problem.adapter, int(sublayer), fit)
         where = f"{sublayer_kind(start).upper()} {start // 2}" if start < num_sublayers else "the end"
         notes.append(f"resumed at sub-layer {start} ({where}) from the step checkpoints of an interrupted run")
 
