@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks
-from kprune_cli.pruners.common.norm_refit import (KEEP, ChannelMoments, fit_channels, following_norm, refit_norm,
+from kprune_cli.pruners.common.norm_refit import (ChannelMoments, fit_channels, following_norm, refit_norm,
                                                   write_norm)
 from kprune_cli.pruners.common.reconstruction import sublayer_activations
 from kprune_cli.pruners.common.teacher import Teacher
@@ -145,3 +145,11 @@ def test_the_pruner_refits_layer_norms_and_keeps_kpms_first_choice(tiny_model, f
 def test_norm_refit_needs_tuning():
     with pytest.raises(UserError, match="pruner.norm_refit=true needs pruner.tune=true"):
         KPrunePruner(norm_refit=True, tune=False)
+
+
+def test_norm_refit_runs_with_bf16_passes(tiny_model):
+    model = sharpen(tiny_model("bert"))
+    result = KPrunePruner(norm_refit=True, autocast="bf16", autocast_scope="all").prune(make_problem(model, rate=0.6))
+    assert len(result.settings["norm_refit"]) == 4
+    norms = [value for name, value in model.named_parameters() if "LayerNorm" in name]
+    assert norms and all(torch.isfinite(value).all() and value.dtype == torch.float32 for value in norms)

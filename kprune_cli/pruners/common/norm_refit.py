@@ -200,7 +200,7 @@ def norm_refit_notes(fits: dict[str, NormFit], num_sublayers: int) -> list[str]:
     ratios = [fit.held_out for fit in refitted if fit.held_out is not None]
     line = f"pruner.norm_refit: {len(refitted)} of {num_sublayers} LayerNorms re-fitted"
     if ratios:
-        line += f" (held-out error {min(ratios):.3f}-{max(ratios):.3f}x the previous values')"
+        line += f" (held-out error {min(ratios):.3f}-{max(ratios):.3f}x that of the previous values)"
     if kept:
         line += f"; kept where no fit helped held-out tokens: sub-layers {', '.join(map(str, kept))}"
     if len(fits) < num_sublayers:
