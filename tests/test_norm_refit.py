@@ -10,8 +10,8 @@ from torch.nn import functional as F
 
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.masks import Masks
-from kprune_cli.pruners.common.norm_refit import (ChannelMoments, fit_channels, following_norm, refit_norm,
-                                                  write_norm)
+from kprune_cli.pruners.common.norm_refit import (ChannelMoments, fit_channels, following_norm, match_moments,
+                                                  refit_norm, write_norm)
 from kprune_cli.pruners.common.reconstruction import sublayer_activations
 from kprune_cli.pruners.common.teacher import Teacher
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
@@ -105,6 +105,24 @@ def test_the_refit_lowers_the_layer_norms_error_against_the_teacher(tuned_bert):
             parameter[3] -= 0.05
 
 
+def test_moment_matching_gives_the_student_the_teachers_mean_and_variance_per_channel(tuned_bert):
+    model, adapter, teacher, sums, masks = tuned_bert
+    norm = following_norm(adapter, 0)
+    original = (norm.weight.detach().clone(), norm.bias.detach().clone())
+    fit = refit_norm(model, adapter, masks, teacher.batches, sums, 0, method="moments")
+    assert fit.shrink is None and fit.held_out is not None
+    write_norm(adapter, 0, fit)
+    with torch.no_grad():
+        student = torch.cat([norm(sublayer_activations(model, adapter, masks, batch, 0).y)
+                             for batch in teacher.batches])
+        target = torch.cat([F.layer_norm(sum_, norm.normalized_shape, *original, norm.eps) for sum_ in sums])
+    torch.testing.assert_close(student.mean(0), target.mean(0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(student.var(0), target.var(0), atol=1e-4, rtol=1e-4)
+    noise = ChannelMoments.of(torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 3, dtype=torch.float64))
+    gains, _ = match_moments(noise, torch.tensor([1.0, -2.0, 0.5]), None)
+    assert gains[1] < 0 < gains[0]  # a gain keeps its sign
+
+
 def test_a_student_equal_to_its_teacher_keeps_the_layer_norm(tiny_model):
     model = sharpen(tiny_model("bert"))
     adapter = get_adapter(model)
@@ -124,13 +142,14 @@ def test_pre_norm_layers_refit_the_next_sub_layers_input_norm(tiny_model):
     assert following_norm(adapter, 3) is None  # after the last layer: the family's final norm, not the adapter's
 
 
+@pytest.mark.parametrize("method", ["least_squares", "moments"])
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
-def test_the_pruner_refits_layer_norms_and_keeps_kpms_first_choice(tiny_model, family):
+def test_the_pruner_refits_layer_norms_and_keeps_kpms_first_choice(tiny_model, family, method):
     plain_model = sharpen(tiny_model(family))
     plain = KPrunePruner().prune(make_problem(plain_model, rate=0.6))
     model = sharpen(tiny_model(family))
     problem = make_problem(model, rate=0.6)
-    result = KPrunePruner(norm_refit=True).prune(problem)
+    result = KPrunePruner(norm_refit=method).prune(problem)
     assert torch.equal(result.masks.heads[0], plain.masks.heads[0])  # sub-layer 0 is chosen before any re-fit
     norms = {name for name, _ in model.named_parameters() if "norm" in name.lower()}
     changed = {name for name, value in model.named_parameters()
@@ -142,14 +161,17 @@ def test_the_pruner_refits_layer_norms_and_keeps_kpms_first_choice(tiny_model, f
     assert problem.flops.total(result.masks.kept()) <= problem.budget * (1 + 1e-9)
 
 
-def test_norm_refit_needs_tuning():
-    with pytest.raises(UserError, match="pruner.norm_refit=true needs pruner.tune=true"):
-        KPrunePruner(norm_refit=True, tune=False)
+def test_norm_refit_needs_tuning_and_a_known_method():
+    with pytest.raises(UserError, match="pruner.norm_refit=moments needs pruner.tune=true"):
+        KPrunePruner(norm_refit="moments", tune=False)
+    with pytest.raises(UserError, match="pruner.norm_refit=True: choose false, least_squares or moments"):
+        KPrunePruner(norm_refit=True)
 
 
 def test_norm_refit_runs_with_bf16_passes(tiny_model):
     model = sharpen(tiny_model("bert"))
-    result = KPrunePruner(norm_refit=True, autocast="bf16", autocast_scope="all").prune(make_problem(model, rate=0.6))
+    pruner = KPrunePruner(norm_refit="least_squares", autocast="bf16", autocast_scope="all")
+    result = pruner.prune(make_problem(model, rate=0.6))
     assert len(result.settings["norm_refit"]) == 4
     norms = [value for name, value in model.named_parameters() if "LayerNorm" in name]
     assert norms and all(torch.isfinite(value).all() and value.dtype == torch.float32 for value in norms)

@@ -56,7 +56,7 @@ def _pruned(tiny_model, pruner, steps=None, family="bert"):
 
 @pytest.mark.parametrize("options", [{}, {"iterative": False}, {"tune": False},
                                      {"selection": "reconstruction", "affine_tuning": True},
-                                     {"norm_refit": True, "affine_tuning": True},
+                                     {"norm_refit": "moments", "affine_tuning": True},
                                      {"ridge": "auto", "micro_batch_size": 4},
                                      {"autocast": "bf16", "autocast_scope": "all"}])
 @pytest.mark.parametrize("killed_after", [0, 1, 2, 3])
@@ -85,12 +85,12 @@ def test_resumed_kprune_equals_the_uninterrupted_run(options, killed_after, tiny
 def test_a_resumed_pre_norm_run_with_norm_refit_equals_the_uninterrupted_one(killed_after, tiny_model, tmp_path):
     """Pre-norm: FFN 0's re-fit is of layer 1's input norm, written only once layer 1's teacher sums are
     taken; a run killed in between (after sub-layer 1) must write it at the same point when resumed."""
-    expected, expected_weights = _pruned(tiny_model, KPrunePruner(norm_refit=True), family="modernbert")
-    pruner = KPrunePruner(norm_refit=True)
+    expected, expected_weights = _pruned(tiny_model, KPrunePruner(norm_refit="least_squares"), family="modernbert")
+    pruner = KPrunePruner(norm_refit="least_squares")
     with pytest.raises(Killed):
         _pruned(tiny_model, pruner, KilledAfter(tmp_path, killed_after, pruner), family="modernbert")
     steps = StepCheckpoints(tmp_path, {"config_hash": "x", "config": {}, "device": "cpu"})
-    result, weights = _pruned(tiny_model, KPrunePruner(norm_refit=True), steps, family="modernbert")
+    result, weights = _pruned(tiny_model, KPrunePruner(norm_refit="least_squares"), steps, family="modernbert")
     assert all(torch.equal(got, want) for got, want in zip(result.masks.heads + result.masks.neurons,
                                                            expected.masks.heads + expected.masks.neurons))
     assert all(torch.equal(tensor, expected_weights[name]) for name, tensor in weights.items())

@@ -37,7 +37,8 @@ from kprune_cli.pruners.base import PruneProblem, PruneResult
 from kprune_cli.pruners.common import sublayer_kind, sublayer_parts
 from kprune_cli.pruners.common.gradient_batch import official_gradient_batch
 from kprune_cli.pruners.common.kpms import align_kept, kpms
-from kprune_cli.pruners.common.norm_refit import KEEP, NormFit, norm_layer, norm_refit_notes, refit_norm, write_norm
+from kprune_cli.pruners.common.norm_refit import (KEEP, NORM_REFITS, NormFit, norm_layer, norm_refit_notes, refit_norm,
+                                                  write_norm)
 from kprune_cli.pruners.common.reconstruction import check_gram_precision, gram_precision_notes, resolve_gram_precision
 from kprune_cli.pruners.common.teacher import ResidualSums, Teacher
 from kprune_cli.pruners.common.window import advance, encoder_inputs
@@ -134,8 +135,9 @@ class KPrunePruner:
     survivors among its lower-scored units by the reconstruction error left after the re-fit
     (:mod:`~kprune_cli.pruners.kprune.select`; needs ``tune`` and ``iterative``); ``affine_tuning``
     re-fits the output bias with the weights (:mod:`~kprune_cli.pruners.kprune.tune`); ``norm_refit``
-    re-fits, channel by channel, the gain and bias of the LayerNorm that reads each tuned sub-layer's sum
-    towards the teacher's output of it (:mod:`~kprune_cli.pruners.common.norm_refit`; needs ``tune``).
+    (``"least_squares"`` or ``"moments"``) re-fits, channel by channel, the gain and bias of the LayerNorm
+    that reads each tuned sub-layer's sum towards the teacher's output of it
+    (:mod:`~kprune_cli.pruners.common.norm_refit`; needs ``tune``).
     ``ridge``: KPWT's relative ridge (the default is a numerical guard, nearly the official code's
     plain least squares), or ``"auto"`` (opt-in): chosen per sub-layer by the error on held-out halves
     of the sample, for samples small next to the widths kept (docs/method.md). Every plain-KPWT run
@@ -162,7 +164,7 @@ class KPrunePruner:
                  autocast_scope: str = "measure", gradient_batch: int | None = None, gram_precision: str = "auto",
                  align: int | None = None,
                  selection: str = "score", affine_tuning: bool = False, ridge: float | str = KPWT_RIDGE,
-                 norm_refit: bool = False) -> None:
+                 norm_refit: str | bool = False) -> None:
         for key, value in (("lambda_pred", lambda_pred), ("lambda_rep", lambda_rep)):
             if value < 0:
                 raise UserError(f"pruner.{key}={value}: must be >= 0")
@@ -205,13 +207,15 @@ class KPrunePruner:
                             "(its cost is the error after the re-fit, chosen sub-layer by sub-layer)")
         if affine_tuning and not tune:
             raise UserError("pruner.affine_tuning=true needs pruner.tune=true (it is a variant of KPWT)")
+        if norm_refit not in (False, None, *NORM_REFITS):
+            raise UserError(f"pruner.norm_refit={norm_refit}: choose false, {' or '.join(NORM_REFITS)}")
         if norm_refit and not tune:
-            raise UserError("pruner.norm_refit=true needs pruner.tune=true (it fits the LayerNorm after each "
+            raise UserError(f"pruner.norm_refit={norm_refit} needs pruner.tune=true (it fits the LayerNorm after each "
                             "tuned sub-layer, towards the teacher's sums that tuning takes)")
         self.selection = selection
         self.affine_tuning = bool(affine_tuning)
         self.ridge = check_ridge(ridge, selection, self.affine_tuning)
-        self.norm_refit = bool(norm_refit)
+        self.norm_refit = norm_refit or False
         self.gram_precision = check_gram_precision(gram_precision)
         self.align = align
         self._state: dict[str, Any] = {"done": 0, "micro_batch_size": micro_batch_size}
@@ -248,7 +252,7 @@ class KPrunePruner:
                             f"or start again with overwrite=true")
         self._resume_from = state
         self._held_out = {key: dict(value) for key, value in state.get("held_out", {}).items()}
-        self._norms = {key: NormFit(value["weight"], value.get("bias"), float(state["norm_fits"][key]["shrink"]),
+        self._norms = {key: NormFit(value["weight"], value.get("bias"), state["norm_fits"][key]["shrink"],
                                     state["norm_fits"][key]["held_out"])
                        for key, value in state.get("norms", {}).items()}
         saved = state.get("micro_batch_size", self.micro_batch_size)
@@ -339,7 +343,8 @@ class KPrunePruner:
                                 self._held_out[str(s)] = {"ridge": tuning.ridge, "ratio": tuning.held_out}
                     if self.norm_refit:
                         with timed(timing, "tune"), passes():
-                            fit = refit_norm(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden)
+                            fit = refit_norm(problem.model, problem.adapter, masks, teacher.batches, sums, s, hidden,
+                                             self.norm_refit)
                         if fit is not None:
                             self._norms[str(s)] = fit
                             if norm_layer(problem.adapter, s) == layer:
@@ -417,7 +422,8 @@ class KPrunePruner:
                 "held_out": {key: dict(value) for key, value in self._held_out.items()},
                 "norms": {key: {"weight": fit.gain} | ({"bias": fit.bias} if fit.bias is not None else {})
                           for key, fit in self._norms.items()},
-                "norm_fits": {key: {"shrink": fit.shrink, "held_out": fit.held_out} for key, fit in self._norms.items()},
+                "norm_fits": {key: {"shrink": fit.shrink, "held_out": fit.held_out}
+                              for key, fit in self._norms.items()},
                 "masks": {"heads": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.heads)},
                           "neurons": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.neurons)}},
                 "tuned": tuned}
