@@ -20,7 +20,7 @@ on the other from its moments alone, over :data:`SHRINK_GRID`, and the current v
 
 That least-squares fit (``"least_squares"``) regresses the teacher on a noisy copy of itself, so its gains
 come out smaller than the teacher's (regression dilution: ``γ_j = cov(n_j, z_j) / var(n_j)``), and the
-shrinkage compounds from layer to layer (measured on MiniLM-MRPC at rate 0.8: gains 5-18% below the old
+shrinkage compounds from layer to layer (measured on MiniLM-MRPC at rate 0.8: gains 4-18% below the old
 ones, lower layer by layer). ``"moments"`` instead gives each channel of the student's output the teacher's
 mean and variance (:func:`match_moments`; a LayerNorm without a bias: its mean square), from the same sums:
 
