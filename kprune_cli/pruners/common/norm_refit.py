@@ -223,15 +223,13 @@ def _held_out_ratio(folds: Sequence[ChannelMoments], gain: torch.Tensor, bias: t
 def _chosen_shrink(folds: Sequence[ChannelMoments], gain: torch.Tensor, bias: torch.Tensor | None,
                    grid: Sequence[float]) -> tuple[float, float]:
     """The ρ of ``grid`` whose fits on one fold score best on the other, summed both ways, or :data:`KEEP`
-    when none beats the current values (ties go to the larger ρ); with its error over the current values'."""
-    first, second = folds
-    kept = first.error(gain, bias) + second.error(gain, bias)
-    errors = {KEEP: kept}
-    for shrink in grid:
-        errors[shrink] = sum(scored.error(*fit_channels(fitted, gain, bias, shrink))
-                             for fitted, scored in ((first, second), (second, first)))
-    shrink = min(errors, key=lambda value: (errors[value], -value))
-    return shrink, errors[shrink] / kept if kept > 0 else 1.0
+    when none beats the current values (ties go to the larger ρ); with its held-out error over the current
+    values' (:func:`_held_out_ratio`)."""
+    ratios = {shrink: _held_out_ratio(folds, gain, bias, lambda fitted, shrink=shrink: fit_channels(
+        fitted, gain, bias, shrink)) for shrink in grid}
+    ratios[KEEP] = 1.0
+    shrink = min(ratios, key=lambda value: (ratios[value], -value))
+    return shrink, ratios[shrink]
 
 
 @torch.no_grad()

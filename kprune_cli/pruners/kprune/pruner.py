@@ -147,7 +147,7 @@ class KPrunePruner:
     state is ``{"done", "budget", "notes", "timing", "micro_batch_size", "masks": {"heads":
     {layer: (H,)}, "neurons": {layer: (N,)}}, "tuned": {sub-layer: {"weight": (d, width), "bias": (d,)}},
     "selection", "affine_tuning", "ridge", "norm_refit", "held_out": {sub-layer: {"ridge", "ratio"}},
-    "norms": {sub-layer: {"weight": (d,), "bias": (d,)}}, "norm_fits": {sub-layer: {"shrink", "held_out"}}}``
+    "norms": {sub-layer: {"weight": (d,), "bias": (d,), "shrink", "held_out"}}}``
     (``tuned``: the output projections of the finished sub-layers, the weights it changes besides
     ``norms``, the LayerNorms re-fitted after them with ``norm_refit``; empty without ``tune``;
     the four switches: a resume must use the same; ``held_out``: the held-out check of each tuned
@@ -252,8 +252,7 @@ class KPrunePruner:
                             f"or start again with overwrite=true")
         self._resume_from = state
         self._held_out = {key: dict(value) for key, value in state.get("held_out", {}).items()}
-        self._norms = {key: NormFit(value["weight"], value.get("bias"), state["norm_fits"][key]["shrink"],
-                                    state["norm_fits"][key]["held_out"])
+        self._norms = {key: NormFit(value["weight"], value.get("bias"), value["shrink"], value["held_out"])
                        for key, value in state.get("norms", {}).items()}
         saved = state.get("micro_batch_size", self.micro_batch_size)
         if saved != self.micro_batch_size:
@@ -420,10 +419,8 @@ class KPrunePruner:
                 "selection": self.selection, "affine_tuning": self.affine_tuning, "ridge": self.ridge,
                 "norm_refit": self.norm_refit,
                 "held_out": {key: dict(value) for key, value in self._held_out.items()},
-                "norms": {key: {"weight": fit.gain} | ({"bias": fit.bias} if fit.bias is not None else {})
-                          for key, fit in self._norms.items()},
-                "norm_fits": {key: {"shrink": fit.shrink, "held_out": fit.held_out}
-                              for key, fit in self._norms.items()},
+                "norms": {key: {"weight": fit.gain, "shrink": fit.shrink, "held_out": fit.held_out}
+                          | ({"bias": fit.bias} if fit.bias is not None else {}) for key, fit in self._norms.items()},
                 "masks": {"heads": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.heads)},
                           "neurons": {str(layer): mask.detach().clone() for layer, mask in enumerate(masks.neurons)}},
                 "tuned": tuned}
