@@ -20,6 +20,7 @@ from kprune_cli.models.loading import load_model
 from kprune_cli.pruners.kprune.pruner import KPrunePruner
 from kprune_cli.pruners.kwon.pruner import KwonPruner
 from kprune_cli.pruners.kwon.search import fit_piecewise_linear
+from kprune_cli.runtime.allocator import DEPLOY_ENV, serving_note
 from kprune_cli.tasks.spec import get_task
 
 QUICK_LATENCY = ("constraint=latency", "latency.runtime=torch", "latency.threads=1", "latency.batch_size=2",
@@ -69,6 +70,8 @@ def test_a_latency_run_reports_its_measured_speedup(tiny_checkpoint, mrpc_dir, t
     assert block["predicted_ms"] <= 0.7 * table.predict_ms(table.full()) + 1e-9  # the budget was kept
     assert block["repeats"] == 5 and block["table_fit"]["configurations"] == 4
     assert any("latency table from the cache" in note for note in report["notes"])
+    if serving_note() is not None:  # glibc: the report says how to serve at the speed it measured
+        assert serving_note() in report["notes"] and DEPLOY_ENV in serving_note()
     assert "## Measured latency" in (tmp_path / "out" / "report.md").read_text()
     assert "measured speedup" in capsys.readouterr().err
 

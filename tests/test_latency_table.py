@@ -29,6 +29,7 @@ from kprune_cli.models.masks import Masks
 from kprune_cli.models.slicing import prune_physically
 from kprune_cli.models.structured import model_with_structure
 from kprune_cli.pruners.common.kpms import kpms
+from kprune_cli.runtime.allocator import describe_allocator
 from kprune_cli.runtime.errors import UserError
 
 SHAPE = RuntimeShape("torch", torch.device("cpu"), 1, 2, 8)
@@ -140,6 +141,7 @@ def test_tables_are_cached_by_fingerprint_and_measured_again_when_it_differs(tin
     assert measured > 0 and "measured" in notes[-1]
     again = load_or_measure(model, SHAPE, SETTINGS, notes=notes, timer=fake_timer(additive_ms, calls))
     assert len(calls) == measured and again == first and "from the cache" in notes[-1]
+    assert first.fingerprint["allocator"] == describe_allocator()  # timed with another allocator: measured again
     two_threads = RuntimeShape("torch", torch.device("cpu"), 2, 2, 8)  # another fingerprint: never reused
     other = load_or_measure(model, two_threads, SETTINGS, notes=notes, timer=fake_timer(additive_ms, calls))
     assert len(calls) > measured and other.fingerprint["threads"] == 2

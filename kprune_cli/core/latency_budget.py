@@ -22,6 +22,7 @@ from kprune_cli.config.settings import LatencyOptions
 from kprune_cli.core.latency_table import WARMUP, TableSettings, load_or_measure
 from kprune_cli.core.runners import Runner, RuntimeShape, torch_threads
 from kprune_cli.models.latency_table import LatencyCost, LatencyTable
+from kprune_cli.runtime.allocator import serving_note
 from kprune_cli.runtime.device import resolve_device
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.timing import time_in_turns
@@ -56,6 +57,8 @@ def latency_cost(model: PreTrainedModel, shape: RuntimeShape, settings: TableSet
     """The cost model of ``model``'s latency table on ``shape``; a :class:`UserError` when ``rate``
     asks for more than emptying every sub-layer gives."""
     table = load_or_measure(model, shape, settings, progress, notes)
+    if notes is not None and shape.runtime == "torch" and shape.device.type == "cpu" and (note := serving_note()):
+        notes.append(note)
     check_reachable(table, rate, shape)
     return LatencyCost(table)
 

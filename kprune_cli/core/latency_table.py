@@ -29,8 +29,8 @@ cache as ``<key>.refused.json`` for a look). Its ``R²`` and worst error go
 into the table (and the report).
 
 **Cache.** A table is kept under ``$KPRUNE_CACHE/latency-tables/`` keyed by a fingerprint of what
-it depends on (the model's shape, runtime, device model, threads, batch, sequence length, library
-versions, grid, repeats); a table is only ever reused for an identical fingerprint, else measured
+it depends on (the model's shape, runtime, device model, threads, batch, sequence length, host
+allocator, library versions, grid, repeats); a table is only ever reused for an identical fingerprint, else measured
 again.
 """
 
@@ -56,13 +56,15 @@ from kprune_cli.core.runners import Runner, RuntimeShape, torch_threads
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.latency_table import LatencyTable
 from kprune_cli.models.structured import model_with_structure
+from kprune_cli.runtime.allocator import describe_allocator
 from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import cpu_model
 from kprune_cli.runtime.timing import time_in_turns
 
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 """How tables are measured; part of the fingerprint, so that a table measured otherwise is never reused
-(2: the additivity check draws FFN widths from the timed ones)."""
+(2: the additivity check draws FFN widths from the timed ones; 3: timed with glibc's malloc thresholds
+pinned, :mod:`kprune_cli.runtime.allocator`)."""
 
 GROUP_SIZE = 8
 """Models timed in turns at once (each group's models are all in memory together)."""
@@ -100,7 +102,7 @@ def fingerprint(model: PreTrainedModel, shape: RuntimeShape, settings: TableSett
         "model": {key: getattr(config, key, None) for key in keys} | {"class": type(model).__name__},
         "table_version": TABLE_VERSION,
         "runtime": shape.runtime, "device": f"{shape.device.type}: {device}", "threads": shape.threads,
-        "batch_size": shape.batch_size, "seq_len": shape.seq_len, "dtype": "float32",
+        "batch_size": shape.batch_size, "seq_len": shape.seq_len, "dtype": "float32", "allocator": describe_allocator(),
         "ffn_step": settings.step_for(int(config.intermediate_size)), "repeats": settings.repeats,
         "configurations": settings.configurations, "seed": settings.seed,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -6,6 +6,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
+from kprune_cli.runtime.allocator import pinned_malloc_thresholds
+
 
 @contextmanager
 def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
@@ -20,14 +22,17 @@ def timed(timing: dict[str, float], stage: str) -> Iterator[None]:
 def time_in_turns(calls: Sequence[Callable[[], object]], repeats: int, warmup: int = 3) -> list[list[float]]:
     """Milliseconds of ``repeats`` calls of each of ``calls``, timed in turns (one call of each per
     round, so that a change in the machine's load affects them all alike), after ``warmup`` untimed
-    calls of each. A call must return only once its work is done (e.g. synchronise a GPU)."""
-    for call in calls:
-        for _ in range(warmup):
-            call()
+    calls of each. A call must return only once its work is done (e.g. synchronise a GPU). Host memory
+    is allocated with glibc's thresholds pinned (:func:`~kprune_cli.runtime.allocator.pinned_malloc_thresholds`),
+    so that a call's page faults do not depend on the calls timed before it."""
     times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
-        for call, kept in zip(calls, times):
-            start = time.perf_counter()
-            call()
-            kept.append(1000.0 * (time.perf_counter() - start))
+    with pinned_malloc_thresholds():
+        for call in calls:
+            for _ in range(warmup):
+                call()
+        for _ in range(repeats):
+            for call, kept in zip(calls, times):
+                start = time.perf_counter()
+                call()
+                kept.append(1000.0 * (time.perf_counter() - start))
     return times
