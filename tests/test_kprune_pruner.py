@@ -159,6 +159,7 @@ def test_rejects_bad_settings(kwargs):
     ("kprune_pred_only", {"lambda_rep": 0.0}),
     ("kprune_rep_only", {"lambda_pred": 0.0}),
     ("kprune_oneshot", {"iterative": False}),
+    ("kprune_plus", {"affine_tuning": True}),
 ])
 def test_pruner_configs(tmp_path, name, changed):
     (tmp_path / "main.yaml").write_text("defaults:\n  - pruner: kprune\n  - _self_\n")
