@@ -176,6 +176,18 @@ def test_the_other_commands_model_key_names_this_ones(command, given, taken, cap
     assert len(err.splitlines()) == 1 and f"unknown key {given!r}" in err and f"takes its model as {taken}=" in err
 
 
+@pytest.mark.parametrize(("override", "named", "closest"), [("pruner=kprnue", "pruner=kprnue", "kprune"),
+                                                        ("task=sst3", "task=sst3", "sst2"),
+                                                        ("pruner=kprune,kwn", "pruner=kwn", "kwon")])
+def test_a_group_option_without_a_file_is_one_line_naming_the_options(override, named, closest, tmp_path, capsys):
+    assert kprune("run", override, f"output_dir={tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err.strip()
+    group = named.split("=")[0]
+    options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {named}: no such {group}: did you mean {closest}?")
+    assert err.endswith(f"choose one of {', '.join(options)}")
+
+
 def test_known_keys_follow_the_group_choice_within_one_process(tmp_path, capsys):
     """The known keys are cached per group choice: a key of one option is known under it and
     refused under another, whichever was checked first in the process."""

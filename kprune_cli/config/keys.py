@@ -31,14 +31,18 @@ def check_known_keys(config_dir: Path, config_name: str, overrides: list[str]) -
     """A :class:`UserError` for the first ``key=value`` of ``overrides`` whose key is not in the
     config ``config_name`` composed with the overrides' group choices.
 
-    Left to Hydra: flags, ``+key`` / ``++key`` / ``~key``, ``hydra.*`` keys, overrides it cannot
-    parse or compose, and keys of a group swept over several options (``-m pruner=kprune,kwon``:
+    A group option without a file (``pruner=kprnue``) is one line naming the group's options. Left to
+    Hydra: flags, ``+key`` / ``++key`` / ``~key``, ``hydra.*`` keys, overrides it cannot parse or
+    compose, and keys of a group swept over several options (``-m pruner=kprune,kwon``:
     the options may differ in keys).
     """
     parsed = _parse(overrides)
     if parsed is None:
         return
     groups = [override for override in parsed if (config_dir / override.key_or_group).is_dir()]
+    for override in groups:
+        if override.key_or_group.split("/")[0] != "hydra":  # Hydra's own groups have options from its plugins
+            _check_group_options(config_dir, override)
     swept = {override.key_or_group.replace("/", ".") for override in groups if override.is_sweep_override()}
     choices = tuple(override.input_line for override in groups if not override.is_sweep_override())
     known = _known_keys(config_dir, config_name, choices)
@@ -59,6 +63,20 @@ def check_known_keys(config_dir: Path, config_name: str, overrides: list[str]) -
         hint = f"did you mean {' or '.join(closest)}?" if closest else "no key of the config is close to it"
         raise UserError(f"{override.input_line}: unknown key {key!r}, {hint} "
                         f"(`kprune {config_name} --help` lists every key)")
+
+
+def _check_group_options(config_dir: Path, override: Override) -> None:
+    """A :class:`UserError` naming the options of ``override``'s group when one it chooses (``pruner=kprnue``,
+    or one of a sweep's ``pruner=kprune,kwn``) has no file, instead of Hydra's many-line message."""
+    group = override.key_or_group
+    chosen = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    options = sorted(path.stem for path in (config_dir / group).glob("*.yaml"))
+    for option in chosen:
+        if isinstance(option, str) and option not in options:
+            closest = difflib.get_close_matches(option, options, n=1, cutoff=0.6)
+            hint = f"did you mean {closest[0]}? " if closest else ""
+            raise UserError(f"{group}={option}: no such {group.replace('/', ' ')}: {hint}"
+                            f"choose one of {', '.join(options)}")
 
 
 @lru_cache(maxsize=64)
