@@ -40,11 +40,14 @@ def run_args(checkpoint, data, output, *extra):
             "calibration.num_tokens=300", "calibration.batch_size=8", "device=cpu", *QUICK_LATENCY, *extra]
 
 
-def seed_cache(checkpoint) -> LatencyTable:
+QUICK_SHAPE = RuntimeShape("torch", torch.device("cpu"), 1, 2, 8)
+"""Where :data:`QUICK_LATENCY` times."""
+
+
+def seed_cache(checkpoint, shape: RuntimeShape = QUICK_SHAPE) -> LatencyTable:
     """Put a designed table (dense 5.68 ms, emptied 2 ms: 2.84x at most) in the cache under the fingerprint
-    of the runs' model and runtime, so that the budget is the same on every machine."""
+    of the runs' model and runtime (``shape``), so that the budget is the same on every machine."""
     model, _ = load_model(str(checkpoint), get_task("mrpc"), "cpu")
-    shape = RuntimeShape("torch", torch.device("cpu"), 1, 2, 8)
     settings = TableSettings(repeats=3, configurations=2, max_error=100)
     found = fingerprint(model, shape, settings)
     table = LatencyTable(found, 2, 1.0, 0.5, tuple(0.3 * h for h in range(5)), (0, 32, 64), (0.0, 0.32, 0.64),
@@ -74,6 +77,42 @@ def test_a_latency_run_reports_its_measured_speedup(tiny_checkpoint, mrpc_dir, t
         assert serving_note() in report["notes"] and DEPLOY_ENV in serving_note()
     assert "## Measured latency" in (tmp_path / "out" / "report.md").read_text()
     assert "measured speedup" in capsys.readouterr().err
+
+
+def test_an_int8_latency_run_times_and_scores_the_quantized_model(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
+    """latency.quantize=int8: the budget is spent from the int8 table, dense and pruned are timed as int8
+    ONNX Runtime models beside the dense float32 one, and the pruned int8 model's metric is reported."""
+    pytest.importorskip("onnxruntime")
+    table = seed_cache(tiny_checkpoint, RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8, quantize="int8"))
+    args = [arg.replace("=torch", "=onnxruntime") for arg in run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out",
+                                                                       "rate=0.3", "latency.quantize=int8")]
+    assert kprune(*args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    block = report["latency"]
+    assert (block["runtime"], block["quantize"]) == ("onnxruntime", "int8")
+    assert any("latency table from the cache" in note for note in report["notes"])  # the int8 table, seeded
+    assert block["predicted_ms"] <= 0.7 * table.predict_ms(table.full()) + 1e-9
+    assert block["speedup_over_float32"] == pytest.approx(block["dense_float32_ms"] / block["pruned_ms"])
+    low, high = block["speedup_over_float32_ci"]
+    assert low <= block["speedup_over_float32"] <= high
+    metric = report["metric"]
+    assert 0.0 <= metric["pruned_int8"] <= 1.0 and metric["all"]["pruned_int8"]["accuracy"] == metric["pruned_int8"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "accuracy, ONNX Runtime int8" in markdown and "onnxruntime int8 on cpu" in markdown
+    assert "The dense float32 model, timed in the same turns" in markdown
+    err = capsys.readouterr().err
+    assert "on onnxruntime int8" in err and "over the dense float32 model" in err
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    (("latency.quantize=int4",), "latency.quantize='int4' is not allowed: choose null or int8"),
+    (("latency.quantize=int8",), "latency.quantize=int8 times ONNX Runtime's quantized models: give "
+                                 "latency.runtime=onnxruntime (not torch)"),
+])
+def test_a_bad_latency_quantization_is_one_line(tiny_checkpoint, mrpc_dir, tmp_path, capsys, keys, message):
+    assert kprune(*run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out", *keys)) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
 
 
 def test_a_missed_target_is_pruned_once_more_for_the_corrected_target(tiny_checkpoint, mrpc_dir, tmp_path,
@@ -106,6 +145,7 @@ def test_a_missed_target_is_pruned_once_more_for_the_corrected_target(tiny_check
 
 def test_an_unreachable_latency_target_ends_in_one_line_before_pruning(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
     seed_cache(tiny_checkpoint)
+    capsys.readouterr()  # loading the model to seed the cache may show transformers' progress bar
     output = tmp_path / "out"
     assert kprune(*run_args(tiny_checkpoint, mrpc_dir, output, "rate=0.8")) == 2
     error = capsys.readouterr().err.strip()

@@ -15,14 +15,17 @@ from kprune_helpers import DEVICES, TINY_FLOPS
 from kprune_cli.core.latency_budget import bootstrap_interval, check_reachable, latency_cost, verify_speedup
 from kprune_cli.core.latency_table import (
     TableSettings,
+    fingerprint,
     fit_additivity,
     load_or_measure,
     measure_table,
     non_decreasing,
     table_path,
 )
+from kprune_cli.config.settings import LATENCY_QUANTIZATIONS
 from kprune_cli.core.runners import RuntimeShape
 from kprune_cli.deploy.onnx_model import example_inputs
+from kprune_cli.deploy.quantization import QUANTIZATIONS
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.latency_table import LatencyCost, LatencyTable
 from kprune_cli.models.masks import Masks
@@ -215,6 +218,40 @@ def test_the_latency_block_reports_the_measured_speedup_and_whether_it_met_the_t
     assert {"runtime", "device", "threads", "batch_size", "seq_len"} <= block.keys()
 
 
+def test_on_a_quantized_runtime_the_block_adds_the_speedup_over_dense_float32():
+    table = LatencyTable({}, 1, 1.0, 0.5, (0.0, 1.0), (0, 4), (0.0, 2.0), fit={"r2": 1.0})
+    dense_int8, pruned_int8, dense_float32 = [6.0, 6.2, 5.9, 6.1], [3.0, 3.1, 2.9, 3.0], [12.0, 12.4, 11.8, 12.1]
+    shape = RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8, quantize="int8")
+    block = verify_speedup(None, None, shape, 4, table, 0.5, [{"heads": 1, "neurons": 0}],
+                           times=(dense_int8, pruned_int8, dense_float32))
+    assert block["quantize"] == "int8" and block["speedup"] == pytest.approx(6.05 / 3.0)  # what rate asks: int8 over int8
+    assert block["dense_float32_ms"] == pytest.approx(12.05)
+    assert block["speedup_over_float32"] == pytest.approx(12.05 / 3.0)
+    low, high = block["speedup_over_float32_ci"]
+    assert low <= block["speedup_over_float32"] <= high and low > block["speedup"]
+    plain = verify_speedup(None, None, SHAPE, 4, table, 0.5, [{"heads": 1, "neurons": 0}],
+                           times=(dense_int8, pruned_int8))
+    assert plain["quantize"] is None and "speedup_over_float32" not in plain
+
+
+def test_an_int8_table_has_its_own_fingerprint_naming_the_quantization(tiny_model):
+    model, settings = tiny_model(), TableSettings()
+    float32 = fingerprint(model, RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8), settings)
+    int8 = fingerprint(model, RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8, quantize="int8"), settings)
+    assert (float32["dtype"], int8["dtype"]) == ("float32", "int8") and "quantization" not in float32
+    assert int8["quantization"]["per_channel"] is True and table_path(int8) != table_path(float32)
+
+
+def test_the_latency_quantizations_are_the_exporters():
+    assert LATENCY_QUANTIZATIONS == QUANTIZATIONS  # settings may not import the optional deploy packages
+
+
+def test_int8_is_timed_on_onnx_runtime_only():
+    with pytest.raises(UserError, match="latency.quantize=int8 times ONNX Runtime's quantized models"):
+        RuntimeShape("torch", torch.device("cpu"), 1, 2, 8, quantize="int8")
+    assert "onnxruntime int8 on cpu" in RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8, "int8").describe()
+
+
 def test_the_bootstrap_interval_is_deterministic_and_narrows_with_agreeing_rounds():
     dense, pruned = [10.0 + 0.1 * (i % 3) for i in range(30)], [5.0 + 0.05 * (i % 4) for i in range(30)]
     assert bootstrap_interval(dense, pruned) == bootstrap_interval(dense, pruned)
@@ -222,12 +259,13 @@ def test_the_bootstrap_interval_is_deterministic_and_narrows_with_agreeing_round
     assert 1.9 < low <= high < 2.1
 
 
-@pytest.mark.parametrize(("runtime", "device"), [("torch", "cpu"), ("onnxruntime", "cpu"),
-                                                 pytest.param("torch", "cuda", marks=DEVICES[1].marks)])
-def test_real_runtimes_time_the_parts_of_a_tiny_model(tiny_model, runtime, device):
+@pytest.mark.parametrize(("runtime", "device", "quantize"), [
+    ("torch", "cpu", None), ("onnxruntime", "cpu", None), ("onnxruntime", "cpu", "int8"),
+    pytest.param("torch", "cuda", None, marks=DEVICES[1].marks)])
+def test_real_runtimes_time_the_parts_of_a_tiny_model(tiny_model, runtime, device, quantize):
     if runtime == "onnxruntime":
         pytest.importorskip("onnxruntime")
-    shape = RuntimeShape(runtime, torch.device(device), 1, 2, 8)
+    shape = RuntimeShape(runtime, torch.device(device), 1, 2, 8, quantize)
     settings = TableSettings(repeats=3, ffn_step=32, configurations=2, max_error=100.0)  # timing noise: not checked
     table = measure_table(tiny_model(), shape, settings)
     assert len(table.mha_ms) == 5 and table.ffn_widths == (0, 32, 64)

@@ -130,3 +130,13 @@ def test_export_leaves_the_model_in_eval_mode(tmp_path):
     model = make_tiny_model("distilbert").eval()  # its classifier has dropout
     export_onnx(model, tmp_path / "model.onnx")
     assert not any(module.training for module in model.modules())
+
+
+def test_export_keeps_the_models_precision_and_exports_float32(tmp_path):
+    """A bfloat16 model (as a run with another precision, or on a GPU, holds it) is exported from a float32
+    copy: ``Module.float()`` would convert the run's own model in place."""
+    model = make_tiny_model("bert").eval().to(torch.bfloat16)
+    export_onnx(model, tmp_path / "model.onnx")
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    assert {tensor.data_type for tensor in graph.initializer if tensor.dims} == {onnx.TensorProto.FLOAT}

@@ -11,6 +11,7 @@ retried with smaller batches, and the report says so.
 from __future__ import annotations
 
 import shlex
+import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from kprune_cli.core.report import (
 )
 from kprune_cli.core.safeguards import non_finite_tensors
 from kprune_cli.core.stages import build_pruner, draw_sample, flops_model, prune_and_slice
+from kprune_cli.deploy.quantization import int8_model
 from kprune_cli.models.adapters import get_adapter
 from kprune_cli.models.checkpoint import check_reload, save_pruned
 from kprune_cli.models.loading import count_parameters, load_model, stored_dtype
@@ -200,6 +202,13 @@ def run_pruning(cfg: DictConfig) -> Report:
             pruned_metrics = evaluate_model(model, tokenizer, task, data, device,
                                             batch_size=settings.eval_batch_size, notes=notes,
                                             max_examples=settings.eval_max_examples, dtype=eval_dtype)
+        int8_metrics = None
+        if settings.latency is not None and settings.latency.quantize is not None:
+            with timed(timing, "evaluate_pruned_int8"), tempfile.TemporaryDirectory(prefix="kprune-int8-") as scratch:
+                # What the latency verification timed is the int8 model: its metric is what a user deploys.
+                int8_metrics = evaluate_model(int8_model(model, Path(scratch)), tokenizer, task, data, "cpu",
+                                              batch_size=settings.eval_batch_size, notes=notes,
+                                              max_examples=settings.eval_max_examples)
         with timed(timing, "save"), write_errors(f"pruned/ into output_dir={output.path}", RESULTS_REMEDY):
             checkpoint_dir = output.path / "pruned"
             checkpoint_bytes = save_pruned(model, tokenizer, checkpoint_dir, dtype=stored_dtype(model_path), task=task)
@@ -216,7 +225,7 @@ def run_pruning(cfg: DictConfig) -> Report:
             checkpoint=(checkpoint_dir, checkpoint_bytes),
             sample=sample, sample_size=str(settings.sample_size), pruner_settings=result.settings, timing={**timing, **{f"prune.{k}": v for k, v in result.timing.items()}},
             notes=notes, peak_memory=peak_memory_mb(device), smoke=settings.smoke,
-            deterministic=settings.deterministic, latency=measured,
+            deterministic=settings.deterministic, latency=measured, int8_metrics=int8_metrics,
         )
         with write_errors(f"the reports into output_dir={output.path}", RESULTS_REMEDY):
             card = write_model_card(checkpoint_dir, model_card(report, task, model_path, run_command(output.path)))

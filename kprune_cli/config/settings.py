@@ -83,6 +83,9 @@ CONSTRAINTS = ("flops", "latency")
 """Values of ``constraint``: what ``rate`` is a fraction of."""
 
 LATENCY_RUNTIMES = ("onnxruntime", "torch")
+LATENCY_QUANTIZATIONS = ("int8",)
+"""Values of ``latency.quantize`` besides null: :data:`kprune_cli.deploy.quantization.QUANTIZATIONS` (not
+imported here: the deploy packages are optional)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class LatencyOptions:
     filled in by the pipeline (the run's device, torch's threads, the task's average length)."""
 
     runtime: str
+    quantize: str | None
     device: str | None
     threads: int | None
     batch_size: int
@@ -107,8 +111,16 @@ def read_latency_options(latency: DictConfig) -> LatencyOptions:
     """The ``latency`` keys, or a :class:`UserError` naming the first bad one."""
     if latency.runtime not in LATENCY_RUNTIMES:
         raise UserError(f"latency.runtime={latency.runtime}: choose {' or '.join(LATENCY_RUNTIMES)}")
+    quantize = latency.get("quantize")
+    if quantize is not None and quantize not in LATENCY_QUANTIZATIONS:
+        raise UserError(f"latency.quantize={quantize!r} is not allowed: choose null or "
+                        f"{' or '.join(LATENCY_QUANTIZATIONS)}")
+    if quantize is not None and latency.runtime != "onnxruntime":
+        raise UserError(f"latency.quantize={quantize} times ONNX Runtime's quantized models: give "
+                        f"latency.runtime=onnxruntime (not {latency.runtime})")
     return LatencyOptions(
         runtime=str(latency.runtime),
+        quantize=None if quantize is None else str(quantize),
         device=None if latency.device is None else str(latency.device),
         threads=check_optional_int("latency.threads", latency.threads, 1),
         batch_size=check_int("latency.batch_size", latency.batch_size, 1),

@@ -3,7 +3,9 @@
 Before any pruning work, :func:`latency_cost` gets the table of the model's shape on the chosen
 runtime (cached or measured, :mod:`kprune_cli.core.latency_table`) and refuses a ``rate`` that even
 emptying every sub-layer would not reach. After pruning, :func:`verify_speedup` times the dense and
-the pruned model in turns on the same runtime and shape and gives the report's ``latency`` block.
+the pruned model in turns on the same runtime and shape (with ``latency.quantize=int8``, both quantized
+as ``kprune export quantize=int8`` quantizes them, beside the dense float32 model) and gives the
+report's ``latency`` block.
 A missed target may be pruned once more (``latency.replan``) to the target :func:`replan_rate` corrects
 by how far the table's prediction was off.
 """
@@ -44,7 +46,8 @@ def runtime_shape(options: LatencyOptions, task: TaskSpec, run_device: torch.dev
     else:
         device = torch.device("cpu") if options.runtime == "onnxruntime" else run_device
     return RuntimeShape(runtime=options.runtime, device=device, threads=options.threads or torch.get_num_threads(),
-                        batch_size=options.batch_size, seq_len=options.seq_len or round(task.avg_seq_len))
+                        batch_size=options.batch_size, seq_len=options.seq_len or round(task.avg_seq_len),
+                        quantize=options.quantize)
 
 
 def table_settings(options: LatencyOptions) -> TableSettings:
@@ -81,23 +84,20 @@ def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: Runti
     over the rounds, the table's predictions (of the pruned model's milliseconds, and of the speedup:
     the ratio also holds where the table's timing ran a few percent slower or faster than two models
     timed in turns do), and whether the target ``1 / (1 - rate)`` was met (the interval's lower bound
-    at least :data:`MET_FRACTION` of it)."""
+    at least :data:`MET_FRACTION` of it). On a quantized runtime (``shape.quantize``) the dense float32
+    model is timed in the same turns too: ``dense_float32_ms`` and ``speedup_over_float32`` (with its
+    interval) say how much faster the pruned int8 model runs than the model it replaces."""
     if times is None:
-        runner = Runner(shape)
-        try:
-            with torch_threads(shape.threads):
-                times = time_in_turns([runner.prepare(dense), runner.prepare(pruned)], repeats, WARMUP)
-        finally:
-            runner.close()
-    dense_times, pruned_times = times
+        times = time_verification(dense, pruned, shape, repeats)
+    dense_times, pruned_times = times[:2]
     dense_ms, pruned_ms = statistics.median(dense_times), statistics.median(pruned_times)
     speedup = dense_ms / pruned_ms
     low, high = bootstrap_interval(dense_times, pruned_times)
     target = 1.0 / (1.0 - rate)
     predicted, predicted_dense = table.predict_ms(pruned_structure), table.predict_ms(table.full())
     predicted_speedup = predicted_dense / predicted
-    return {
-        "runtime": shape.runtime, "device": str(shape.device), "threads": shape.threads,
+    block = {
+        "runtime": shape.runtime, "quantize": shape.quantize, "device": str(shape.device), "threads": shape.threads,
         "batch_size": shape.batch_size, "seq_len": shape.seq_len, "repeats": len(dense_times),
         "dense_ms": dense_ms, "pruned_ms": pruned_ms,
         "predicted_ms": predicted, "predicted_dense_ms": predicted_dense,
@@ -108,6 +108,27 @@ def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: Runti
         "met": low >= MET_FRACTION * target,
         "table_fit": dict(table.fit),
     }
+    if shape.quantize is not None:
+        float32_times = times[2]
+        block["dense_float32_ms"] = statistics.median(float32_times)
+        block["speedup_over_float32"] = block["dense_float32_ms"] / pruned_ms
+        block["speedup_over_float32_ci"] = list(bootstrap_interval(float32_times, pruned_times))
+    return block
+
+
+def time_verification(dense: PreTrainedModel, pruned: PreTrainedModel, shape: RuntimeShape,
+                      repeats: int) -> list[list[float]]:
+    """Milliseconds per round of ``dense`` and ``pruned`` timed in turns on ``shape`` (``repeats`` rounds
+    after :data:`WARMUP`); on a quantized runtime, of the dense model in float32 as a third."""
+    runners = [Runner(shape)] + ([Runner(shape.float32())] if shape.quantize is not None else [])
+    try:
+        with torch_threads(shape.threads):
+            calls = [runners[0].prepare(dense), runners[0].prepare(pruned)]
+            calls += [runner.prepare(dense) for runner in runners[1:]]
+            return time_in_turns(calls, repeats, WARMUP)
+    finally:
+        for runner in runners:
+            runner.close()
 
 
 def replan_rate(measured: dict[str, Any], table: LatencyTable) -> float | None:

@@ -29,9 +29,9 @@ cache as ``<key>.refused.json`` for a look). Its ``R²`` and worst error go
 into the table (and the report).
 
 **Cache.** A table is kept under ``$KPRUNE_CACHE/latency-tables/`` keyed by a fingerprint of what
-it depends on (the model's shape, runtime, device model, threads, batch, sequence length, host
-allocator, library versions, grid, repeats); a table is only ever reused for an identical fingerprint, else measured
-again.
+it depends on (the model's shape, runtime, device model, threads, batch, sequence length, precision
+and quantization settings, host allocator, library versions, grid, repeats); a table is only ever
+reused for an identical fingerprint, else measured again.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def fingerprint(model: PreTrainedModel, shape: RuntimeShape, settings: TableSett
         "model": {key: getattr(config, key, None) for key in keys} | {"class": type(model).__name__},
         "table_version": TABLE_VERSION,
         "runtime": shape.runtime, "device": f"{shape.device.type}: {device}", "threads": shape.threads,
-        "batch_size": shape.batch_size, "seq_len": shape.seq_len, "dtype": "float32", "allocator": describe_allocator(),
+        "batch_size": shape.batch_size, "seq_len": shape.seq_len, "dtype": shape.quantize or "float32",
+        "allocator": describe_allocator(),
         "ffn_step": settings.step_for(int(config.intermediate_size)), "repeats": settings.repeats,
         "configurations": settings.configurations, "seed": settings.seed,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -112,6 +113,10 @@ def fingerprint(model: PreTrainedModel, shape: RuntimeShape, settings: TableSett
         import onnxruntime
 
         found["versions"]["onnxruntime"] = onnxruntime.__version__
+    if shape.quantize is not None:
+        from kprune_cli.deploy.quantization import INT8_SETTINGS
+
+        found["quantization"] = INT8_SETTINGS
     return found
 
 

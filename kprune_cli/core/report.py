@@ -5,6 +5,8 @@ Schema of ``report.json`` (``schema_version`` 1; metric values are fractions, 0.
     {"schema_version": 1, "task", "pruner", "rate", "seed", "device",
      "config": {...}, "config_hash", "versions": {...},
      "metric": {"name", "dense", "pruned", "all": {"dense": {...}, "pruned": {...}}},
+                                                             # latency.quantize=int8 adds "pruned_int8" to
+                                                             # both: the pruned model in ONNX Runtime int8
      "flops": {"dense", "pruned", "reduction", "seq_len"},   # reduction = 1 - pruned / dense
      "params": {"dense", "pruned"}, "checkpoint": {"path", "bytes"},
      "layers": [{"heads", "neurons"}, ...],                   # survivors per layer
@@ -135,10 +137,12 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
                  params: tuple[int, int], checkpoint: tuple[Path, int], sample: CalibrationSample,
                  sample_size: str, pruner_settings: Mapping[str, Any], timing: Mapping[str, float],
                  notes: Sequence[str], peak_memory: float,
-                 smoke: bool = False, deterministic: bool = False, latency: Mapping[str, Any] | None = None) -> Report:
+                 smoke: bool = False, deterministic: bool = False, latency: Mapping[str, Any] | None = None,
+                 int8_metrics: Mapping[str, float] | None = None) -> Report:
     """Assemble the report dictionary (see the module docstring for its schema); ``latency``: the
     measured speedup of a ``constraint=latency`` run
-    (:func:`~kprune_cli.core.latency_budget.verify_speedup`)."""
+    (:func:`~kprune_cli.core.latency_budget.verify_speedup`); ``int8_metrics``: the pruned model's
+    metrics in ONNX Runtime int8 (``latency.quantize=int8``)."""
     report = {
         "schema_version": SCHEMA_VERSION,
         "task": task.name,
@@ -166,6 +170,9 @@ def build_report(*, cfg: DictConfig, task: TaskSpec, pruner: str, rate: float, d
     }
     if latency is not None:
         report["latency"] = dict(latency)
+    if int8_metrics is not None:
+        report["metric"]["pruned_int8"] = int8_metrics[task.metric]
+        report["metric"]["all"]["pruned_int8"] = dict(int8_metrics)
     return report
 
 
@@ -181,6 +188,8 @@ def render_markdown(report: Report) -> str:
         "|---|---|---|",
         f"| {metric['name']} | {metric['dense']:.4f} | {metric['pruned']:.4f} |",
     ]
+    if "pruned_int8" in metric:
+        lines.append(f"| {metric['name']}, ONNX Runtime int8 | | {metric['pruned_int8']:.4f} |")
     for name in metric["all"]["dense"]:
         if name != metric["name"]:
             lines.append(f"| {name} | {metric['all']['dense'][name]:.4f} | {metric['all']['pruned'][name]:.4f} |")
@@ -221,13 +230,29 @@ def _latency_lines(latency: Mapping[str, Any] | None) -> list[str]:
     verdict = "met" if latency["met"] else "**missed**"
     return [
         "## Measured latency", "",
-        f"{latency['runtime']} on {latency['device']}, {latency['threads']} threads, batch {latency['batch_size']} x "
+        f"{runtime_name(latency)} on {latency['device']}, {latency['threads']} threads, batch {latency['batch_size']} x "
         f"{latency['seq_len']} tokens, {latency['repeats']} rounds in turns: dense {latency['dense_ms']:.2f} ms, "
         f"pruned {latency['pruned_ms']:.2f} ms (predicted {latency['predicted_ms']:.2f} ms). Speedup "
         f"{latency['speedup']:.2f}x (95% interval {low:.2f}-{high:.2f}); target {latency['target_speedup']:.2f}x: "
         f"{verdict}.", "",
+        *_float32_lines(latency),
         *_replan_lines(latency.get("replan")),
     ]
+
+
+def runtime_name(latency: Mapping[str, Any]) -> str:
+    """``torch``, ``onnxruntime`` or ``onnxruntime int8``, from a report's ``latency`` block."""
+    return " ".join(part for part in (latency["runtime"], latency.get("quantize")) if part)
+
+
+def _float32_lines(latency: Mapping[str, Any]) -> list[str]:
+    """On a quantized runtime, the pruned model's speedup over the dense float32 model, as report.md lines."""
+    if latency.get("quantize") is None:
+        return []
+    low, high = latency["speedup_over_float32_ci"]
+    return [f"The dense float32 model, timed in the same turns: {latency['dense_float32_ms']:.2f} ms; the pruned "
+            f"{latency['quantize']} model runs {latency['speedup_over_float32']:.2f}x faster (95% interval "
+            f"{low:.2f}-{high:.2f}).", ""]
 
 
 def _replan_lines(replan: Mapping[str, Any] | None) -> list[str]:
@@ -287,6 +312,8 @@ def print_summary(report: Report) -> None:
     table.add_column("dense", justify="right")
     table.add_column("pruned", justify="right")
     table.add_row(metric["name"], f"{metric['dense']:.4f}", f"{metric['pruned']:.4f}")
+    if "pruned_int8" in metric:
+        table.add_row(f"{metric['name']} (int8)", "", f"{metric['pruned_int8']:.4f}")
     table.add_row("GFLOPs / example", f"{flops['dense'] / 1e9:.3f}", f"{flops['pruned'] / 1e9:.3f}")
     table.add_row("parameters", f"{params['dense']:,}", f"{params['pruned']:,}")
     console.print(table)
@@ -300,8 +327,12 @@ def print_summary(report: Report) -> None:
     )
     if (latency := report.get("latency")) is not None:
         low, high = latency["speedup_ci"]
-        console.print(f"measured speedup {latency['speedup']:.2f}x (95% {low:.2f}-{high:.2f}) on {latency['runtime']}, "
+        console.print(f"measured speedup {latency['speedup']:.2f}x (95% {low:.2f}-{high:.2f}) on {runtime_name(latency)}, "
                       f"target {latency['target_speedup']:.2f}x: {'met' if latency['met'] else 'MISSED'}",
                       highlight=False)
+        if latency.get("quantize") is not None:
+            low, high = latency["speedup_over_float32_ci"]
+            console.print(f"over the dense float32 model: {latency['speedup_over_float32']:.2f}x "
+                          f"(95% {low:.2f}-{high:.2f})", highlight=False)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -9,6 +9,7 @@ optional extra ``.[deploy]``.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import warnings
 from functools import partial
@@ -99,10 +100,15 @@ def example_inputs(model: PreTrainedModel, batch_size: int = 2, seq_len: int = 1
 
 
 def export_onnx(model: PreTrainedModel, path: Path) -> None:
-    """Write ``model`` (float32, CPU, eval mode) to ``path`` as ONNX with dynamic batch and
-    sequence axes."""
+    """Write ``model`` to ``path`` as ONNX (float32, traced on the CPU in eval mode; ``model`` is put in
+    eval mode) with dynamic batch and sequence axes. ``model`` keeps its device and precision: one on a
+    GPU or not in float32 is exported from a float32 CPU copy (``Module.float()`` and ``.cpu()`` would
+    convert it in place, and a run would go on with it)."""
     require_onnx()
-    model = model.float().cpu().eval()
+    parameter = next(model.parameters(), None)
+    if parameter is not None and (parameter.device.type != "cpu" or parameter.dtype != torch.float32):
+        model = copy.deepcopy(model).float().cpu()
+    model.eval()
     inputs, outputs = input_names(model), output_names(model)
     sample = example_inputs(model)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}

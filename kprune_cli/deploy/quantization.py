@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from kprune_cli.deploy.onnx_model import ort_session, run_session
+from kprune_cli.deploy.onnx_model import ONNX_FILE, export_onnx, ort_session, run_session
 from kprune_cli.runtime.errors import UserError
 
 if TYPE_CHECKING:
@@ -106,6 +107,15 @@ class SessionModel(nn.Module):
     def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         found = run_session(self.session, inputs)
         return {name: torch.from_numpy(value) for name, value in zip(self.outputs, found)}
+
+
+def int8_model(model: PreTrainedModel, directory: Path) -> SessionModel:
+    """``model`` as ``kprune export quantize=int8`` writes it (exported and quantized into ``directory``),
+    opened as an ONNX Runtime CPU session called like ``model``."""
+    source, target = directory / ONNX_FILE, directory / INT8_FILE
+    export_onnx(model, source)
+    quantize_int8(source, target)
+    return SessionModel(ort_session(target))
 
 
 def int8_sessions(paths: dict[str, Path]) -> dict[str, onnxruntime.InferenceSession]:
