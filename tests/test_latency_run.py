@@ -79,14 +79,20 @@ def test_a_latency_run_reports_its_measured_speedup(tiny_checkpoint, mrpc_dir, t
     assert "measured speedup" in capsys.readouterr().err
 
 
+INT8_SHAPE = RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8, quantize="int8")
+
+
+def int8_run_args(checkpoint, data, output, *extra):
+    return [arg.replace("=torch", "=onnxruntime")
+            for arg in run_args(checkpoint, data, output, "latency.quantize=int8", *extra)]
+
+
 def test_an_int8_latency_run_times_and_scores_the_quantized_model(tiny_checkpoint, mrpc_dir, tmp_path, capsys):
     """latency.quantize=int8: the budget is spent from the int8 table, dense and pruned are timed as int8
     ONNX Runtime models beside the dense float32 one, and the pruned int8 model's metric is reported."""
     pytest.importorskip("onnxruntime")
-    table = seed_cache(tiny_checkpoint, RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8, quantize="int8"))
-    args = [arg.replace("=torch", "=onnxruntime") for arg in run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out",
-                                                                       "rate=0.3", "latency.quantize=int8")]
-    assert kprune(*args) == 0
+    table = seed_cache(tiny_checkpoint, INT8_SHAPE)
+    assert kprune(*int8_run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out", "rate=0.3")) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     block = report["latency"]
     assert (block["runtime"], block["quantize"]) == ("onnxruntime", "int8")
@@ -104,7 +110,43 @@ def test_an_int8_latency_run_times_and_scores_the_quantized_model(tiny_checkpoin
     assert "on onnxruntime int8" in err and "over the dense float32 model" in err
 
 
+def test_a_float32_baseline_prunes_the_int8_model_for_the_target_over_float32(tiny_checkpoint, mrpc_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    """latency.baseline=float32 rate=0.3 where int8 runs 1.2x faster than float32: the int8 model is pruned to
+    1 - 0.7 * 1.2 = 0.16 of its own time, and the report judges the target over float32."""
+    pytest.importorskip("onnxruntime")
+    table = seed_cache(tiny_checkpoint, INT8_SHAPE)
+    monkeypatch.setattr("kprune_cli.cli.run.float32_over_quantized", lambda model, shape, repeats: 1.2)
+    assert kprune(*int8_run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out", "rate=0.3",
+                                 "latency.baseline=float32")) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    block = report["latency"]
+    assert block["target_speedup"] == pytest.approx(1 / 0.84)  # over the dense int8 model
+    assert block["predicted_ms"] <= 0.84 * table.predict_ms(table.full()) + 1e-9
+    baseline = block["baseline"]
+    assert baseline["target_speedup"] == pytest.approx(1 / 0.7) and baseline["float32_ratio"] == 1.2
+    assert baseline["met"] == (block["speedup_over_float32_ci"][0] >= 0.95 / 0.7)
+    assert any("rate 0.3 of the float32 time (1.43x) was pruned as rate 0.1600" in note for note in report["notes"])
+    assert "Target over float32 (latency.baseline=float32, rate 0.3): 1.43x" in (tmp_path / "out" / "report.md").read_text()
+    assert "over the dense float32 model" in capsys.readouterr().err
+
+
+def test_a_float32_target_the_int8_model_meets_unpruned_is_one_line(tiny_checkpoint, mrpc_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr("kprune_cli.cli.run.float32_over_quantized", lambda model, shape, repeats: 2.0)
+    output = tmp_path / "out"
+    assert kprune(*int8_run_args(tiny_checkpoint, mrpc_dir, output, "rate=0.3", "latency.baseline=float32")) == 2
+    error = capsys.readouterr().err
+    assert "asks for 1.43x over float32, and the dense model runs 2.00x faster than float32" in error
+    assert "give rate > 0.500" in error and "Traceback" not in error
+    assert not (output / "report.json").exists()
+
+
 @pytest.mark.parametrize(("keys", "message"), [
+    (("latency.baseline=fp16",), "latency.baseline=fp16: choose runtime or float32"),
+    (("latency.baseline=float32",), "latency.baseline=float32 compares with the dense float32 model beside a "
+                                    "quantized one: it needs latency.quantize=int8"),
     (("latency.quantize=int4",), "latency.quantize='int4' is not allowed: choose null or int8"),
     (("latency.quantize=int8",), "latency.quantize=int8 times ONNX Runtime's quantized models: give "
                                  "latency.runtime=onnxruntime (not torch)"),

@@ -12,7 +12,14 @@ from rich.progress import Progress
 from conftest import FAMILIES, OTHER_FAMILIES, make_tiny_model
 from kprune_helpers import DEVICES, TINY_FLOPS
 
-from kprune_cli.core.latency_budget import bootstrap_interval, check_reachable, latency_cost, verify_speedup
+from kprune_cli.core.latency_budget import (
+    bootstrap_interval,
+    check_reachable,
+    float32_over_quantized,
+    latency_cost,
+    time_on_runtimes,
+    verify_speedup,
+)
 from kprune_cli.core.latency_table import (
     TableSettings,
     fingerprint,
@@ -334,3 +341,14 @@ def test_the_additivity_check_draws_ffn_widths_the_table_timed(tiny_model):
         return fake_timer(additive_ms)(models)
     table = measure_table(tiny_model(), SHAPE, SETTINGS, timer=timer)
     assert set(seen) <= set(table.ffn_widths) and len(set(seen)) > 2
+
+
+def test_the_float32_ratio_times_the_dense_model_in_float32_and_quantized(tiny_model):
+    pytest.importorskip("onnxruntime")
+    shape = RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8, quantize="int8")
+    model = tiny_model()
+    times = time_on_runtimes([(model, shape.float32()), (model, shape), (model, shape)], 4)
+    assert [len(rounds) for rounds in times] == [4, 4, 4] and min(min(rounds) for rounds in times) > 0
+    ratio = float32_over_quantized(model, shape, 4)
+    assert math.isfinite(ratio) and ratio > 0
+    assert next(model.parameters()).dtype == torch.float32  # the model timed is left as it was

@@ -25,7 +25,11 @@ from kprune_cli.config.values import required_keys
 from kprune_cli.core.builtins import resolve_data_dir, resolve_model_path, task_default_hint
 from kprune_cli.core.evaluation import capped_evaluation_note, evaluate_model
 from kprune_cli.core.latency_budget import (
+    baseline_note,
+    float32_baseline,
+    float32_over_quantized,
     latency_cost,
+    rate_over_runtime,
     replan_note,
     replan_rate,
     replan_record,
@@ -152,11 +156,17 @@ def run_pruning(cfg: DictConfig) -> Report:
         flops = flops_model(task, adapter, tokenizer, data[task.eval_splits[0]])
         dense_structure = adapter.structure()
         dense_params = count_parameters(model)
-        latency = shape = None
+        latency = shape = float32_ratio = None
+        runtime_rate = settings.rate  # of the dense model's time on the timed runtime
         if settings.latency is not None:  # before any pruning work: an unreachable rate ends the run here
             shape = runtime_shape(settings.latency, task, device)
+            if settings.latency.baseline == "float32":
+                with timed(timing, "latency_baseline"):
+                    float32_ratio = float32_over_quantized(model, shape, settings.latency.verify_repeats)
+                runtime_rate = rate_over_runtime(settings.rate, float32_ratio, shape)
+                notes.append(baseline_note(settings.rate, runtime_rate, float32_ratio, shape))
             with timed(timing, "latency_table"), make_progress() as progress:
-                latency = latency_cost(model, shape, table_settings(settings.latency), settings.rate, progress, notes)
+                latency = latency_cost(model, shape, table_settings(settings.latency), runtime_rate, progress, notes)
 
         with timed(timing, "evaluate_dense"):
             dense_metrics = evaluate_model(model, tokenizer, task, data, device, batch_size=settings.eval_batch_size,
@@ -167,7 +177,7 @@ def run_pruning(cfg: DictConfig) -> Report:
                                             settings.calibration_seed, settings.calibration_batch_size)
         notes += source_notes + shortfall
         steps.bind_examples(sample.example_indices)
-        planned_rate, replanned, measured = settings.rate, None, None
+        planned_rate, replanned, measured = runtime_rate, None, None
         while True:  # once, or twice when a missed latency target is re-planned
             problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
                                    rate=planned_rate, device=device, seed=settings.seed,
@@ -179,7 +189,9 @@ def run_pruning(cfg: DictConfig) -> Report:
             with timed(timing, "verify_latency"):
                 dense_model, _ = load_model(model_path, task, "cpu")
                 measured = verify_speedup(dense_model, model, shape, settings.latency.verify_repeats, latency.table,
-                                          settings.rate, adapter.structure())
+                                          runtime_rate, adapter.structure())
+                if float32_ratio is not None:
+                    measured["baseline"] = float32_baseline(measured, settings.rate, float32_ratio)
                 del dense_model
             if replanned is not None:
                 measured["replan"] = replanned

@@ -83,6 +83,9 @@ CONSTRAINTS = ("flops", "latency")
 """Values of ``constraint``: what ``rate`` is a fraction of."""
 
 LATENCY_RUNTIMES = ("onnxruntime", "torch")
+LATENCY_BASELINES = ("runtime", "float32")
+"""Values of ``latency.baseline``: what ``rate`` is a fraction of (the dense model on the timed runtime, or in
+float32 beside a quantized runtime)."""
 LATENCY_QUANTIZATIONS = ("int8",)
 """Values of ``latency.quantize`` besides null: :data:`kprune_cli.deploy.quantization.QUANTIZATIONS` (not
 imported here: the deploy packages are optional)."""
@@ -95,6 +98,7 @@ class LatencyOptions:
 
     runtime: str
     quantize: str | None
+    baseline: str
     device: str | None
     threads: int | None
     batch_size: int
@@ -118,9 +122,16 @@ def read_latency_options(latency: DictConfig) -> LatencyOptions:
     if quantize is not None and latency.runtime != "onnxruntime":
         raise UserError(f"latency.quantize={quantize} times ONNX Runtime's quantized models: give "
                         f"latency.runtime=onnxruntime (not {latency.runtime})")
+    baseline = latency.get("baseline", "runtime")
+    if baseline not in LATENCY_BASELINES:
+        raise UserError(f"latency.baseline={baseline}: choose {' or '.join(LATENCY_BASELINES)}")
+    if baseline == "float32" and quantize is None:
+        raise UserError("latency.baseline=float32 compares with the dense float32 model beside a quantized one: it "
+                        "needs latency.quantize=int8 (without it, the runtime's dense model is float32 already)")
     return LatencyOptions(
         runtime=str(latency.runtime),
         quantize=None if quantize is None else str(quantize),
+        baseline=str(baseline),
         device=None if latency.device is None else str(latency.device),
         threads=check_optional_int("latency.threads", latency.threads, 1),
         batch_size=check_int("latency.batch_size", latency.batch_size, 1),

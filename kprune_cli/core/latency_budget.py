@@ -120,15 +120,55 @@ def time_verification(dense: PreTrainedModel, pruned: PreTrainedModel, shape: Ru
                       repeats: int) -> list[list[float]]:
     """Milliseconds per round of ``dense`` and ``pruned`` timed in turns on ``shape`` (``repeats`` rounds
     after :data:`WARMUP`); on a quantized runtime, of the dense model in float32 as a third."""
-    runners = [Runner(shape)] + ([Runner(shape.float32())] if shape.quantize is not None else [])
+    timed = [(dense, shape), (pruned, shape)] + ([(dense, shape.float32())] if shape.quantize is not None else [])
+    return time_on_runtimes(timed, repeats)
+
+
+def time_on_runtimes(models: Sequence[tuple[PreTrainedModel, RuntimeShape]], repeats: int) -> list[list[float]]:
+    """Milliseconds per round of each ``(model, shape)`` on its shape's runtime, all timed in turns
+    (``repeats`` rounds after :data:`WARMUP`, with the first shape's threads)."""
+    runners: dict[RuntimeShape, Runner] = {}
     try:
-        with torch_threads(shape.threads):
-            calls = [runners[0].prepare(dense), runners[0].prepare(pruned)]
-            calls += [runner.prepare(dense) for runner in runners[1:]]
+        with torch_threads(models[0][1].threads):
+            calls = [runners.setdefault(shape, Runner(shape)).prepare(model) for model, shape in models]
             return time_in_turns(calls, repeats, WARMUP)
     finally:
-        for runner in runners:
+        for runner in runners.values():
             runner.close()
+
+
+def float32_over_quantized(dense: PreTrainedModel, shape: RuntimeShape, repeats: int) -> float:
+    """How many times longer the dense model takes in float32 than quantized on ``shape``: both timed in
+    turns, medians (``latency.baseline=float32``)."""
+    float32_times, quantized_times = time_on_runtimes([(dense, shape.float32()), (dense, shape)], repeats)
+    return statistics.median(float32_times) / statistics.median(quantized_times)
+
+
+def rate_over_runtime(rate: float, float32_ratio: float, shape: RuntimeShape) -> float:
+    """The rate of the quantized dense model's time that leaves ``1 - rate`` of the dense float32 model's
+    time, where float32 takes ``float32_ratio`` times as long; a :class:`UserError` when the quantized dense
+    model is already that fast."""
+    planned = 1.0 - (1.0 - rate) * float32_ratio
+    if planned <= 0.0:
+        raise UserError(f"latency.baseline=float32 rate={rate} asks for {1 / (1 - rate):.2f}x over float32, and the "
+                        f"dense model runs {float32_ratio:.2f}x faster than float32 on {shape.describe()} without "
+                        f"pruning: give rate > {1 - 1 / float32_ratio:.3f}")
+    return planned
+
+
+def baseline_note(rate: float, planned: float, float32_ratio: float, shape: RuntimeShape) -> str:
+    """The report's note on what ``latency.baseline=float32`` made of ``rate``."""
+    return (f"latency.baseline=float32: the dense model ran {float32_ratio:.2f}x faster on {shape.runtime_name} than in "
+            f"float32, so rate {rate} of the float32 time ({1 / (1 - rate):.2f}x) was pruned as rate {planned:.4f} of "
+            f"the {shape.runtime_name} time ({1 / (1 - planned):.2f}x)")
+
+
+def float32_baseline(measured: dict[str, Any], rate: float, float32_ratio: float) -> dict[str, Any]:
+    """The ``latency.baseline`` block of a ``latency.baseline=float32`` run: the target over the dense float32
+    model, the ratio measured before pruning, and whether the verification's speedup over float32 met it."""
+    target = 1.0 / (1.0 - rate)
+    return {"name": "float32", "rate": rate, "target_speedup": target, "float32_ratio": float32_ratio,
+            "met": measured["speedup_over_float32_ci"][0] >= MET_FRACTION * target}
 
 
 def replan_rate(measured: dict[str, Any], table: LatencyTable) -> float | None:

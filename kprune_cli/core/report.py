@@ -250,9 +250,13 @@ def _float32_lines(latency: Mapping[str, Any]) -> list[str]:
     if latency.get("quantize") is None:
         return []
     low, high = latency["speedup_over_float32_ci"]
+    target = ""
+    if (baseline := latency.get("baseline")) is not None:
+        target = (f" Target over float32 (latency.baseline=float32, rate {baseline['rate']}): "
+                  f"{baseline['target_speedup']:.2f}x: {'met' if baseline['met'] else '**missed**'}.")
     return [f"The dense float32 model, timed in the same turns: {latency['dense_float32_ms']:.2f} ms; the pruned "
             f"{latency['quantize']} model runs {latency['speedup_over_float32']:.2f}x faster (95% interval "
-            f"{low:.2f}-{high:.2f}).", ""]
+            f"{low:.2f}-{high:.2f}).{target}", ""]
 
 
 def _replan_lines(replan: Mapping[str, Any] | None) -> list[str]:
@@ -332,7 +336,10 @@ def print_summary(report: Report) -> None:
                       highlight=False)
         if latency.get("quantize") is not None:
             low, high = latency["speedup_over_float32_ci"]
+            baseline = latency.get("baseline")
+            verdict = "" if baseline is None else \
+                f", target {baseline['target_speedup']:.2f}x: {'met' if baseline['met'] else 'MISSED'}"
             console.print(f"over the dense float32 model: {latency['speedup_over_float32']:.2f}x "
-                          f"(95% {low:.2f}-{high:.2f})", highlight=False)
+                          f"(95% {low:.2f}-{high:.2f}){verdict}", highlight=False)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
