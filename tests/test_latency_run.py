@@ -131,6 +131,18 @@ def test_a_float32_baseline_prunes_the_int8_model_for_the_target_over_float32(ti
     assert "over the dense float32 model" in capsys.readouterr().err
 
 
+def test_latency_table_command_plans_a_float32_baseline_rate_as_kprune_run_does(tiny_checkpoint, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    seed_cache(tiny_checkpoint, INT8_SHAPE)
+    monkeypatch.setattr("kprune_cli.cli.latency_table.float32_over_quantized", lambda model, shape, repeats: 1.2)
+    args = ["latency-table", f"checkpoint={tiny_checkpoint}", "task=mrpc", "rate=0.3",
+            *[arg.replace("=torch", "=onnxruntime") for arg in QUICK_LATENCY[1:]],
+            "latency.quantize=int8", "latency.baseline=float32"]
+    assert kprune(*args) == 0
+    err = capsys.readouterr().err
+    assert "was pruned as rate 0.1600" in err and "rate=0.16 (1.19x) is reachable" in err
+
+
 def test_a_float32_target_the_int8_model_meets_unpruned_is_one_line(tiny_checkpoint, mrpc_dir, tmp_path,
                                                                     monkeypatch, capsys):
     pytest.importorskip("onnxruntime")

@@ -12,7 +12,14 @@ from rich.table import Table
 from kprune_cli.config.settings import read_latency_options
 from kprune_cli.config.values import check_rate, resolve_config
 from kprune_cli.core.builtins import resolve_model_path
-from kprune_cli.core.latency_budget import check_reachable, runtime_shape, table_settings
+from kprune_cli.core.latency_budget import (
+    baseline_note,
+    check_reachable,
+    float32_over_quantized,
+    rate_over_runtime,
+    runtime_shape,
+    table_settings,
+)
 from kprune_cli.core.latency_table import load_or_measure, table_path
 from kprune_cli.models.latency_table import LatencyTable
 from kprune_cli.models.loading import load_model
@@ -37,8 +44,13 @@ def run_latency_table(cfg: DictConfig) -> LatencyTable:
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if rate is not None:
+        if options.baseline == "float32":  # rate is of the dense float32 model's time: as kprune run plans it
+            float32_ratio = float32_over_quantized(model, shape, options.verify_repeats)
+            rate = rate_over_runtime(rate, float32_ratio, shape)
+            console.print(f"[yellow]note:[/] {baseline_note(check_rate(cfg.rate), rate, float32_ratio, shape)}",
+                          highlight=False, soft_wrap=True)
         check_reachable(table, rate, shape)
-        console.print(f"rate={rate} ({1 / (1 - rate):.2f}x) is reachable: emptying every sub-layer gives "
+        console.print(f"rate={rate:.4g} ({1 / (1 - rate):.2f}x) is reachable: emptying every sub-layer gives "
                       f"{table.reachable_speedup(table.full()):.2f}x", highlight=False)
     print(json.dumps({"path": str(table_path(table.fingerprint)), **table.to_json()}))
     return table
