@@ -25,7 +25,7 @@ from kprune_cli.tasks.spec import get_task
 
 QUICK_LATENCY = ("constraint=latency", "latency.runtime=torch", "latency.threads=1", "latency.batch_size=2",
                  "latency.seq_len=8", "latency.repeats=3", "latency.configurations=2", "latency.max_error=100",
-                 "latency.verify_repeats=5", "latency.replan=false")
+                 "latency.verify_repeats=5", "latency.verify_seconds=0", "latency.replan=false")
 """A tiny table, timed quickly; a shared test machine's timing noise is not what these tests check (nor is a
 re-plan, which a miss on a designed table would start: one test below forces one)."""
 
@@ -116,7 +116,7 @@ def test_a_float32_baseline_prunes_the_int8_model_for_the_target_over_float32(ti
     1 - 0.7 * 1.2 = 0.16 of its own time, and the report judges the target over float32."""
     pytest.importorskip("onnxruntime")
     table = seed_cache(tiny_checkpoint, INT8_SHAPE)
-    monkeypatch.setattr("kprune_cli.cli.run.float32_over_quantized", lambda model, shape, repeats: 1.2)
+    monkeypatch.setattr("kprune_cli.cli.run.float32_over_quantized", lambda *timed: 1.2)
     assert kprune(*int8_run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out", "rate=0.3",
                                  "latency.baseline=float32")) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -134,7 +134,7 @@ def test_a_float32_baseline_prunes_the_int8_model_for_the_target_over_float32(ti
 def test_latency_table_command_plans_a_float32_baseline_rate_as_kprune_run_does(tiny_checkpoint, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     seed_cache(tiny_checkpoint, INT8_SHAPE)
-    monkeypatch.setattr("kprune_cli.cli.latency_table.float32_over_quantized", lambda model, shape, repeats: 1.2)
+    monkeypatch.setattr("kprune_cli.cli.latency_table.float32_over_quantized", lambda *timed: 1.2)
     args = ["latency-table", f"checkpoint={tiny_checkpoint}", "task=mrpc", "rate=0.3",
             *[arg.replace("=torch", "=onnxruntime") for arg in QUICK_LATENCY[1:]],
             "latency.quantize=int8", "latency.baseline=float32"]
@@ -146,7 +146,7 @@ def test_latency_table_command_plans_a_float32_baseline_rate_as_kprune_run_does(
 def test_a_float32_target_the_int8_model_meets_unpruned_is_one_line(tiny_checkpoint, mrpc_dir, tmp_path,
                                                                     monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
-    monkeypatch.setattr("kprune_cli.cli.run.float32_over_quantized", lambda model, shape, repeats: 2.0)
+    monkeypatch.setattr("kprune_cli.cli.run.float32_over_quantized", lambda *timed: 2.0)
     output = tmp_path / "out"
     assert kprune(*int8_run_args(tiny_checkpoint, mrpc_dir, output, "rate=0.3", "latency.baseline=float32")) == 2
     error = capsys.readouterr().err
@@ -176,7 +176,7 @@ def test_a_missed_target_is_pruned_once_more_for_the_corrected_target(tiny_check
     table = seed_cache(tiny_checkpoint)
     calls = []
 
-    def verify(dense, pruned, shape, repeats, used_table, rate, structure):
+    def verify(dense, pruned, shape, repeats, used_table, rate, structure, min_seconds):
         calls.append(structure)
         predicted = table.predict_ms(table.full()) / table.predict_ms(structure)
         measured = predicted / (1.25 if len(calls) == 1 else 1.0)

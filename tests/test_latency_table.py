@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ from kprune_cli.models.structured import model_with_structure
 from kprune_cli.pruners.common.kpms import kpms
 from kprune_cli.runtime.allocator import describe_allocator
 from kprune_cli.runtime.errors import UserError
+from kprune_cli.runtime.timing import time_in_turns
 
 SHAPE = RuntimeShape("torch", torch.device("cpu"), 1, 2, 8)
 SETTINGS = TableSettings(repeats=3, ffn_step=16, configurations=6)
@@ -352,3 +354,12 @@ def test_the_float32_ratio_times_the_dense_model_in_float32_and_quantized(tiny_m
     ratio = float32_over_quantized(model, shape, 4)
     assert math.isfinite(ratio) and ratio > 0
     assert next(model.parameters()).dtype == torch.float32  # the model timed is left as it was
+
+
+def test_timing_in_turns_adds_rounds_until_they_fill_the_seconds_asked():
+    def call() -> None:
+        time.sleep(0.002)
+
+    assert [len(times) for times in time_in_turns([call, call], 3, warmup=1)] == [3, 3]
+    longer = time_in_turns([call, call], 3, warmup=1, min_seconds=0.1)  # a round takes about 4 ms
+    assert len(longer[0]) == len(longer[1]) and 3 < len(longer[0]) <= 25  # sleeps last at least 2 ms

@@ -162,7 +162,8 @@ def run_pruning(cfg: DictConfig) -> Report:
             shape = runtime_shape(settings.latency, task, device)
             if settings.latency.baseline == "float32":
                 with timed(timing, "latency_baseline"):
-                    float32_ratio = float32_over_quantized(model, shape, settings.latency.verify_repeats)
+                    float32_ratio = float32_over_quantized(model, shape, settings.latency.verify_repeats,
+                                                           settings.latency.verify_seconds)
                 runtime_rate = rate_over_runtime(settings.rate, float32_ratio, shape)
                 notes.append(baseline_note(settings.rate, runtime_rate, float32_ratio, shape))
             with timed(timing, "latency_table"), make_progress() as progress:
@@ -189,7 +190,8 @@ def run_pruning(cfg: DictConfig) -> Report:
             with timed(timing, "verify_latency"):
                 dense_model, _ = load_model(model_path, task, "cpu")
                 measured = verify_speedup(dense_model, model, shape, settings.latency.verify_repeats, latency.table,
-                                          runtime_rate, adapter.structure())
+                                          runtime_rate, adapter.structure(),
+                                          min_seconds=settings.latency.verify_seconds)
                 if float32_ratio is not None:
                     measured["baseline"] = float32_baseline(measured, settings.rate, float32_ratio)
                 del dense_model

@@ -108,6 +108,7 @@ class LatencyOptions:
     configurations: int
     max_error: float
     verify_repeats: int
+    verify_seconds: float
     replan: bool
 
 
@@ -141,6 +142,7 @@ def read_latency_options(latency: DictConfig) -> LatencyOptions:
         configurations=check_int("latency.configurations", latency.configurations, 2),
         max_error=check_float("latency.max_error", latency.max_error, 0.0, above_minimum=True),
         verify_repeats=check_int("latency.verify_repeats", latency.verify_repeats, 3),
+        verify_seconds=check_float("latency.verify_seconds", latency.get("verify_seconds", 0.0), 0.0),
         replan=check_bool("latency.replan", latency.replan),
     )
 

@@ -78,9 +78,9 @@ def check_reachable(table: LatencyTable, rate: float, shape: RuntimeShape) -> No
 
 def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: RuntimeShape, repeats: int,
                    table: LatencyTable, rate: float, pruned_structure: list[dict[str, int]],
-                   times: Sequence[list[float]] | None = None) -> dict[str, Any]:
+                   times: Sequence[list[float]] | None = None, min_seconds: float = 0.0) -> dict[str, Any]:
     """The report's ``latency`` block: ``dense`` and ``pruned`` timed in turns on ``shape`` (``repeats``
-    rounds; ``times``: given instead, for tests), the median speedup with a 95% bootstrap interval
+    rounds, more if they would take under ``min_seconds``; ``times``: given instead, for tests), the median speedup with a 95% bootstrap interval
     over the rounds, the table's predictions (of the pruned model's milliseconds, and of the speedup:
     the ratio also holds where the table's timing ran a few percent slower or faster than two models
     timed in turns do), and whether the target ``1 / (1 - rate)`` was met (the interval's lower bound
@@ -88,7 +88,7 @@ def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: Runti
     model is timed in the same turns too: ``dense_float32_ms`` and ``speedup_over_float32`` (with its
     interval) say how much faster the pruned int8 model runs than the model it replaces."""
     if times is None:
-        times = time_verification(dense, pruned, shape, repeats)
+        times = time_verification(dense, pruned, shape, repeats, min_seconds)
     dense_times, pruned_times = times[:2]
     dense_ms, pruned_ms = statistics.median(dense_times), statistics.median(pruned_times)
     speedup = dense_ms / pruned_ms
@@ -117,30 +117,34 @@ def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: Runti
 
 
 def time_verification(dense: PreTrainedModel, pruned: PreTrainedModel, shape: RuntimeShape,
-                      repeats: int) -> list[list[float]]:
-    """Milliseconds per round of ``dense`` and ``pruned`` timed in turns on ``shape`` (``repeats`` rounds
-    after :data:`WARMUP`); on a quantized runtime, of the dense model in float32 as a third."""
+                      repeats: int, min_seconds: float = 0.0) -> list[list[float]]:
+    """Milliseconds per round of ``dense`` and ``pruned`` timed in turns on ``shape`` (:func:`time_on_runtimes`);
+    on a quantized runtime, of the dense model in float32 as a third."""
     timed = [(dense, shape), (pruned, shape)] + ([(dense, shape.float32())] if shape.quantize is not None else [])
-    return time_on_runtimes(timed, repeats)
+    return time_on_runtimes(timed, repeats, min_seconds)
 
 
-def time_on_runtimes(models: Sequence[tuple[PreTrainedModel, RuntimeShape]], repeats: int) -> list[list[float]]:
+def time_on_runtimes(models: Sequence[tuple[PreTrainedModel, RuntimeShape]], repeats: int,
+                     min_seconds: float = 0.0) -> list[list[float]]:
     """Milliseconds per round of each ``(model, shape)`` on its shape's runtime, all timed in turns
-    (``repeats`` rounds after :data:`WARMUP`, with the first shape's threads)."""
+    (``repeats`` rounds after :data:`WARMUP`, more if they would take under ``min_seconds``; with the
+    first shape's threads)."""
     runners: dict[RuntimeShape, Runner] = {}
     try:
         with torch_threads(models[0][1].threads):
             calls = [runners.setdefault(shape, Runner(shape)).prepare(model) for model, shape in models]
-            return time_in_turns(calls, repeats, WARMUP)
+            return time_in_turns(calls, repeats, WARMUP, min_seconds)
     finally:
         for runner in runners.values():
             runner.close()
 
 
-def float32_over_quantized(dense: PreTrainedModel, shape: RuntimeShape, repeats: int) -> float:
+def float32_over_quantized(dense: PreTrainedModel, shape: RuntimeShape, repeats: int,
+                           min_seconds: float = 0.0) -> float:
     """How many times longer the dense model takes in float32 than quantized on ``shape``: both timed in
-    turns, medians (``latency.baseline=float32``)."""
-    float32_times, quantized_times = time_on_runtimes([(dense, shape.float32()), (dense, shape)], repeats)
+    turns (:func:`time_on_runtimes`), medians (``latency.baseline=float32``)."""
+    float32_times, quantized_times = time_on_runtimes([(dense, shape.float32()), (dense, shape)], repeats,
+                                                      min_seconds)
     return statistics.median(float32_times) / statistics.median(quantized_times)
 
 
