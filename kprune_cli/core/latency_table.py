@@ -18,9 +18,8 @@ groups of a few percent would otherwise show in the table). The width tables are
 non-decreasing (pooling adjacent violators): a runtime never gets slower by dropping a unit, but a
 timer's noise may say so.
 
-**Additivity check.** ``configurations`` random structures of the whole model, spread from nearly
-emptied to nearly dense (:func:`check_structures`; per sub-layer a head count, or one of the timed FFN
-widths: the widths a search keeps, see
+**Additivity check.** ``configurations`` random structures of the whole model (per sub-layer a
+head count, or one of the timed FFN widths, drawn uniformly: the widths a search keeps, see
 :meth:`~kprune_cli.models.latency_table.LatencyCost.priced_width`), with the dense and the emptied
 model, are timed end to end; the measured
 times are fitted as ``scale · Σ table + offset`` (least squares of the relative errors); when the
@@ -39,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import random
@@ -63,11 +61,10 @@ from kprune_cli.runtime.errors import UserError
 from kprune_cli.runtime.hardware import cpu_model
 from kprune_cli.runtime.timing import time_in_turns
 
-TABLE_VERSION = 4
+TABLE_VERSION = 3
 """How tables are measured; part of the fingerprint, so that a table measured otherwise is never reused
 (2: the additivity check draws FFN widths from the timed ones; 3: timed with glibc's malloc thresholds
-pinned, :mod:`kprune_cli.runtime.allocator`; 4: the check's models spread over all sizes,
-:func:`check_structures`)."""
+pinned, :mod:`kprune_cli.runtime.allocator`)."""
 
 GROUP_SIZE = 8
 """Models timed in turns at once (each group's models are all in memory together)."""
@@ -199,7 +196,11 @@ def measure_table(model: PreTrainedModel, shape: RuntimeShape, settings: TableSe
             mha_ms=(0.0, *non_decreasing(added[1:heads + 1])),
             ffn_widths=tuple(widths), ffn_ms=(0.0, *non_decreasing(added[heads + 1:])),
         )
-        checks = [table.emptied()] + check_structures(heads, widths, layers, settings.configurations, settings.seed)
+        generator = random.Random(settings.seed)
+        checks = [table.emptied()] + [
+            [{"heads": generator.randint(0, heads), "neurons": generator.choice(widths)} for _ in range(layers)]
+            for _ in range(settings.configurations)
+        ]
         measured, (dense,) = timing.medians(checks, [table.full()])
         fitted = fit_additivity(table, [table.full(), *checks], [dense, *measured])
         if fitted.fit["worst_error"] > settings.max_error:
@@ -210,27 +211,6 @@ def measure_table(model: PreTrainedModel, shape: RuntimeShape, settings: TableSe
             measured = [(first + second) / 2 for first, second in zip(measured, again)]
             fitted = fit_additivity(table, [table.full(), *checks], [(dense + dense_again) / 2, *measured])
     return fitted
-
-
-def check_structures(heads: int, widths: Sequence[int], layers: int, count: int, seed: int) -> list[Structure]:
-    """``count`` random whole-model structures for the additivity check, spread over the sizes a search
-    prunes to: the ``i``-th keeps about a fraction ``t = (i + 0.5) / count`` of each sub-layer, every
-    width drawn uniformly between ``0`` and ``2t`` of the full width (``t ≤ ½``), or ``2t − 1`` and all of
-    it (heads: any count in the range; FFN: one of the timed ``widths``). Widths drawn uniformly over the whole range would keep about half of every model, and
-    leave the small models of high speedups (3x, 4x) out of the check."""
-    generator = random.Random(seed)
-    neurons = widths[-1]
-    structures = []
-    for index in range(count):
-        kept = (index + 0.5) / count
-        low, high = (0.0, 2 * kept) if kept <= 0.5 else (2 * kept - 1.0, 1.0)
-        ffn_choices = [width for width in widths if low * neurons <= width <= high * neurons] or [widths[0]]
-        structures.append([{"heads": generator.randint(math.ceil(low * heads), math.floor(high * heads)),
-                            "neurons": generator.choice(ffn_choices)} for _ in range(layers)])
-    # Models are timed in groups in this order: mixed sizes, so that a group timed while the machine
-    # ran a few percent off does not show as an error of one range of sizes.
-    generator.shuffle(structures)
-    return structures
 
 
 def fit_additivity(table: LatencyTable, structures: Sequence[Structure], measured: Sequence[float]) -> LatencyTable:
