@@ -12,6 +12,7 @@ from conftest import kprune
 from kprune_helpers import make_problem, make_sample
 from test_kwon import labelled
 
+import kprune_cli.cli.run as run_module
 from kprune_cli.core.latency_budget import verify_speedup
 from kprune_cli.core.latency_table import TableSettings, fingerprint, table_path
 from kprune_cli.core.runners import RuntimeShape
@@ -127,7 +128,8 @@ def test_a_float32_baseline_prunes_the_int8_model_for_the_target_over_float32(ti
     assert baseline["target_speedup"] == pytest.approx(1 / 0.7) and baseline["float32_ratio"] == 1.2
     assert baseline["met"] == (block["speedup_over_float32_ci"][0] >= 0.95 / 0.7)
     assert any("rate 0.3 of the float32 time (1.43x) was pruned as rate 0.1600" in note for note in report["notes"])
-    assert "Target over float32 (latency.baseline=float32, rate 0.3): 1.43x" in (tmp_path / "out" / "report.md").read_text()
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Target over float32 (latency.baseline=float32, rate 0.3): 1.43x" in markdown
     assert "over the dense float32 model" in capsys.readouterr().err
 
 
@@ -184,6 +186,13 @@ def test_a_missed_target_is_pruned_once_more_for_the_corrected_target(tiny_check
                               times=[[10.0] * 5, [10.0 / measured] * 5])
 
     monkeypatch.setattr("kprune_cli.cli.run.verify_speedup", verify)
+    prune_and_slice = run_module.prune_and_slice
+
+    def prune_with_a_note(pruner, problem, notes):
+        notes.append("a pruner's note")
+        return prune_and_slice(pruner, problem, notes)
+
+    monkeypatch.setattr(run_module, "prune_and_slice", prune_with_a_note)
     args = [arg for arg in run_args(tiny_checkpoint, mrpc_dir, tmp_path / "out", "rate=0.3") if "replan" not in arg]
     assert kprune(*args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -194,6 +203,7 @@ def test_a_missed_target_is_pruned_once_more_for_the_corrected_target(tiny_check
     assert table.predict_ms(calls[1]) < table.predict_ms(calls[0])  # the second plan asked for more
     assert report["layers"] == calls[1]
     assert any("pruned once more from the dense model" in note for note in report["notes"])
+    assert report["notes"].count("a pruner's note") == 1  # pruned twice, said once
     assert "Re-planned: the first plan ran" in (tmp_path / "out" / "report.md").read_text()
 
 

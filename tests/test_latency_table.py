@@ -233,7 +233,8 @@ def test_on_a_quantized_runtime_the_block_adds_the_speedup_over_dense_float32():
     shape = RuntimeShape("onnxruntime", torch.device("cpu"), 1, 2, 8, quantize="int8")
     block = verify_speedup(None, None, shape, 4, table, 0.5, [{"heads": 1, "neurons": 0}],
                            times=(dense_int8, pruned_int8, dense_float32))
-    assert block["quantize"] == "int8" and block["speedup"] == pytest.approx(6.05 / 3.0)  # what rate asks: int8 over int8
+    assert block["quantize"] == "int8"
+    assert block["speedup"] == pytest.approx(6.05 / 3.0)  # what rate asks: int8 over int8
     assert block["dense_float32_ms"] == pytest.approx(12.05)
     assert block["speedup_over_float32"] == pytest.approx(12.05 / 3.0)
     low, high = block["speedup_over_float32_ci"]

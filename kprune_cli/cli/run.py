@@ -179,6 +179,7 @@ def run_pruning(cfg: DictConfig) -> Report:
         notes += source_notes + shortfall
         steps.bind_examples(sample.example_indices)
         planned_rate, replanned, measured = runtime_rate, None, None
+        notes_before_pruning = len(notes)
         while True:  # once, or twice when a missed latency target is re-planned
             problem = PruneProblem(model=model, adapter=adapter, task=task, sample=sample, flops=flops,
                                    rate=planned_rate, device=device, seed=settings.seed,
@@ -204,6 +205,7 @@ def run_pruning(cfg: DictConfig) -> Report:
                 notes.append(replan_refused_note(measured))
                 break
             replanned = replan_record(measured, planned_rate)
+            del notes[notes_before_pruning:]  # the first plan's pruning notes: that model is discarded
             notes.append(replan_note(measured, planned_rate))
             with timed(timing, "load"):  # the second plan starts from the dense model again
                 model, _ = load_model(model_path, task, device)

@@ -80,7 +80,8 @@ def verify_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, shape: Runti
                    table: LatencyTable, rate: float, pruned_structure: list[dict[str, int]],
                    times: Sequence[list[float]] | None = None, min_seconds: float = 0.0) -> dict[str, Any]:
     """The report's ``latency`` block: ``dense`` and ``pruned`` timed in turns on ``shape`` (``repeats``
-    rounds, more if they would take under ``min_seconds``; ``times``: given instead, for tests), the median speedup with a 95% bootstrap interval
+    rounds, more if they would take under ``min_seconds``; ``times``: given instead, for tests), the
+    median speedup with a 95% bootstrap interval
     over the rounds, the table's predictions (of the pruned model's milliseconds, and of the speedup:
     the ratio also holds where the table's timing ran a few percent slower or faster than two models
     timed in turns do), and whether the target ``1 / (1 - rate)`` was met (the interval's lower bound
@@ -162,9 +163,9 @@ def rate_over_runtime(rate: float, float32_ratio: float, shape: RuntimeShape) ->
 
 def baseline_note(rate: float, planned: float, float32_ratio: float, shape: RuntimeShape) -> str:
     """The report's note on what ``latency.baseline=float32`` made of ``rate``."""
-    return (f"latency.baseline=float32: the dense model ran {float32_ratio:.2f}x faster on {shape.runtime_name} than in "
-            f"float32, so rate {rate} of the float32 time ({1 / (1 - rate):.2f}x) was pruned as rate {planned:.4f} of "
-            f"the {shape.runtime_name} time ({1 / (1 - planned):.2f}x)")
+    return (f"latency.baseline=float32: the dense model ran {float32_ratio:.2f}x faster on {shape.runtime_name} "
+            f"than in float32, so rate {rate} of the float32 time ({1 / (1 - rate):.2f}x) was pruned as rate "
+            f"{planned:.4f} of the {shape.runtime_name} time ({1 / (1 - planned):.2f}x)")
 
 
 def float32_baseline(measured: dict[str, Any], rate: float, float32_ratio: float) -> dict[str, Any]:

@@ -230,8 +230,9 @@ def _latency_lines(latency: Mapping[str, Any] | None) -> list[str]:
     verdict = "met" if latency["met"] else "**missed**"
     return [
         "## Measured latency", "",
-        f"{runtime_name(latency)} on {latency['device']}, {latency['threads']} threads, batch {latency['batch_size']} x "
-        f"{latency['seq_len']} tokens, {latency['repeats']} rounds in turns: dense {latency['dense_ms']:.2f} ms, "
+        f"{runtime_name(latency)} on {latency['device']}, {latency['threads']} threads, "
+        f"batch {latency['batch_size']} x {latency['seq_len']} tokens, {latency['repeats']} rounds in turns: "
+        f"dense {latency['dense_ms']:.2f} ms, "
         f"pruned {latency['pruned_ms']:.2f} ms (predicted {latency['predicted_ms']:.2f} ms). Speedup "
         f"{latency['speedup']:.2f}x (95% interval {low:.2f}-{high:.2f}); target {latency['target_speedup']:.2f}x: "
         f"{verdict}.", "",
@@ -331,9 +332,9 @@ def print_summary(report: Report) -> None:
     )
     if (latency := report.get("latency")) is not None:
         low, high = latency["speedup_ci"]
-        console.print(f"measured speedup {latency['speedup']:.2f}x (95% {low:.2f}-{high:.2f}) on {runtime_name(latency)}, "
-                      f"target {latency['target_speedup']:.2f}x: {'met' if latency['met'] else 'MISSED'}",
-                      highlight=False)
+        console.print(f"measured speedup {latency['speedup']:.2f}x (95% {low:.2f}-{high:.2f}) on "
+                      f"{runtime_name(latency)}, target {latency['target_speedup']:.2f}x: "
+                      f"{'met' if latency['met'] else 'MISSED'}", highlight=False)
         if latency.get("quantize") is not None:
             low, high = latency["speedup_over_float32_ci"]
             baseline = latency.get("baseline")
