@@ -8,8 +8,9 @@
 For each batch size, speedup, pruner and seed: ``kprune run constraint=latency`` on ``--runtime`` (ONNX
 Runtime by default; CPU, 2 threads), whose report.json holds the measured speedup, its 95% interval
 and the table's prediction. ``--quantize int8`` times int8 models (``latency.quantize``), and with
-``--baseline float32`` the speedups are targets over the dense float32 model (``latency.baseline``). With ``--flops``, K-prune at the FLOPs rate of the same number (``rate = 1 - 1/speedup``),
-timed by ``kprune bench`` on the same runtime, for the comparison at equal measured speed. Prints
+``--baseline float32`` the speedups are targets over the dense float32 model (``latency.baseline``).
+With ``--flops``, K-prune at the FLOPs rate of the same number (``rate = 1 - 1/speedup``), timed by
+``kprune bench`` on the same runtime, for the comparison at equal measured speed. Prints
 one Markdown table and writes ``latency_targets.json`` in ``--out``. Run it on a quiet machine: the
 timings are the result.
 """

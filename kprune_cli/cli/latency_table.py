@@ -46,8 +46,8 @@ def run_latency_table(cfg: DictConfig) -> LatencyTable:
     if rate is not None:
         if options.baseline == "float32":  # rate is of the dense float32 model's time: as kprune run plans it
             float32_ratio = float32_over_quantized(model, shape, options.verify_repeats, options.verify_seconds)
-            rate = rate_over_runtime(rate, float32_ratio, shape)
-            console.print(f"[yellow]note:[/] {baseline_note(check_rate(cfg.rate), rate, float32_ratio, shape)}",
+            asked, rate = rate, rate_over_runtime(rate, float32_ratio, shape)
+            console.print(f"[yellow]note:[/] {baseline_note(asked, rate, float32_ratio, shape)}",
                           highlight=False, soft_wrap=True)
         check_reachable(table, rate, shape)
         console.print(f"rate={rate:.4g} ({1 / (1 - rate):.2f}x) is reachable: emptying every sub-layer gives "

@@ -116,14 +116,14 @@ def read_latency_options(latency: DictConfig) -> LatencyOptions:
     """The ``latency`` keys, or a :class:`UserError` naming the first bad one."""
     if latency.runtime not in LATENCY_RUNTIMES:
         raise UserError(f"latency.runtime={latency.runtime}: choose {' or '.join(LATENCY_RUNTIMES)}")
-    quantize = latency.get("quantize")
+    quantize = latency.quantize
     if quantize is not None and quantize not in LATENCY_QUANTIZATIONS:
         raise UserError(f"latency.quantize={quantize!r} is not allowed: choose null or "
                         f"{' or '.join(LATENCY_QUANTIZATIONS)}")
     if quantize is not None and latency.runtime != "onnxruntime":
         raise UserError(f"latency.quantize={quantize} times ONNX Runtime's quantized models: give "
                         f"latency.runtime=onnxruntime (not {latency.runtime})")
-    baseline = latency.get("baseline", "runtime")
+    baseline = latency.baseline
     if baseline not in LATENCY_BASELINES:
         raise UserError(f"latency.baseline={baseline}: choose {' or '.join(LATENCY_BASELINES)}")
     if baseline == "float32" and quantize is None:
@@ -142,7 +142,7 @@ def read_latency_options(latency: DictConfig) -> LatencyOptions:
         configurations=check_int("latency.configurations", latency.configurations, 2),
         max_error=check_float("latency.max_error", latency.max_error, 0.0, above_minimum=True),
         verify_repeats=check_int("latency.verify_repeats", latency.verify_repeats, 3),
-        verify_seconds=check_float("latency.verify_seconds", latency.get("verify_seconds", 0.0), 0.0),
+        verify_seconds=check_float("latency.verify_seconds", latency.verify_seconds, 0.0),
         replan=check_bool("latency.replan", latency.replan),
     )
 
